@@ -1,0 +1,29 @@
+# Every target works on a fresh machine: `install` creates .venv once and re-installs
+# only when pyproject.toml changes.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install train test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: install
+	$(PYTHON) -m railway_defect.train $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest $(ARGS)
+
+lint: install
+	$(PYTHON) -m ruff check railway_defect tests
+	$(PYTHON) -m ruff format --check railway_defect tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

