@@ -11,7 +11,17 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-TREE_ORDER = ("data", "augmentation", "model", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths")
+TREE_ORDER = (
+    "data",
+    "augmentation",
+    "model",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths",
+)
 
 
 def print_config_tree(cfg: DictConfig) -> None:

@@ -30,6 +30,9 @@ def default_data_root() -> str:
 
 
 def register_resolvers() -> None:
-    for name, fn in {"project_root": lambda: str(PROJECT_ROOT), "default_data_root": default_data_root}.items():
+    for name, fn in {
+        "project_root": lambda: str(PROJECT_ROOT),
+        "default_data_root": default_data_root,
+    }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

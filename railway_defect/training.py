@@ -24,10 +24,20 @@ from railway_defect.outputs import write_json_atomic
 log = logging.getLogger(__name__)
 
 # keys of the config that describe the experiment (for TensorBoard's HParams tab)
-HPARAM_KEYS = ("model", "optimizer", "scheduler", "data.batch_size", "data.balance", "data.image_size",
-               "trainer.max_epochs", "trainer.precision", "trainer.gradient_clip_val", "seed")
-# final metrics shown beside them
-HPARAM_METRICS = ("val/f1", "val/balanced_acc", "val/auroc", "val/recall", "val/precision", "val/acc")
+HPARAM_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "data.batch_size",
+    "data.balance",
+    "data.image_size",
+    "trainer.max_epochs",
+    "trainer.precision",
+    "trainer.gradient_clip_val",
+    "seed",
+)
+# final metrics shown beside them, from the best epoch's validation and the test of best.ckpt
+HPARAM_METRICS = ("f1", "balanced_acc", "auroc", "recall", "precision", "acc")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -46,10 +56,28 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        params.update({f"choice/{k}": v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")})
+        params.update(
+            {
+                f"choice/{k}": v
+                for k, v in HydraConfig.get().runtime.choices.items()
+                if not k.startswith("hydra")
+            }
+        )
     except ValueError:  # composed without @hydra.main (tests, notebooks)
         pass
     return params
+
+
+def _hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Final metrics under their own `hp/` tags (reusing `val/f1` would add a point to its curve)."""
+    metrics = {}
+    for stage in ("val", "test"):
+        for name in HPARAM_METRICS:
+            if f"{stage}/{name}" in result[stage]:
+                metrics[f"hp/{stage}_{name}"] = result[stage][f"{stage}/{name}"]
+    if result["optimized_metric"] is not None:
+        metrics["hp/" + result["optimized_metric_name"].replace("/", "_")] = result["optimized_metric"]
+    return metrics
 
 
 def _quiet_expected_noise(num_workers: int) -> None:
@@ -63,7 +91,11 @@ def run_training(cfg: DictConfig) -> float | None:
     """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers)."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"status": "running", "run_dir": str(output_dir), "started_at": datetime.now().isoformat(timespec="seconds")}
+    record: dict[str, Any] = {
+        "status": "running",
+        "run_dir": str(output_dir),
+        "started_at": datetime.now().isoformat(timespec="seconds"),
+    }
     write_json_atomic(output_dir / "metrics.json", record)
     start = time.perf_counter()
     try:
@@ -88,7 +120,10 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     spec = get_spec(cfg.model.backbone)
 
     datamodule = instantiate(
-        cfg.data, train_transforms=instantiate(cfg.augmentation.transforms), mean=list(spec.mean), std=list(spec.std)
+        cfg.data,
+        train_transforms=instantiate(cfg.augmentation.transforms),
+        mean=list(spec.mean),
+        std=list(spec.std),
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -127,20 +162,31 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
         "optimized_metric": float(optimized) if optimized is not None else None,
-        "best": {"epoch": best_row["epoch"] if best_row else None, cfg.monitor: float(best_score) if best_score is not None else None},
+        "best": {
+            "epoch": best_row["epoch"] if best_row else None,
+            cfg.monitor: float(best_score) if best_score is not None else None,
+        },
         "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
-        "last_val": {k: v for k, v in (history.epochs[-1] if history.epochs else {}).items() if k.startswith("val/")},
+        "last_val": {
+            k: v for k, v in (history.epochs[-1] if history.epochs else {}).items() if k.startswith("val/")
+        },
         "test": test_metrics,
         "checkpoints": {
             "best": best_path or None,
-            "last": checkpoint.last_model_path if checkpoint and Path(checkpoint.last_model_path).is_file() else None,
+            "last": checkpoint.last_model_path
+            if checkpoint and Path(checkpoint.last_model_path).is_file()
+            else None,
         },
         "pretrained_loaded": bool(model.hparams.pretrained_loaded),
         "weights_source": model.hparams.weights_source,
         "backbone": cfg.model.backbone,
         "classes": datamodule.classes,
         "positive_class": datamodule.positive_class,
-        "data": {"root": str(datamodule.root), "counts": datamodule.report["counts"], "skipped": len(datamodule.report["skipped"])},
+        "data": {
+            "root": str(datamodule.root),
+            "counts": datamodule.report["counts"],
+            "skipped": len(datamodule.report["skipped"]),
+        },
         "epochs_completed": trainer.current_epoch,
         "history": history.epochs,
         "tensorboard_dir": None,
@@ -148,10 +194,6 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             result["tensorboard_dir"] = logger.log_dir
-            final = {f"hp/{k.replace('/', '_')}": v for k, v in {**result["val"], **test_metrics}.items()
-                     if k.removeprefix("test").removeprefix("val").lstrip("/") in [m.split("/")[1] for m in HPARAM_METRICS]}
-            if result["optimized_metric"] is not None:
-                final["hp/" + cfg.optimized_metric.replace("/", "_")] = result["optimized_metric"]
-            logger.log_hyperparams(_hparams(cfg), metrics=final)
+            logger.log_hyperparams(_hparams(cfg), metrics=_hparam_metrics(result))
             logger.finalize("success")
     return result

@@ -23,10 +23,16 @@ CONF_DIR = PROJECT_ROOT / "conf"
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "railway-track-fault"
 CLASSES = ("Defective", "Non defective")
 # a proxy nobody listens on: any download attempt fails at once, so tests never use the network
-OFFLINE_ENV = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+OFFLINE_ENV = {
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+}
 
 
-def write_image(path: Path, size: tuple[int, int] = (48, 40), label_index: int = 0, seed: int = 0, mode: str = "RGB") -> Path:
+def write_image(
+    path: Path, size: tuple[int, int] = (48, 40), label_index: int = 0, seed: int = 0, mode: str = "RGB"
+) -> Path:
     """A small image whose content depends on its class (a dark bar for class 0), saved by suffix."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -90,7 +96,9 @@ FAST = (
 )
 
 
-def run_cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,

@@ -15,7 +15,18 @@ from tests.conftest import CONF_DIR, run_cli
 
 GROUP_CHOICES = {
     group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-    for group in ("data", "model", "optimizer", "scheduler", "augmentation", "trainer", "logger", "callbacks", "experiment", "debug")
+    for group in (
+        "data",
+        "model",
+        "optimizer",
+        "scheduler",
+        "augmentation",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+        "debug",
+    )
 }
 
 
@@ -27,7 +38,12 @@ def test_cfg_job_of_the_defaults_is_the_reference_recipe() -> None:
     assert cfg["model"]["pretrained"] is True
     assert cfg["data"]["batch_size"] == 32
     assert cfg["trainer"]["max_epochs"] == 5
-    assert cfg["optimizer"] == {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.001, "weight_decay": 0.0}
+    assert cfg["optimizer"] == {
+        "_target_": "torch.optim.AdamW",
+        "_partial_": True,
+        "lr": 0.001,
+        "weight_decay": 0.0,
+    }
     assert cfg["scheduler"]["_target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert cfg["scheduler"]["T_max"] == "${trainer.max_epochs}"
     assert cfg["trainer"]["gradient_clip_val"] == 0.0
@@ -49,7 +65,10 @@ def test_help_lists_every_group_and_choice() -> None:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("model=resnet5", "Could not find 'model/resnet5'"), ("optimizer.lrr=0.1", "Key 'lrr' is not in struct")],
+    [
+        ("model=resnet5", "Could not find 'model/resnet5'"),
+        ("optimizer.lrr=0.1", "Key 'lrr' is not in struct"),
+    ],
 )
 def test_config_mistakes_fail_with_hydras_message(override: str, message: str) -> None:
     result = run_cli("railway_defect.train", override)

@@ -63,7 +63,9 @@ def test_manifest_with_groups_keeps_each_group_in_one_split(tmp_path: Path) -> N
 
 def test_manifest_split_column_is_used(tmp_path: Path) -> None:
     rows = ["path,label,split"]
-    for i, split in enumerate(["Train", "Train", "Train", "Train", "Validation", "validation", "test", "TEST"]):
+    for i, split in enumerate(
+        ["Train", "Train", "Train", "Train", "Validation", "validation", "test", "TEST"]
+    ):
         write_image(tmp_path / f"{i}.jpg", label_index=i % 2, seed=i)
         rows.append(f"{i}.jpg,{CLASSES[i % 2]},{split}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -88,7 +90,10 @@ def test_empty_root_says_what_is_expected(tmp_path: Path) -> None:
 
 
 def test_burst_photos_share_a_group_by_file_name_timestamp() -> None:
-    paths = [Path(n) for n in ("IMG_20201114_100226.jpg", "IMG_20201114_100231.jpg", "IMG_20201114_101835.jpg", "x.jpg")]
+    paths = [
+        Path(n)
+        for n in ("IMG_20201114_100226.jpg", "IMG_20201114_100231.jpg", "IMG_20201114_101835.jpg", "x.jpg")
+    ]
     groups = infer_groups(paths)
     assert groups[0] == groups[1]
     assert len({groups[0], groups[2], groups[3]}) == 3

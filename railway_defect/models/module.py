@@ -98,7 +98,9 @@ class DefectClassifier(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, targets = batch
         logits = self(images)
         return self.criterion(logits, targets), logits, targets
@@ -127,7 +129,9 @@ class DefectClassifier(LightningModule):
         self.test_loss.update(loss, weight=len(targets))
         self.test_metrics.update(logits.softmax(dim=1), targets)
 
-    def _epoch_metrics(self, stage: str, loss: MeanMetric, metrics: MetricCollection) -> dict[str, torch.Tensor]:
+    def _epoch_metrics(
+        self, stage: str, loss: MeanMetric, metrics: MetricCollection
+    ) -> dict[str, torch.Tensor]:
         values = metrics.compute()
         result = {f"{stage}/loss": loss.compute()}
         for name, value in values.items():
@@ -156,4 +160,7 @@ class DefectClassifier(LightningModule):
         optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"},
+        }
