@@ -110,7 +110,8 @@ class DefectClassifier(LightningModule):
         loss, logits, targets = self._shared_step(batch)
         self.train_loss(loss)
         self.train_acc(logits, targets)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

@@ -1,0 +1,179 @@
+"""RailwayDataModule: bad files are skipped and reported, splits are checked, batches have the
+right shape and normalisation, decoding happens once, balancing works, data.url downloads."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import logging
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from railway_defect.data import images
+from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.errors import UserError
+from tests.conftest import make_split_dataset, write_image
+
+
+def datamodule(root: Path, **kwargs) -> RailwayDataModule:
+    defaults = {"image_size": 32, "cache_size": 40, "batch_size": 4, "num_workers": 0}
+    return RailwayDataModule(root=root, **{**defaults, **kwargs})
+
+
+def test_bad_files_are_skipped_with_a_warning_and_reported(
+    tiny_dataset: Path, tmp_path: Path, caplog
+) -> None:
+    (tiny_dataset / "Train" / "Defective" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tiny_dataset / "Train" / "Defective" / "empty.png").write_bytes(b"")
+    (tiny_dataset / "Train" / "Non defective" / "text.jpg").write_text("hello")
+    report_path = tmp_path / "report.json"
+    dm = datamodule(tiny_dataset, report_path=report_path)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for name in ("corrupt.jpg", "empty.png", "text.jpg"):
+        assert sum(name in w for w in warned) == 1
+    report = json.loads(report_path.read_text())
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["corrupt.jpg", "empty.png", "text.jpg"]
+    assert report["counts"]["train"] == {"Defective": 6, "Non defective": 6}
+    assert report["classes"] == ["Defective", "Non defective"]
+
+
+def test_batches_are_normalised_tensors_of_the_input_size(tiny_dataset: Path) -> None:
+    dm = datamodule(tiny_dataset, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    dm.setup("fit")
+    images_, targets = next(iter(dm.val_dataloader()))
+    assert images_.shape == (4, 3, 32, 32) and images_.dtype == torch.float32
+    assert -1.0 <= images_.min() and images_.max() <= 1.0
+    assert set(targets.tolist()) <= {0, 1}
+    assert dm.has_split("test") and len(dm.test_dataloader().dataset) == 4
+
+
+def test_images_are_decoded_once_then_served_from_the_cache(tiny_dataset: Path, monkeypatch) -> None:
+    calls = Counter()
+    real_decode = images.decode_image
+
+    def counting_decode(data: bytes, min_side: int):
+        calls["decode"] += 1
+        return real_decode(data, min_side)
+
+    monkeypatch.setattr(images, "decode_image", counting_decode)
+    dm = datamodule(tiny_dataset)
+    dm.setup("fit")
+    assert calls["decode"] == 22
+    for _ in range(2):  # two epochs
+        for _batch in dm.train_dataloader():
+            pass
+    assert calls["decode"] == 22
+
+
+@pytest.mark.parametrize("choice", ["none", "light", "strong"])
+def test_augmentation_pipelines_keep_the_output_shape(compose_train, tiny_dataset: Path, choice: str) -> None:
+    cfg = compose_train(f"augmentation={choice}", "data.image_size=48", "data.cache_size=56")
+    write_image(tiny_dataset / "Train" / "Defective" / "wide.png", size=(200, 40))
+    dm = datamodule(
+        tiny_dataset, image_size=48, cache_size=56, train_transforms=instantiate(cfg.augmentation.transforms)
+    )
+    dm.setup("fit")
+    for index in range(len(dm._dataset("train", dm.train_transform))):
+        image, _ = dm._dataset("train", dm.train_transform)[index]
+        assert image.shape == (3, 48, 48)
+
+
+def test_a_train_split_with_one_class_is_a_clear_error(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 3, "Validation": 2})
+    shutil.rmtree(root / "Train" / "Non defective")
+    with pytest.raises(UserError, match="only the class 'Defective'"):
+        datamodule(root).setup("fit")
+
+
+def test_a_split_with_only_unreadable_images_is_a_clear_error(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 3})
+    for label in ("Defective", "Non defective"):
+        (root / "Validation" / label).mkdir(parents=True)
+        (root / "Validation" / label / "bad.jpg").write_text("not an image")
+    with pytest.raises(UserError, match="val split .* has no readable images"):
+        datamodule(root).setup("fit")
+
+
+def test_unknown_positive_class_is_a_clear_error(tiny_dataset: Path) -> None:
+    with pytest.raises(UserError, match="data.positive_class='Broken'"):
+        datamodule(tiny_dataset, positive_class="Broken").setup("fit")
+
+
+def test_missing_root_says_where_it_looked_and_how_to_set_it(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"does not exist .*RAILWAY_DATA_DIR"):
+        datamodule(tmp_path / "nowhere").prepare_data()
+
+
+def test_more_than_two_classes_work(tmp_path: Path) -> None:
+    root = make_split_dataset(
+        tmp_path / "d", {"Train": 3, "Validation": 1}, classes=("Crack", "Defective", "Ok")
+    )
+    dm = datamodule(root)
+    dm.setup("fit")
+    assert dm.classes == ["Crack", "Defective", "Ok"]
+
+
+def test_balance_sampler_draws_classes_evenly(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    for i in range(2, 18):  # 18 Defective vs 2 Non defective
+        write_image(root / "Train" / "Defective" / f"extra_{i}.png", seed=100 + i)
+    dm = datamodule(root, balance="sampler")
+    dm.setup("fit")
+    drawn = Counter()
+    for _ in range(20):
+        for _, targets in dm.train_dataloader():
+            drawn.update(targets.tolist())
+    assert 0.4 < drawn[1] / sum(drawn.values()) < 0.6
+
+
+def test_balance_loss_gives_inverse_frequency_weights(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    for i in range(4):
+        write_image(root / "Train" / "Defective" / f"extra_{i}.png", seed=100 + i)
+    dm = datamodule(root, balance="loss")
+    dm.setup("fit")
+    assert dm.class_weights == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])
+    assert datamodule(root).class_weights is None
+
+
+def test_a_typo_in_balance_is_a_clear_error(tiny_dataset: Path) -> None:
+    with pytest.raises(UserError, match="data.balance='sampel'"):
+        datamodule(tiny_dataset, balance="sampel")
+
+
+def _serve(directory: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_data_url_downloads_and_extracts_a_zip(tmp_path: Path) -> None:
+    source = make_split_dataset(tmp_path / "src" / "railway", {"Train": 3, "Validation": 1})
+    archive = shutil.make_archive(
+        str(tmp_path / "www" / "railway"), "zip", root_dir=source.parent, base_dir="railway"
+    )
+    sha256 = hashlib.sha256(Path(archive).read_bytes()).hexdigest()
+    server = _serve(tmp_path / "www")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/railway.zip"
+        with pytest.raises(UserError, match="SHA-256"):
+            datamodule(tmp_path / "bad", url=url, sha256="0" * 64).prepare_data()
+        assert not (tmp_path / "bad").exists()
+        dm = datamodule(tmp_path / "downloaded", url=url, sha256=sha256)
+        dm.prepare_data()
+        dm.setup("fit")
+    finally:
+        server.shutdown()
+    assert (tmp_path / "downloaded" / "Train" / "Defective").is_dir()
+    assert dm.report["counts"]["train"] == {"Defective": 3, "Non defective": 3}

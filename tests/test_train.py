@@ -1,0 +1,137 @@
+"""The train entry point end to end: a tiny in-process run writes every output, the CLI fails
+cleanly on bad input, and (slow) the real data trains to a useful model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.models.module import DefectClassifier
+from railway_defect.training import run_training
+from tests.conftest import FAST, REAL_DATA, run_cli
+
+VAL_METRICS = (
+    "val/loss",
+    "val/acc",
+    "val/balanced_acc",
+    "val/precision",
+    "val/recall",
+    "val/f1",
+    "val/auroc",
+)
+
+
+def read_scalars(tensorboard_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    return events
+
+
+def test_tiny_run_writes_every_output(compose_train, tiny_dataset: Path) -> None:
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}")
+    value = run_training(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert value == pytest.approx(metrics["optimized_metric"])
+    assert metrics["optimized_metric_name"] == "val/f1_best"
+    assert metrics["pretrained_loaded"] is False
+    assert metrics["classes"] == ["Defective", "Non defective"]
+    assert set(VAL_METRICS) <= set(metrics["val"])
+    assert {m.replace("val/", "test/") for m in VAL_METRICS} <= set(metrics["test"])
+    assert metrics["best"]["epoch"] in (0, 1)
+    assert len(metrics["history"]) == 2
+    assert Path(metrics["checkpoints"]["best"]) == run_dir / "checkpoints" / "best.ckpt"
+    assert Path(metrics["checkpoints"]["last"]).is_file()
+    assert json.loads((run_dir / "data_report.json").read_text())["counts"]["test"] == {
+        "Defective": 2,
+        "Non defective": 2,
+    }
+
+    events = read_scalars(run_dir / "tensorboard")
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_epoch", "val/f1_best", "lr-AdamW", "hp/val_f1", "hp/test_f1"} <= tags
+    assert set(VAL_METRICS) <= tags
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info.hparams
+    assert hparams["optimizer/lr"].number_value == pytest.approx(0.001)
+    assert hparams["model/backbone"].string_value == "resnet18"
+
+    # metrics.json describes best.ckpt: validating that checkpoint gives the same numbers
+    model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
+    assert model.class_names == metrics["classes"]
+    dm = RailwayDataModule(root=tiny_dataset, image_size=64, cache_size=72, batch_size=4, num_workers=0)
+    (validated,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm)
+    assert validated["val/f1"] == pytest.approx(metrics["val"]["val/f1"], abs=1e-6)
+
+
+def test_resume_from_last_checkpoint_continues_the_epochs(compose_train, tiny_dataset: Path) -> None:
+    first = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1")
+    run_training(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resumed = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=2", f"ckpt_path={last}")
+    run_training(resumed)
+    metrics = json.loads((Path(resumed.paths.output_dir) / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1]
+
+
+def test_cli_missing_data_root_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("railway_defect.train", f"data.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: Data folder") and "data.root=PATH" in last_line
+    assert "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_reference_recipe_fast_dev_run_on_real_data(tmp_path: Path) -> None:
+    """`debug=fdr` with the default ResNet-50; offline, the ImageNet weights fall back to random init."""
+    result = run_cli(
+        "railway_defect.train",
+        "debug=fdr",
+        f"hydra.run.dir={tmp_path}",
+        env={"TORCH_HOME": str(tmp_path / "th")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["backbone"] == "resnet50"
+    assert metrics["pretrained_loaded"] is False
+    assert "resnet50-11ad3fa6.pth" in result.stdout + result.stderr
+    assert metrics["data"]["counts"]["train"] == {"Defective": 57, "Non defective": 22}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="the shared sample data set is not beside the project")
+def test_efficientnet_lite0_learns_the_real_data(tmp_path: Path) -> None:
+    result = run_cli("railway_defect.train", "model=efficientnet_lite0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["pretrained_loaded"] is True
+    assert metrics["epochs_completed"] == 5
+    assert metrics["val"]["val/balanced_acc"] >= 0.70
+    for path in (
+        ".hydra/config.yaml",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "data_report.json",
+        "train.log",
+    ):
+        assert (tmp_path / path).is_file(), path
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (
+        yaml.safe_load((tmp_path / ".hydra" / "config.yaml").read_text())["model"]["backbone"]
+        == "efficientnet_lite0"
+    )
+    assert f"tensorboard --logdir {tmp_path}/tensorboard" in result.stdout
