@@ -52,7 +52,7 @@ def test_batches_are_normalised_tensors_of_the_input_size(tiny_dataset: Path) ->
     dm.setup("fit")
     images_, targets = next(iter(dm.val_dataloader()))
     assert images_.shape == (4, 3, 32, 32) and images_.dtype == torch.float32
-    assert -1.0 <= images_.min() and images_.max() <= 1.0
+    assert images_.min() >= -1.0 and images_.max() <= 1.0
     assert set(targets.tolist()) <= {0, 1}
     assert dm.has_split("test") and len(dm.test_dataloader().dataset) == 4
 
