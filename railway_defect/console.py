@@ -45,11 +45,17 @@ def print_run_summary(record: dict[str, Any], monitor: str) -> None:
     for key, value in {**val, **record.get("test", {})}.items():
         table.add_row(key, f"{value:.4f}")
     rich.print(table)
+    console = rich.get_console()
+    # paths and commands are printed unwrapped and without markup, so they can be copied
     checkpoints = record.get("checkpoints") or {}
     if checkpoints.get("best"):
-        rich.print(f"best checkpoint ({monitor}): {checkpoints['best']}")
+        console.print(f"best checkpoint ({monitor}): {checkpoints['best']}", soft_wrap=True, markup=False)
     if not record.get("pretrained_loaded"):
-        rich.print("[yellow]note: the backbone started from random weights (no pretrained weights loaded)")
-    rich.print(f"metrics: {record['run_dir']}/metrics.json")
+        console.print(
+            "note: the backbone started from random weights (no pretrained weights loaded)", style="yellow"
+        )
+    console.print(f"metrics: {record['run_dir']}/metrics.json", soft_wrap=True, markup=False)
     if record.get("tensorboard_dir"):
-        rich.print(f"review:  tensorboard --logdir {record['tensorboard_dir']}")
+        console.print(
+            f"review:  tensorboard --logdir {record['tensorboard_dir']}", soft_wrap=True, markup=False
+        )

@@ -26,6 +26,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
 # metrics computed per class; the positive class's value is logged
 PER_CLASS = ("precision", "recall", "f1", "auroc")
+# validation metrics that can pick the best checkpoint (higher is better)
+MONITORABLE = tuple(f"val/{name}" for name in ("balanced_acc", "f1", "auroc", "acc", "recall", "precision"))
 
 
 def stage_metrics(num_classes: int) -> MetricCollection:
@@ -54,7 +56,7 @@ class DefectClassifier(LightningModule):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool = True,
-        monitor: str = "val/f1",
+        monitor: str = "val/balanced_acc",
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ):
@@ -62,6 +64,10 @@ class DefectClassifier(LightningModule):
         class_names = list(class_names)
         if positive_class not in class_names:
             raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
+        if monitor not in MONITORABLE:
+            raise UserError(
+                f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
+            )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
         spec = created.spec
@@ -85,7 +91,9 @@ class DefectClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = stage_metrics(num_classes)
         self.test_metrics = stage_metrics(num_classes)
-        self.val_best = MaxMetric()
+        # best-so-far values, logged as `<metric>_best`: F1 always, and the checkpoint monitor
+        self.best_tracked = sorted({"val/f1", monitor})
+        self.val_best = nn.ModuleList([MaxMetric() for _ in self.best_tracked])
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -118,7 +126,8 @@ class DefectClassifier(LightningModule):
     # ---- validation / test ----------------------------------------------------------------------
     def on_train_start(self) -> None:
         # the sanity check must not count as a best-so-far value
-        self.val_best.reset()
+        for best in self.val_best:
+            best.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, targets = self._shared_step(batch)
@@ -144,10 +153,11 @@ class DefectClassifier(LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self._epoch_metrics("val", self.val_loss, self.val_metrics)
         self.log_dict(values, prog_bar=False)
-        monitor = self.hparams.monitor
-        if not self.trainer.sanity_checking and monitor in values:
-            self.val_best(values[monitor])
-            self.log(f"{monitor}_best", self.val_best.compute(), prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        for name, best in zip(self.best_tracked, self.val_best, strict=True):
+            best(values[name])
+            self.log(f"{name}_best", best.compute(), prog_bar=name == self.hparams.monitor)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_metrics))
