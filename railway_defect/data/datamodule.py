@@ -87,7 +87,9 @@ class RailwayDataModule(LightningDataModule):
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
         if cache_size < image_size:
-            raise UserError(f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size}).")
+            raise UserError(
+                f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size})."
+            )
         self.root = Path(root).expanduser()
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
@@ -146,7 +148,9 @@ class RailwayDataModule(LightningDataModule):
         for split in ("train", "val"):
             labels = {s.label for s in self.splits.get(split, [])}
             if not labels:
-                raise UserError(f"The {split} split of {self.root} has no readable images (see {self.report_path}).")
+                raise UserError(
+                    f"The {split} split of {self.root} has no readable images (see {self.report_path})."
+                )
         train_labels = {s.label for s in self.splits["train"]}
         if len(train_labels) < 2:
             raise UserError(
@@ -155,7 +159,9 @@ class RailwayDataModule(LightningDataModule):
             )
         missing = set(classes) - train_labels
         if missing:
-            raise UserError(f"Classes {sorted(missing)} have no training images in {self.root}; add some or remove them.")
+            raise UserError(
+                f"Classes {sorted(missing)} have no training images in {self.root}; add some or remove them."
+            )
 
     def _write_report(self) -> None:
         assert self.index is not None and self.decoded is not None
@@ -169,13 +175,18 @@ class RailwayDataModule(LightningDataModule):
             if len({split for split, _ in entries}) > 1
         ]
         for entries in duplicates:
-            log.warning("Identical files in different splits (leakage): %s", ", ".join(e["path"] for e in entries))
+            log.warning(
+                "Identical files in different splits (leakage): %s", ", ".join(e["path"] for e in entries)
+            )
         report = {
             "root": str(self.root),
             "layout": self.index.layout,
             "classes": self.classes,
             "positive_class": self.positive_class,
-            "counts": {split: dict(sorted(Counter(s.label for s in samples).items())) for split, samples in self.splits.items()},
+            "counts": {
+                split: dict(sorted(Counter(s.label for s in samples).items()))
+                for split, samples in self.splits.items()
+            },
             "skipped": [{"path": str(p), "reason": r} for p, r in self.decoded.failures.items()],
             "ignored": self.index.ignored,
             "duplicates_across_splits": duplicates,
@@ -207,7 +218,9 @@ class RailwayDataModule(LightningDataModule):
         samples = self.splits[split]
         class_to_idx = {c: i for i, c in enumerate(self.classes)}
         return DecodedImageDataset(
-            [self.decoded.images[s.path] for s in samples], [class_to_idx[s.label] for s in samples], transform
+            [self.decoded.images[s.path] for s in samples],
+            [class_to_idx[s.label] for s in samples],
+            transform,
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Any = None) -> DataLoader:

@@ -7,7 +7,9 @@ photos share a group, and a group never straddles splits.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import logging
 import os
 import re
@@ -49,7 +51,10 @@ class DatasetIndex:
         return sorted({s.label for samples in self.splits.values() for s in samples})
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {split: dict(sorted(Counter(s.label for s in samples).items())) for split, samples in self.splits.items()}
+        return {
+            split: dict(sorted(Counter(s.label for s in samples).items()))
+            for split, samples in self.splits.items()
+        }
 
 
 def _is_hidden(name: str) -> bool:
@@ -86,13 +91,11 @@ def infer_groups(paths: list[Path]) -> list[str]:
     for i, path in enumerate(paths):
         match = _TIMESTAMP.search(path.name)
         if match:
-            try:
+            with contextlib.suppress(ValueError):
                 stamped.append((datetime(*map(int, match.groups())), i))
-            except ValueError:
-                pass
     groups = [str(p) for p in paths]
     stamped.sort()
-    for (prev_time, prev_i), (time, i) in zip(stamped, stamped[1:]):
+    for (prev_time, prev_i), (time, i) in itertools.pairwise(stamped):
         if (time - prev_time).total_seconds() <= BURST_SECONDS:
             groups[i] = groups[prev_i]
     return groups
@@ -100,13 +103,15 @@ def infer_groups(paths: list[Path]) -> list[str]:
 
 def _to_samples(pairs: list[tuple[Path, str]]) -> list[Sample]:
     groups = infer_groups([p for p, _ in pairs])
-    return [Sample(path, label, group) for (path, label), group in zip(pairs, groups)]
+    return [Sample(path, label, group) for (path, label), group in zip(pairs, groups, strict=False)]
 
 
 def _split_name(name: str, where: str) -> str:
     key = name.strip().lower()
     if key not in SPLIT_ALIASES:
-        raise UserError(f"{where}: unknown split '{name}'; use one of Train, Validation (or val/valid), Test.")
+        raise UserError(
+            f"{where}: unknown split '{name}'; use one of Train, Validation (or val/valid), Test."
+        )
     return SPLIT_ALIASES[key]
 
 
@@ -116,7 +121,9 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
         reader = csv.DictReader(f)
         columns = {c.strip().lower() for c in reader.fieldnames or []}
         if not {"path", "label"} <= columns:
-            raise UserError(f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}.")
+            raise UserError(
+                f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}."
+            )
         rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     splits: dict[str, list[Sample]] = {}
     for line, row in enumerate(rows, start=2):
@@ -126,7 +133,9 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
             ignored.append({"path": str(path), "reason": f"{MANIFEST_NAME} line {line} has no label"})
             continue
         if not path.is_file():
-            ignored.append({"path": str(path), "reason": f"listed in {MANIFEST_NAME} (line {line}) but not found"})
+            ignored.append(
+                {"path": str(path), "reason": f"listed in {MANIFEST_NAME} (line {line}) but not found"}
+            )
             continue
         split = _split_name(row["split"], f"{manifest} line {line}") if row.get("split") else "train"
         group = row.get("group") or str(path)
@@ -165,11 +174,17 @@ def discover(root: Path, val_fraction: float = 0.2, seed: int = 42) -> DatasetIn
             if split is None:
                 continue
             if split in split_dirs:
-                raise UserError(f"{root} has two folders for the {split} split: {split_dirs[split].name} and {folder.name}.")
+                raise UserError(
+                    f"{root} has two folders for the {split} split: "
+                    f"{split_dirs[split].name} and {folder.name}."
+                )
             split_dirs[split] = folder
         if split_dirs:
             layout = "split_folders"
-            splits = {split: _to_samples(_scan_class_folders(folder, ignored)) for split, folder in split_dirs.items()}
+            splits = {
+                split: _to_samples(_scan_class_folders(folder, ignored))
+                for split, folder in split_dirs.items()
+            }
         else:
             layout, splits = "class_folders", {"train": _to_samples(_scan_class_folders(root, ignored))}
     splits = {split: samples for split, samples in splits.items() if samples}
@@ -182,7 +197,12 @@ def discover(root: Path, val_fraction: float = 0.2, seed: int = 42) -> DatasetIn
         raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
     if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed)
-        log.info("No validation split in %s: held out %d images (data.val_fraction=%s).", root, len(splits["val"]), val_fraction)
+        log.info(
+            "No validation split in %s: held out %d images (data.val_fraction=%s).",
+            root,
+            len(splits["val"]),
+            val_fraction,
+        )
     _check_groups(splits)
     return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
 
@@ -193,4 +213,7 @@ def _check_groups(splits: dict[str, list[Sample]]) -> None:
         for sample in samples:
             other = seen.setdefault(sample.group, split)
             if other != split:
-                raise UserError(f"Group '{sample.group}' appears in both the {other} and {split} splits; a group must sit in one split.")
+                raise UserError(
+                    f"Group '{sample.group}' appears in both the {other} and {split} splits; "
+                    "a group must sit in one split."
+                )

@@ -29,11 +29,15 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, timeou
             with urllib.request.urlopen(url, timeout=timeout) as response, archive.open("wb") as f:
                 shutil.copyfileobj(response, f)
         except OSError as e:
-            raise UserError(f"Could not download data.url={url}: {e}. Check the URL or set data.root to a local folder.") from e
+            raise UserError(
+                f"Could not download data.url={url}: {e}. Check the URL or set data.root to a local folder."
+            ) from e
         if sha256:
             digest = hashlib.sha256(archive.read_bytes()).hexdigest()
             if digest.lower() != sha256.lower():
-                raise UserError(f"data.url {url} has SHA-256 {digest}, expected {sha256}: re-download or fix data.sha256.")
+                raise UserError(
+                    f"data.url {url} has SHA-256 {digest}, expected {sha256}: re-download or fix data.sha256."
+                )
         extracted = Path(tmp) / "extracted"
         try:
             with zipfile.ZipFile(archive) as zf:

@@ -123,5 +123,10 @@ def decode_files(
                 result.failures[path] = info
             else:
                 result.images[path], result.digests[path] = image, info
-    log.info("Decoded %d images in %.1f s (%d unreadable).", len(result.images), time.perf_counter() - start, len(result.failures))
+    log.info(
+        "Decoded %d images in %.1f s (%d unreadable).",
+        len(result.images),
+        time.perf_counter() - start,
+        len(result.failures),
+    )
     return result
