@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from railway_defect.callbacks.history import EpochHistory
+from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
 from railway_defect.models.backbones import get_spec
 from railway_defect.outputs import write_json_atomic
@@ -116,8 +117,15 @@ def run_training(cfg: DictConfig) -> float | None:
 
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     print_config_tree(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    check_config(cfg)
     spec = get_spec(cfg.model.backbone)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), output_dir, Path(cfg.paths.output_root) / cfg.task_name
+    )
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, spec.name)
+    L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(
         cfg.data,
@@ -128,6 +136,8 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     _quiet_expected_noise(datamodule.num_workers)
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
     model = instantiate(
@@ -143,12 +153,14 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_score = checkpoint.best_model_score if checkpoint else None
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
+    # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
+    epochs = list(history.epochs)
     best_row = history.best(cfg.monitor, float(best_score) if best_score is not None else None)
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
@@ -167,9 +179,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             cfg.monitor: float(best_score) if best_score is not None else None,
         },
         "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
-        "last_val": {
-            k: v for k, v in (history.epochs[-1] if history.epochs else {}).items() if k.startswith("val/")
-        },
+        "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
         "test": test_metrics,
         "checkpoints": {
             "best": best_path or None,
@@ -177,6 +187,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             if checkpoint and Path(checkpoint.last_model_path).is_file()
             else None,
         },
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
         "pretrained_loaded": bool(model.hparams.pretrained_loaded),
         "weights_source": model.hparams.weights_source,
         "backbone": cfg.model.backbone,
@@ -188,7 +199,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             "skipped": len(datamodule.report["skipped"]),
         },
         "epochs_completed": trainer.current_epoch,
-        "history": history.epochs,
+        "history": epochs,
         "tensorboard_dir": None,
     }
     for logger in loggers:

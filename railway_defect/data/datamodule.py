@@ -16,9 +16,10 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.discovery import DatasetIndex, Sample, discover
 from railway_defect.data.download import download_and_extract
-from railway_defect.data.images import DecodedImages, decode_files
+from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, decode_files
 from railway_defect.data.transforms import build_transform
 from railway_defect.errors import UserError
 from railway_defect.outputs import write_json_atomic
@@ -72,6 +73,7 @@ class RailwayDataModule(LightningDataModule):
         image_size: int = 224,
         cache_size: int = 256,
         cache_dir: str | Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         batch_size: int = 32,
         num_workers: int | None = None,
         balance: str = "none",
@@ -96,6 +98,7 @@ class RailwayDataModule(LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.image_size, self.cache_size = image_size, cache_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_pixels = max_pixels
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.balance = balance
@@ -128,7 +131,9 @@ class RailwayDataModule(LightningDataModule):
             self.prepare_data()
         index = discover(self.root, self.val_fraction, self.seed)
         all_samples = [s for samples in index.splits.values() for s in samples]
-        decoded = decode_files([s.path for s in all_samples], self.cache_size, self.cache_dir)
+        decoded = decode_files(
+            [s.path for s in all_samples], self.cache_size, self.cache_dir, max_pixels=self.max_pixels
+        )
         for path, reason in decoded.failures.items():
             log.warning("Skipping %s: %s", path, reason)
         self.splits = {
@@ -208,6 +213,12 @@ class RailwayDataModule(LightningDataModule):
         counts = Counter(s.label for s in self.splits["train"])
         total = sum(counts.values())
         return [total / (len(self.classes) * counts[c]) for c in self.classes]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed augmentation and balanced sampling from (seed, epoch) (see callbacks.reproducibility)."""
+        seed = epoch_seed(self.seed, epoch)
+        self.train_transform.set_random_seed(seed)
+        self._sampler_generator.manual_seed(seed)
 
     def has_split(self, split: str) -> bool:
         return bool(self.splits.get(split))

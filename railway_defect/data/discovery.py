@@ -77,11 +77,15 @@ def _subdirs(folder: Path) -> list[Path]:
 def _scan_class_folders(folder: Path, ignored: list[dict[str, str]]) -> list[tuple[Path, str]]:
     samples = []
     for class_dir in _subdirs(folder):
+        found = 0
         for path in _walk_files(class_dir):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 samples.append((path, class_dir.name))
+                found += 1
             else:
                 ignored.append({"path": str(path), "reason": "not an image file extension"})
+        if not found:
+            log.warning("Class folder %s has no images; it is ignored.", class_dir)
     return samples
 
 
@@ -129,13 +133,14 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
     for line, row in enumerate(rows, start=2):
         path = Path(row["path"])
         path = path if path.is_absolute() else root / path
+        problem = None
         if not row["label"]:
-            ignored.append({"path": str(path), "reason": f"{MANIFEST_NAME} line {line} has no label"})
-            continue
-        if not path.is_file():
-            ignored.append(
-                {"path": str(path), "reason": f"listed in {MANIFEST_NAME} (line {line}) but not found"}
-            )
+            problem = f"{MANIFEST_NAME} line {line} has no label"
+        elif not path.is_file():
+            problem = f"listed in {MANIFEST_NAME} (line {line}) but not found"
+        if problem:
+            log.warning("Skipping %s: %s.", path, problem)
+            ignored.append({"path": str(path), "reason": problem})
             continue
         split = _split_name(row["split"], f"{manifest} line {line}") if row.get("split") else "train"
         group = row.get("group") or str(path)

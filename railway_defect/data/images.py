@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ from PIL import Image, ImageOps
 log = logging.getLogger(__name__)
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# decompression-bomb guard: a 4000x3000 camera photo is 12 Mpx; refuse anything above this
+DEFAULT_MAX_PIXELS = 100_000_000
+# the guard below replaces PIL's own warning for large images
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DecodeError(Exception):
@@ -38,12 +43,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, min_side: int) -> np.ndarray:
+def decode_image(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes of an image file to an RGB uint8 array whose shorter side is at most `min_side`."""
     if not data:
         raise DecodeError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise DecodeError(
+                    f"{width}x{height} is {width * height / 1e6:.0f} Mpx, above the decompression-bomb guard "
+                    f"data.max_pixels={max_pixels}; downscale the file or raise data.max_pixels"
+                )
             # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never below min_side)
             image.draft("RGB", (min_side, min_side))
             image = _to_rgb(ImageOps.exif_transpose(image))
@@ -75,7 +86,9 @@ def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
         raise
 
 
-def load_image_file(path: Path, min_side: int, cache_dir: Path | None = None) -> tuple[np.ndarray, str]:
+def load_image_file(
+    path: Path, min_side: int, cache_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str]:
     """Decode one file (or read it from the on-disk cache keyed by its content); returns (image, digest)."""
     try:
         data = Path(path).read_bytes()
@@ -88,7 +101,7 @@ def load_image_file(path: Path, min_side: int, cache_dir: Path | None = None) ->
             return np.load(cached), digest
         except (OSError, ValueError):
             log.warning("Ignoring unreadable cache entry %s", cached)
-    image = decode_image(data, min_side)
+    image = decode_image(data, min_side, max_pixels)
     if cached is not None:
         _atomic_save_npy(image, cached)
     return image, digest
@@ -104,7 +117,11 @@ class DecodedImages:
 
 
 def decode_files(
-    paths: list[Path], min_side: int, cache_dir: Path | None = None, workers: int | None = None
+    paths: list[Path],
+    min_side: int,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DecodedImages:
     """Decode `paths` in parallel threads (PIL releases the GIL while decoding)."""
     result = DecodedImages()
@@ -112,7 +129,7 @@ def decode_files(
 
     def load(path: Path) -> tuple[Path, np.ndarray | None, str]:
         try:
-            image, digest = load_image_file(path, min_side, cache_dir)
+            image, digest = load_image_file(path, min_side, cache_dir, max_pixels)
             return path, image, digest
         except DecodeError as e:
             return path, None, str(e)

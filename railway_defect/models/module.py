@@ -93,7 +93,10 @@ class DefectClassifier(LightningModule):
         self.test_metrics = stage_metrics(num_classes)
         # best-so-far values, logged as `<metric>_best`: F1 always, and the checkpoint monitor
         self.best_tracked = sorted({"val/f1", monitor})
+        # persistent: saved in checkpoints, so a resumed run keeps its best-so-far values
         self.val_best = nn.ModuleList([MaxMetric() for _ in self.best_tracked])
+        for best in self.val_best:
+            best.persistent(True)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -124,11 +127,6 @@ class DefectClassifier(LightningModule):
         return loss
 
     # ---- validation / test ----------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        # the sanity check must not count as a best-so-far value
-        for best in self.val_best:
-            best.reset()
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, targets = self._shared_step(batch)
         self.val_loss.update(loss, weight=len(targets))

@@ -1,0 +1,83 @@
+"""Checks that run before any heavy work, so a mistake costs a second, not a training run:
+values Hydra cannot validate, and which checkpoint `ckpt_path` means and whether it fits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from railway_defect.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """One-line errors for values that are valid YAML but make no sense."""
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and not lr > 0:
+        raise UserError(f"optimizer.lr={lr} must be positive (e.g. optimizer.lr=0.001).")
+    if cfg.optimizer.get("weight_decay", 0) < 0:
+        raise UserError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must be >= 0.")
+    if cfg.data.batch_size < 1:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1.")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+        raise UserError(
+            f"trainer.max_epochs={max_epochs} trains nothing; use 1 or more (or -1 with trainer.max_steps)."
+        )
+    if cfg.trainer.get("gradient_clip_val") is not None and cfg.trainer.gradient_clip_val < 0:
+        raise UserError(
+            f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} must be >= 0 (0 = no clipping)."
+        )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> Path | None:
+    """`ckpt_path=last`: this run dir's last.ckpt if it has one, else the newest last.ckpt of any
+    run under `runs_root`; any other value must be an existing file."""
+    if not ckpt_path:
+        return None
+    if str(ckpt_path) == "last":
+        own = output_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return own
+        candidates = [p for p in runs_root.glob("*/**/checkpoints/last.ckpt") if output_dir not in p.parents]
+        if not candidates:
+            raise UserError(
+                f"ckpt_path=last: no last.ckpt under {runs_root}; give the checkpoint's path instead."
+            )
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=last resolves to %s", newest)
+        return newest
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} does not exist; give an existing .ckpt file or ckpt_path=last.")
+    return path
+
+
+def checkpoint_hparams(path: Path) -> dict[str, Any]:
+    """The hyperparameters stored in a checkpoint, read without loading its tensors into memory."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"ckpt_path={path} is not a readable checkpoint ({type(e).__name__}: {e}).") from e
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def check_checkpoint_fits(path: Path, backbone: str, classes: list[str] | None = None) -> None:
+    """A checkpoint of another backbone or other classes cannot be resumed: say so, and what to do."""
+    hparams = checkpoint_hparams(path)
+    if hparams.get("backbone") not in (None, backbone):
+        raise UserError(
+            f"ckpt_path={path} was trained with model={hparams['backbone']}, this run uses model={backbone}; "
+            f"resume with model={hparams['backbone']} or start without ckpt_path."
+        )
+    stored = hparams.get("class_names")
+    if classes is not None and stored is not None and list(stored) != list(classes):
+        raise UserError(
+            f"ckpt_path={path} was trained on classes {list(stored)}, this data has {classes}; "
+            "resume on the same data or start a new run without ckpt_path."
+        )
