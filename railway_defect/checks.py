@@ -11,12 +11,17 @@ import torch
 from omegaconf import DictConfig
 
 from railway_defect.errors import UserError
+from railway_defect.models.module import MONITORABLE
 
 log = logging.getLogger(__name__)
 
 
 def check_config(cfg: DictConfig) -> None:
     """One-line errors for values that are valid YAML but make no sense."""
+    if cfg.monitor not in MONITORABLE:
+        raise UserError(
+            f"monitor={cfg.monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
+        )
     lr = cfg.optimizer.get("lr")
     if lr is not None and not lr > 0:
         raise UserError(f"optimizer.lr={lr} must be positive (e.g. optimizer.lr=0.001).")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
 from railway_defect.outputs import write_json_atomic
 
@@ -41,8 +43,19 @@ HPARAM_KEYS = (
 HPARAM_METRICS = ("f1", "balanced_acc", "auroc", "recall", "precision", "acc")
 
 
+def _instantiate(config: Any, **kwargs: Any) -> Any:
+    """hydra's instantiate, except that a UserError raised by a constructor stays a UserError
+    (one line for the user) instead of becoming an InstantiationException with a traceback."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [_instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -127,7 +140,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_fits(ckpt_path, spec.name)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(
+    datamodule = _instantiate(
         cfg.data,
         train_transforms=instantiate(cfg.augmentation.transforms),
         mean=list(spec.mean),
@@ -140,7 +153,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
-    model = instantiate(
+    model = _instantiate(
         cfg.model,
         class_names=datamodule.classes,
         positive_class=datamodule.positive_class,
@@ -151,11 +164,12 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_score = checkpoint.best_model_score if checkpoint else None
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
@@ -183,9 +197,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         "test": test_metrics,
         "checkpoints": {
             "best": best_path or None,
-            "last": checkpoint.last_model_path
-            if checkpoint and Path(checkpoint.last_model_path).is_file()
-            else None,
+            "last": str(last_path) if last_path and last_path.is_file() else None,
         },
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "pretrained_loaded": bool(model.hparams.pretrained_loaded),

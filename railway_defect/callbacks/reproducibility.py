@@ -1,6 +1,6 @@
-"""EpochSeed: every epoch's randomness (shuffling, dropout, augmentation, balanced sampling) is
-derived from (seed, epoch) alone, so a run resumed from an epoch-end checkpoint continues exactly
-as the uninterrupted run would have."""
+"""EpochSeed: the model's randomness (dropout) in an epoch derives from (seed, epoch) alone, so a
+run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would have.
+The data side (order, augmentation) is seeded the same way by the DataModule's EpochSampler."""
 
 from __future__ import annotations
 
@@ -18,8 +18,4 @@ class EpochSeed(Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # runs before the epoch's DataLoader iterator (and so its shuffle order) is created
         seed_everything(epoch_seed(self.seed, trainer.current_epoch), workers=True, verbose=False)
-        datamodule = getattr(trainer, "datamodule", None)
-        if hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(trainer.current_epoch)

@@ -6,15 +6,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.discovery import DatasetIndex, Sample, discover
@@ -33,26 +32,53 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DecodedImageDataset(Dataset):
-    """Already-decoded images + integer targets; only the transform runs per item."""
+    """Already-decoded images + integer targets; only the transform runs per item.
 
-    def __init__(self, images: Sequence[np.ndarray], targets: Sequence[int], transform: Callable[..., dict]):
-        self.images, self.targets, self.transform = list(images), list(targets), transform
+    Training keys are `(index, epoch)` (from EpochSampler): the augmentation of a sample is then
+    seeded by (seed, epoch, index) alone, the same in any worker and after any resume."""
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: Sequence[int],
+        transform: Callable[..., dict],
+        seed: int = 0,
+    ):
+        self.images, self.targets, self.transform, self.seed = list(images), list(targets), transform, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            index, epoch = key
+            self.transform.set_random_seed(epoch_seed(self.seed, epoch) ^ (index * 2_654_435_761 % 2**32))
+        else:
+            index = key
         return self.transform(image=self.images[index])["image"], self.targets[index]
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy/random (as Lightning does) and the worker's copy of the augmentation pipeline,
-    which would otherwise repeat the same augmentations in every worker."""
-    pl_worker_init_function(worker_id)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles (or draws class-balanced, with `weights`) from a generator seeded by (seed, epoch)
+    when iteration starts, and yields (index, epoch): an epoch's order and augmentations never
+    depend on what ran before it, so a resumed run repeats the uninterrupted one exactly."""
+
+    def __init__(
+        self, num_samples: int, seed: int, epoch: Callable[[], int], weights: torch.Tensor | None = None
+    ):
+        self.num_samples, self.seed, self.epoch, self.weights = num_samples, seed, epoch, weights
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch()
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        yield from ((index, epoch) for index in order.tolist())
 
 
 def default_num_workers() -> int:
@@ -108,8 +134,7 @@ class RailwayDataModule(LightningDataModule):
         self.index: DatasetIndex | None = None
         self.decoded: DecodedImages | None = None
         self.splits: dict[str, list[Sample]] = {}
-        # one generator for the run: reproducible, yet every epoch draws a new balanced sample
-        self._sampler_generator = torch.Generator().manual_seed(seed)
+        self._epochs_iterated = 0
 
     # ---- preparing ------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -214,12 +239,6 @@ class RailwayDataModule(LightningDataModule):
         total = sum(counts.values())
         return [total / (len(self.classes) * counts[c]) for c in self.classes]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Re-seed augmentation and balanced sampling from (seed, epoch) (see callbacks.reproducibility)."""
-        seed = epoch_seed(self.seed, epoch)
-        self.train_transform.set_random_seed(seed)
-        self._sampler_generator.manual_seed(seed)
-
     def has_split(self, split: str) -> bool:
         return bool(self.splits.get(split))
 
@@ -242,18 +261,29 @@ class RailwayDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: starting an epoch's iterator must not draw from the global RNG,
+            # or dropout's random stream would depend on when the iterator was created
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else self._epochs_iterated
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", self.train_transform)
-        if self.balance != "sampler":
-            return self._loader(dataset, shuffle=True)
-        counts = Counter(dataset.targets)
-        weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, len(weights), generator=self._sampler_generator)
-        return self._loader(dataset, sampler=sampler)
+        weights = None
+        if self.balance == "sampler":
+            counts = Counter(dataset.targets)
+            weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+        return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, self._next_epoch, weights))
+
+    def _next_epoch(self) -> int:
+        """The trainer's epoch; outside a trainer, each new iteration is the next epoch."""
+        epoch = self._current_epoch()
+        self._epochs_iterated += 1
+        return epoch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val", self.eval_transform))

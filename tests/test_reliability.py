@@ -1,0 +1,321 @@
+"""Reliability: bad input is skipped or refused with one clear line, and crashes, kills and full
+disks lose nothing a user made."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec.implementations.local
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback
+from PIL import Image
+
+from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.errors import UserError
+from railway_defect.training import run_training
+from tests.conftest import FAST, OFFLINE_ENV, PROJECT_ROOT, make_split_dataset, run_cli, write_image
+
+# ---- bad data -----------------------------------------------------------------------------------
+
+
+def setup_datamodule(root: Path, **kwargs) -> RailwayDataModule:
+    dm = RailwayDataModule(root=root, image_size=32, cache_size=40, batch_size=4, num_workers=0, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_a_1x1_image_trains_like_any_other(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    write_image(root / "Train" / "Defective" / "dot.png", size=(1, 1))
+    dm = setup_datamodule(root)
+    images = [dm._dataset("train", dm.train_transform)[i][0] for i in range(5)]
+    assert all(image.shape == (3, 32, 32) for image in images)
+
+
+def test_a_decompression_bomb_is_skipped_with_a_clear_reason(tmp_path: Path, caplog) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    Image.new("1", (12000, 9000)).save(root / "Train" / "Defective" / "huge.png")
+    with caplog.at_level(logging.WARNING):
+        dm = setup_datamodule(root)
+    (skipped,) = dm.report["skipped"]
+    assert skipped["path"].endswith("huge.png")
+    assert "12000x9000" in skipped["reason"] and "data.max_pixels" in skipped["reason"]
+    assert sum("huge.png" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_unreadable_file_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    locked = root / "Train" / "Defective" / "Train_0.jpg"
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # chmod 000 does not stop root, so simulate EACCES
+        if self == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    dm = setup_datamodule(root)
+    assert [Path(s["path"]) for s in dm.report["skipped"]] == [locked]
+    assert "Permission denied" in dm.report["skipped"][0]["reason"]
+
+
+def test_symlink_loops_and_broken_links_do_not_hang_or_crash(tmp_path: Path) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    (root / "Train" / "Defective" / "loop").symlink_to(root / "Train")
+    (root / "Train" / "Defective" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    dm = setup_datamodule(root)
+    assert dm.report["counts"]["train"] == {"Defective": 2, "Non defective": 2}
+    assert [Path(s["path"]).name for s in dm.report["skipped"]] == ["gone.jpg"]
+
+
+def test_unicode_and_spaces_in_class_names(tmp_path: Path) -> None:
+    classes = ("Défaut de soudure", "Non défectueux ✓")
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1}, classes=classes)
+    dm = setup_datamodule(root, positive_class="Défaut de soudure")
+    assert dm.classes == sorted(classes)
+
+
+def test_an_empty_class_folder_is_ignored_with_a_warning(tmp_path: Path, caplog) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    (root / "Train" / "Cracked").mkdir()
+    with caplog.at_level(logging.WARNING):
+        dm = setup_datamodule(root)
+    assert dm.classes == ["Defective", "Non defective"]
+    assert any("Cracked" in r.getMessage() and "no images" in r.getMessage() for r in caplog.records)
+
+
+def test_a_manifest_label_without_training_images_is_refused(tmp_path: Path) -> None:
+    rows = ["path,label,split"]
+    for i in range(6):
+        write_image(tmp_path / f"{i}.png", label_index=i % 2, seed=i)
+        rows.append(f"{i}.png,{('Defective', 'Non defective')[i % 2]},{'train' if i < 4 else 'val'}")
+    write_image(tmp_path / "typo.png", seed=9)
+    rows.append("typo.png,Defectve,val")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"\['Defectve'\] have no training images"):
+        setup_datamodule(tmp_path)
+
+
+def test_identical_files_across_splits_are_reported_as_leakage(tmp_path: Path, caplog) -> None:
+    root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
+    (root / "Validation" / "Defective" / "copy.jpg").write_bytes(
+        (root / "Train" / "Defective" / "Train_0.jpg").read_bytes()
+    )
+    with caplog.at_level(logging.WARNING):
+        dm = setup_datamodule(root)
+    (pair,) = dm.report["duplicates_across_splits"]
+    assert {entry["split"] for entry in pair} == {"train", "val"}
+    assert any("leakage" in r.getMessage() for r in caplog.records)
+
+
+# ---- bad configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be positive"),
+        ("data.batch_size=0", "data.batch_size=0 must be at least 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
+        ("ckpt_path=nowhere.ckpt", "ckpt_path=nowhere.ckpt does not exist"),
+        ("ckpt_path=last", "ckpt_path=last: no last.ckpt"),
+        ("monitor=val/los", "monitor=val/los is not a metric to maximise"),
+    ],
+)
+def test_config_mistakes_fail_before_any_heavy_work(
+    compose_train, tiny_dataset: Path, tmp_path, override, message
+) -> None:
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", f"paths.output_root={tmp_path}/outputs", override)
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        run_training(cfg)
+
+
+def test_a_checkpoint_of_another_backbone_or_classes_is_refused(
+    compose_train, tiny_dataset: Path, tmp_path
+) -> None:
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1")
+    run_training(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="trained with model=resnet18, this run uses model=resnet34"):
+        run_training(compose_train(*FAST, f"data.root={tiny_dataset}", "model=resnet34", f"ckpt_path={last}"))
+    other = make_split_dataset(
+        tmp_path / "other", {"Train": 2, "Validation": 1}, classes=("Crack", "Defective", "Ok")
+    )
+    with pytest.raises(UserError, match="trained on classes"):
+        run_training(compose_train(*FAST, f"data.root={other}", f"ckpt_path={last}"))
+
+
+def test_cli_config_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = run_cli("railway_defect.train", "optimizer.lr=-1", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: optimizer.lr=-1 must be positive (e.g. optimizer.lr=0.001)."
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("railway_defect.train", f"hydra.run.dir={blocker}/run")
+    assert result.returncode == 1
+    assert "error: cannot write the output directory" in result.stderr
+    assert "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- interruptions and full disks ---------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoints(
+    compose_train, tiny_dataset, monkeypatch
+) -> None:
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1")
+    run_training(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    before = {name: sha256(checkpoints / name) for name in ("best.ckpt", "last.ckpt")}
+
+    real_write = fsspec.implementations.local.LocalFileOpener.write
+
+    def write_half_then_fail(self, data):  # the disk fills up in the middle of a checkpoint
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_fail)
+    resumed = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=3", "ckpt_path=last")
+    with pytest.raises(OSError, match="No space left"):
+        run_training(resumed)
+    monkeypatch.undo()
+
+    assert {name: sha256(checkpoints / name) for name in before} == before
+    assert "state_dict" in torch.load(checkpoints / "last.ckpt", weights_only=False)  # still loads
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]  # no half-written files
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "No space left" in metrics["error"]
+
+
+def _train_process(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        *FAST,
+        f"data.root={data}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=5",
+        "trainer.deterministic=true",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "railway_defect.train", *args, *extra],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_checkpoints(last: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Block until last.ckpt has been written `count` times (once per finished epoch)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "training did not progress"
+        if last.is_file():
+            seen.add(last.stat().st_mtime_ns)
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def slower_dataset(tmp_path: Path) -> Path:
+    """Enough images that an epoch takes a noticeable time, so a signal lands mid-run."""
+    return make_split_dataset(tmp_path / "data", {"Train": 24, "Validation": 4})
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path: Path, slower_dataset: Path) -> None:
+    reference = _train_process(tmp_path / "reference", slower_dataset)
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+
+    killed = _train_process(tmp_path / "killed", slower_dataset)
+    _wait_for_checkpoints(tmp_path / "killed" / "checkpoints" / "last.ckpt", 2, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["status"] == "running"
+    assert torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] < 5
+
+    resumed = _train_process(tmp_path / "killed", slower_dataset, "ckpt_path=last")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    actual = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert actual["status"] == "finished"
+    assert actual["epochs_completed"] == 5
+    assert [row["epoch"] for row in actual["history"]] == [0, 1, 2, 3, 4]
+    for got, want in zip(actual["history"], expected["history"], strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_last_ckpt_and_says_how_to_resume(
+    tmp_path: Path, slower_dataset: Path, signum
+) -> None:
+    process = _train_process(tmp_path / "run", slower_dataset, "trainer.max_epochs=50")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _wait_for_checkpoints(last, 1, process)
+    first_step = torch.load(last, weights_only=False)["global_step"]
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "Resume with" in output and f"ckpt_path={last}" in output
+    assert torch.load(last, weights_only=False)["global_step"] > first_step
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+# ---- long runs --------------------------------------------------------------------------------
+
+
+class RecordRss(Callback):
+    """Appends this process's resident memory (MB) to `path` after every training epoch."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        with open("/proc/self/statm") as f:
+            rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with self.path.open("a") as f:
+            f.write(f"{rss_mb}\n")
+
+
+def test_memory_stays_flat_over_many_epochs(compose_train, tiny_dataset: Path, tmp_path: Path) -> None:
+    log = tmp_path / "rss.txt"
+    cfg = compose_train(
+        *FAST,
+        f"data.root={tiny_dataset}",
+        "trainer.max_epochs=12",
+        "+callbacks.rss._target_=tests.test_reliability.RecordRss",
+        f"+callbacks.rss.path={log}",
+    )
+    run_training(cfg)
+    samples = [float(line) for line in log.read_text().split()]
+    assert len(samples) == 12
+    growth = max(samples[4:]) - samples[3]
+    assert growth < 40, f"RSS grew {growth:.0f} MB between epochs 4 and 12: {np.round(samples)}"
