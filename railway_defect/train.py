@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import hydra
 from omegaconf import DictConfig
@@ -13,15 +14,34 @@ from railway_defect.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """A single run fails with a one-line error (or a traceback for a bug). In a sweep a failing
+    job must not stop the others: its metrics.json records why, and it returns NaN; the sweep
+    summary (railway_defect.sweeps.callbacks) then makes the sweep exit non-zero."""
     from railway_defect.training import run_training  # heavy imports only once the config is valid
 
+    multirun = _in_multirun()
     try:
-        return run_training(cfg)
+        value = run_training(cfg)
     except UserError as e:
         log.error("%s", e)
+        if multirun:
+            return math.nan
         raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("Job failed: %s: %s", type(e).__name__, e)
+        return math.nan
+    return math.nan if multirun and value is None else value
 
 
 if __name__ == "__main__":

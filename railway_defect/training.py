@@ -14,12 +14,15 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.console import print_config_tree, print_run_summary
 from railway_defect.models.backbones import get_spec
 from railway_defect.outputs import write_json_atomic
+from railway_defect.resources import configure_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ HPARAM_KEYS = (
     "data.batch_size",
     "data.balance",
     "data.image_size",
+    "data.num_folds",
+    "data.fold",
     "trainer.max_epochs",
     "trainer.precision",
     "trainer.gradient_clip_val",
@@ -87,8 +92,14 @@ def _quiet_expected_noise(num_workers: int) -> None:
         logging.getLogger("lightning").handlers.clear()
 
 
+def _is_global_zero() -> bool:
+    """Under DDP every process runs this code; only the first one writes metrics.json and prints."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def run_training(cfg: DictConfig) -> float | None:
-    """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers)."""
+    """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers). A run whose
+    loss becomes NaN/inf stops at once, is recorded as `diverged` and raises TrainingDiverged."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -96,11 +107,16 @@ def run_training(cfg: DictConfig) -> float | None:
         "run_dir": str(output_dir),
         "started_at": datetime.now().isoformat(timespec="seconds"),
     }
-    write_json_atomic(output_dir / "metrics.json", record)
+    if _is_global_zero():
+        write_json_atomic(output_dir / "metrics.json", record)
     start = time.perf_counter()
     try:
         record.update(_fit_and_test(cfg))
-        record["status"] = "interrupted" if record.pop("interrupted") else "finished"
+        diverged, interrupted = record.pop("diverged"), record.pop("interrupted")
+        if diverged:
+            record.update(status="diverged", error=diverged)
+        else:
+            record["status"] = "interrupted" if interrupted else "finished"
     except (KeyboardInterrupt, SystemExit):
         record["status"] = "interrupted"
         raise
@@ -109,13 +125,19 @@ def run_training(cfg: DictConfig) -> float | None:
         raise
     finally:
         record["duration_s"] = round(time.perf_counter() - start, 1)
-        write_json_atomic(output_dir / "metrics.json", record)
-    print_run_summary(record, cfg.monitor)
+        if _is_global_zero():
+            write_json_atomic(output_dir / "metrics.json", record)
+    if _is_global_zero():
+        print_run_summary(record, cfg.monitor)
+    if record["status"] == "diverged":
+        raise TrainingDiverged(record["error"])
     return record.get("optimized_metric")
 
 
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
-    print_config_tree(cfg)
+    if _is_global_zero():
+        print_config_tree(cfg)
+    torch_threads = configure_torch_threads(cfg.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
     spec = get_spec(cfg.model.backbone)
 
@@ -143,7 +165,11 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    diverged = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except TrainingDiverged as e:  # keep what the epochs before the divergence produced
+        diverged = str(e)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -153,12 +179,13 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
     test_metrics: dict[str, float] = {}
-    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted:
+    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted and not diverged:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     result = {
         "interrupted": trainer.interrupted,
+        "diverged": diverged,
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
         "optimized_metric": float(optimized) if optimized is not None else None,
@@ -188,6 +215,8 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             "skipped": len(datamodule.report["skipped"]),
         },
         "epochs_completed": trainer.current_epoch,
+        "torch_threads": torch_threads,
+        "world_size": trainer.world_size,
         "history": history.epochs,
         "tensorboard_dir": None,
     }
