@@ -10,15 +10,9 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import UserError
+from railway_defect.sweeps import in_multirun
 
 log = logging.getLogger(__name__)
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -28,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
     summary (railway_defect.sweeps.callbacks) then makes the sweep exit non-zero."""
     from railway_defect.training import run_training  # heavy imports only once the config is valid
 
-    multirun = _in_multirun()
+    multirun = in_multirun()
     try:
         value = run_training(cfg)
     except UserError as e:

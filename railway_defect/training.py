@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
 from railway_defect.outputs import write_json_atomic
 from railway_defect.resources import configure_torch_threads
@@ -88,8 +89,27 @@ def _hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
 def _quiet_expected_noise(num_workers: int) -> None:
     if num_workers == 0:  # chosen on purpose for small CPUs, see default_num_workers
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # under DDP the epoch metrics are torchmetrics results, already gathered from every process
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
     if logging.getLogger().handlers:  # Hydra's handlers print and file Lightning's messages already
         logging.getLogger("lightning").handlers.clear()
+
+
+def _check_launcher_in_sweep(trainer: L.Trainer) -> None:
+    """Lightning's own DDP launcher starts the other processes by re-running the command line,
+    which in a sweep is the whole sweep, and it can do so once per process only."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from railway_defect.sweeps import in_multirun
+
+    if in_multirun() and isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        launcher = trainer.strategy.launcher
+        if not launcher.cluster_environment.creates_processes_externally:
+            raise UserError(
+                "Multi-process trainers (trainer=ddp, trainer=ddp_cpu) cannot run inside a sweep started "
+                "on this machine; run each configuration as a single run, or let SLURM start the processes "
+                "(hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node = trainer.devices)."
+            )
 
 
 def _is_global_zero() -> bool:
@@ -164,6 +184,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _check_launcher_in_sweep(trainer)
 
     diverged = None
     try:

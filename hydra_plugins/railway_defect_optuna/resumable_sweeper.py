@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
             done = len(trials) - len(running)
             impl.job_idx = len(trials)  # trial number == job directory, none overwritten
             impl.n_trials = max(0, impl.n_trials - done)
+            self._reseed_sampler(len(trials))
             log.info(
                 "Resuming study %r: %d trials done, %d to go (hydra.sweeper.n_trials is the total).",
                 impl.study_name,
@@ -86,6 +89,19 @@ class ResumableOptunaSweeper(OptunaSweeper):
             # optuna has no best trial to report; the sweep summary lists why each job failed
             log.error("No trial of study %r completed.", impl.study_name)
             return None
+
+    def _reseed_sampler(self, offset: int) -> None:
+        """A sampler re-created with the same seed would propose the first trials again; continue
+        with seed + trials so far instead (still reproducible)."""
+        impl = self.sweeper
+        sampler_cfg = OmegaConf.select(impl.config, "hydra.sweeper.sampler")
+        if (
+            sampler_cfg is None
+            or sampler_cfg.get("seed") is None
+            or isinstance(impl.sampler, functools.partial)
+        ):
+            return
+        impl.sampler = instantiate(sampler_cfg, seed=int(sampler_cfg.seed) + offset)
 
     def _existing_study(self) -> Any:
         import optuna
