@@ -35,7 +35,10 @@ def main(cfg: DictConfig) -> float | None:
             raise
         log.exception("Job failed: %s: %s", type(e).__name__, e)
         return math.nan
-    return math.nan if multirun and value is None else value
+    if multirun and value is None:
+        log.warning("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
+        return math.nan
+    return value
 
 
 if __name__ == "__main__":

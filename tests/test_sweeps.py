@@ -135,7 +135,14 @@ def test_optuna_search_runs_trials_and_resumes_with_the_same_command(
     import optuna
 
     sweep = tmp_path / "study"
-    args = ("hparams_search=optuna", *TINY, f"data.root={tiny_dataset}", f"hydra.sweep.dir={sweep}")
+    # no test-split evaluation: the search only needs the validation metric
+    args = (
+        "hparams_search=optuna",
+        *TINY,
+        "test=false",
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+    )
     first = run_cli("railway_defect.train", *args, "hydra.sweeper.n_trials=3")
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{sweep}/optuna.db"
