@@ -22,8 +22,8 @@ test: install
 	$(PYTHON) -m pytest $(ARGS)
 
 lint: install
-	$(PYTHON) -m ruff check railway_defect tests
-	$(PYTHON) -m ruff format --check railway_defect tests
+	$(PYTHON) -m ruff check railway_defect hydra_plugins tests
+	$(PYTHON) -m ruff format --check railway_defect hydra_plugins tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import signal
 
 import hydra
@@ -11,33 +12,52 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import UserError
+from railway_defect.sweeps import in_multirun
 
 log = logging.getLogger(__name__)
 # the disk is full, read-only or not ours: the user must act, a traceback would not help
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
+def user_message(error: BaseException) -> str | None:
+    """The one line to show for a problem the user can fix, or None for a bug (show the traceback)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        return (
+            f"cannot write {error.filename or 'an output file'}: {error.strerror}; free space or set "
+            "hydra.run.dir to another disk (existing checkpoints are intact)."
+        )
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """A single run fails with a one-line error (or a traceback for a bug). In a sweep a failing
+    job must not stop the others: its metrics.json records why, and it returns NaN; the sweep
+    summary (railway_defect.sweeps.callbacks) then makes the sweep exit non-zero."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from railway_defect.training import run_training  # heavy imports only once the config is valid
 
+    multirun = in_multirun()
     try:
-        return run_training(cfg)
+        value = run_training(cfg)
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None  # stopped, not finished: never exit 0
-    except UserError as e:
-        log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:
-        if e.errno not in DISK_ERRORS:
+    except Exception as e:
+        message = user_message(e)
+        if multirun:
+            log.error("Job failed: %s", message) if message else log.exception("Job failed: %s", e)
+            return math.nan
+        if message is None:
             raise
-        log.error("%s", e)
-        raise SystemExit(
-            f"error: cannot write {e.filename or 'an output file'}: {e.strerror}; free space or set "
-            "hydra.run.dir to another disk (existing checkpoints are intact)."
-        ) from None
+        log.error("%s", message)
+        raise SystemExit(f"error: {message}") from None
+    if multirun and value is None:
+        log.warning("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
+        return math.nan
+    return value
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
 from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
 from railway_defect.outputs import write_json_atomic
+from railway_defect.resources import configure_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ HPARAM_KEYS = (
     "data.batch_size",
     "data.balance",
     "data.image_size",
+    "data.num_folds",
+    "data.fold",
     "trainer.max_epochs",
     "trainer.precision",
     "trainer.gradient_clip_val",
@@ -97,12 +102,37 @@ def _hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
 def _quiet_expected_noise(num_workers: int) -> None:
     if num_workers == 0:  # chosen on purpose for small CPUs, see default_num_workers
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # under DDP the epoch metrics are torchmetrics results, already gathered from every process
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
     if logging.getLogger().handlers:  # Hydra's handlers print and file Lightning's messages already
         logging.getLogger("lightning").handlers.clear()
 
 
+def _check_launcher_in_sweep(trainer: L.Trainer) -> None:
+    """Lightning's own DDP launcher starts the other processes by re-running the command line,
+    which in a sweep is the whole sweep, and it can do so once per process only."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from railway_defect.sweeps import in_multirun
+
+    if in_multirun() and isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
+        launcher = trainer.strategy.launcher
+        if not launcher.cluster_environment.creates_processes_externally:
+            raise UserError(
+                "Multi-process trainers (trainer=ddp, trainer=ddp_cpu) cannot run inside a sweep started "
+                "on this machine; run each configuration as a single run, or let SLURM start the processes "
+                "(hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node = trainer.devices)."
+            )
+
+
+def _is_global_zero() -> bool:
+    """Under DDP every process runs this code; only the first one writes metrics.json and prints."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def run_training(cfg: DictConfig) -> float | None:
-    """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers)."""
+    """Train as configured; returns the value of `cfg.optimized_metric` (for sweepers). A run whose
+    loss becomes NaN/inf stops at once, is recorded as `diverged` and raises TrainingDiverged."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -110,11 +140,16 @@ def run_training(cfg: DictConfig) -> float | None:
         "run_dir": str(output_dir),
         "started_at": datetime.now().isoformat(timespec="seconds"),
     }
-    write_json_atomic(output_dir / "metrics.json", record)
+    if _is_global_zero():
+        write_json_atomic(output_dir / "metrics.json", record)
     start = time.perf_counter()
     try:
         record.update(_fit_and_test(cfg))
-        record["status"] = "interrupted" if record.pop("interrupted") else "finished"
+        diverged, interrupted = record.pop("diverged"), record.pop("interrupted")
+        if diverged:
+            record.update(status="diverged", error=diverged)
+        else:
+            record["status"] = "interrupted" if interrupted else "finished"
     except (KeyboardInterrupt, SystemExit):
         record["status"] = "interrupted"
         raise
@@ -123,14 +158,20 @@ def run_training(cfg: DictConfig) -> float | None:
         raise
     finally:
         record["duration_s"] = round(time.perf_counter() - start, 1)
-        write_json_atomic(output_dir / "metrics.json", record)
-    print_run_summary(record, cfg.monitor)
+        if _is_global_zero():
+            write_json_atomic(output_dir / "metrics.json", record)
+    if _is_global_zero():
+        print_run_summary(record, cfg.monitor)
+    if record["status"] == "diverged":
+        raise TrainingDiverged(record["error"])
     return record.get("optimized_metric")
 
 
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
-    print_config_tree(cfg)
+    if _is_global_zero():
+        print_config_tree(cfg)
     check_config(cfg)
+    torch_threads = configure_torch_threads(cfg.get("num_threads"))
     spec = get_spec(cfg.model.backbone)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(
@@ -165,8 +206,13 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _check_launcher_in_sweep(trainer)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    diverged = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except TrainingDiverged as e:  # keep what the epochs before the divergence produced
+        diverged = str(e)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
@@ -179,12 +225,13 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
     test_metrics: dict[str, float] = {}
-    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted:
+    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted and not diverged:
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     result = {
         "interrupted": trainer.interrupted,
+        "diverged": diverged,
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
         "optimized_metric": float(optimized) if optimized is not None else None,
@@ -211,6 +258,8 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             "skipped": len(datamodule.report["skipped"]),
         },
         "epochs_completed": trainer.current_epoch,
+        "torch_threads": torch_threads,
+        "world_size": trainer.world_size,
         "history": epochs,
         "tensorboard_dir": None,
     }

@@ -104,6 +104,8 @@ class RailwayDataModule(LightningDataModule):
         num_workers: int | None = None,
         balance: str = "none",
         seed: int = 42,
+        num_folds: int | None = None,
+        fold: int = 0,
         report_path: str | Path | None = None,
         train_transforms: Sequence[Any] = (),
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -122,6 +124,7 @@ class RailwayDataModule(LightningDataModule):
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
         self.val_fraction, self.seed = val_fraction, seed
+        self.num_folds, self.fold = num_folds, fold
         self.image_size, self.cache_size = image_size, cache_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_pixels = max_pixels
@@ -154,7 +157,7 @@ class RailwayDataModule(LightningDataModule):
             return
         if not self.root.is_dir():
             self.prepare_data()
-        index = discover(self.root, self.val_fraction, self.seed)
+        index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
         all_samples = [s for samples in index.splits.values() for s in samples]
         decoded = decode_files(
             [s.path for s in all_samples], self.cache_size, self.cache_dir, max_pixels=self.max_pixels
@@ -213,6 +216,7 @@ class RailwayDataModule(LightningDataModule):
             "layout": self.index.layout,
             "classes": self.classes,
             "positive_class": self.positive_class,
+            "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
             "counts": {
                 split: dict(sorted(Counter(s.label for s in samples).items()))
                 for split, samples in self.splits.items()

@@ -13,8 +13,9 @@ import itertools
 import logging
 import os
 import re
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -166,8 +167,52 @@ def holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sam
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
-def discover(root: Path, val_fraction: float = 0.2, seed: int = 42) -> DatasetIndex:
-    """Index `root`; when it has no validation split, hold one out of the training data."""
+def pooled_groups(samples: list[Sample], layout: str) -> list[str]:
+    """Groups for samples pooled across splits: declared manifest groups stay; everything else is
+    grouped by file-name timestamp over the whole pool (a burst may have been cut by the splits)."""
+    if layout != "manifest":
+        return infer_groups([s.path for s in samples])
+    undeclared = [i for i, s in enumerate(samples) if s.group == str(s.path)]
+    groups = [s.group for s in samples]
+    for i, group in zip(undeclared, infer_groups([samples[i].path for i in undeclared]), strict=True):
+        groups[i] = group
+    return groups
+
+
+def cross_validation_fold(
+    samples: list[Sample], layout: str, num_folds: int, fold: int, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Fold `fold` of a stratified, group-aware K-fold split: (train, val). The same `seed` gives
+    the same partition in every job, so the K validation folds cover every sample exactly once."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if num_folds < 2:
+        raise UserError(f"data.num_folds must be 2 or more, got {num_folds}.")
+    if not 0 <= fold < num_folds:
+        raise UserError(f"data.fold must be between 0 and {num_folds - 1} for {num_folds} folds, got {fold}.")
+    groups = pooled_groups(samples, layout)
+    samples = [replace(s, group=g) for s, g in zip(samples, groups, strict=True)]
+    if len(set(groups)) < num_folds:
+        raise UserError(
+            f"Only {len(set(groups))} independent photo groups for {num_folds} folds; "
+            "lower data.num_folds or add images."
+        )
+    splitter = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a class with fewer groups than folds is reported below instead
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(splitter.split(np.zeros(len(samples)), [s.label for s in samples], groups))
+    train_idx, val_idx = folds[fold]
+    missing = {s.label for s in samples} - {samples[i].label for i in val_idx}
+    if missing:
+        log.warning("Fold %d of %d has no validation images of %s.", fold, num_folds, sorted(missing))
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def discover(
+    root: Path, val_fraction: float = 0.2, seed: int = 42, num_folds: int | None = None, fold: int = 0
+) -> DatasetIndex:
+    """Index `root`; when it has no validation split, hold one out of the training data. With
+    `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation."""
     root = Path(root)
     ignored: list[dict[str, str]] = []
     if (root / MANIFEST_NAME).is_file():
@@ -200,6 +245,18 @@ def discover(root: Path, val_fraction: float = 0.2, seed: int = 42) -> DatasetIn
         )
     if "train" not in splits:
         raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
+    if num_folds is not None:
+        pool = splits["train"] + splits.pop("val", [])
+        splits["train"], splits["val"] = cross_validation_fold(pool, layout, num_folds, fold, seed)
+        log.info(
+            "Fold %d of %d: %d training and %d validation images (train and validation pooled).",
+            fold,
+            num_folds,
+            len(splits["train"]),
+            len(splits["val"]),
+        )
+    elif fold != 0:
+        raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
     if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed)
         log.info(

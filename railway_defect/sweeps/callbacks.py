@@ -1,0 +1,47 @@
+"""Hydra callback (registered in conf/hydra/default.yaml): keeps a sweep's summary up to date
+after every job and prints it when the sweep ends; the sweep then exits non-zero when any job
+did not finish ok, since failed jobs themselves no longer stop the sweep (see train.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from railway_defect.errors import UserError
+from railway_defect.sweeps.summary import summarize_and_write
+
+log = logging.getLogger(__name__)
+
+
+def _sweep_dir(config: DictConfig) -> Path | None:
+    if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+        return None
+    return Path(str(config.hydra.sweep.dir))
+
+
+class SweepSummary(Callback):
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Rewrite the tables after each job, so an interrupted sweep still has a current summary."""
+        sweep_dir = _sweep_dir(config)
+        if sweep_dir is not None and sweep_dir.is_dir():
+            try:
+                summarize_and_write(sweep_dir, OmegaConf.select(config, "optimized_metric"), show=False)
+            except UserError as e:
+                log.warning("No sweep summary: %s", e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = _sweep_dir(config)
+        if sweep_dir is None or not sweep_dir.is_dir():
+            return
+        summary = summarize_and_write(sweep_dir, OmegaConf.select(config, "optimized_metric"))
+        if summary.not_ok:
+            jobs = ", ".join(f"{row.job} ({row.status})" for row in summary.not_ok)
+            raise SystemExit(
+                f"error: {len(summary.not_ok)} of {len(summary.rows)} jobs did not finish ok: {jobs}; "
+                f"see {sweep_dir / 'summary.md'}"
+            )

@@ -1,0 +1,439 @@
+"""One table for a whole sweep, built from what every job left on disk (its metrics.json and
+.hydra/ overrides), so it can be rebuilt at any time, also for sweeps that were interrupted.
+
+Writes summary.csv (one row per job), summary.md (the same table, plus mean ± std per
+configuration when jobs differ only by `seed` and/or `data.fold`) and summary_groups.csv (those
+means), and prints the tables with rich.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from railway_defect.errors import UserError
+from railway_defect.outputs import write_text_atomic
+
+DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
+# validation metrics of best.ckpt shown for every job, beside the optimised metric
+METRICS = ("val/f1", "val/balanced_acc", "val/auroc")
+# overrides that only repeat a configuration: jobs differing in these alone are averaged
+REPEAT_KEYS = {"seed": "seeds", "data.fold": "folds"}
+# metrics.json status -> summary status
+STATUS = {"finished": "ok", "failed": "failed", "diverged": "diverged", "interrupted": "interrupted"}
+INCOMPLETE = "incomplete"
+# console width for the tables when the output is not a terminal
+LOG_WIDTH = 200
+
+
+@dataclass
+class JobRow:
+    job: str
+    run_dir: Path
+    overrides: list[str]
+    status: str
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    optimized_metric: str | None = None
+    best_epoch: int | None = None
+    duration_s: float | None = None
+    checkpoint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def value(self, metric: str) -> float | None:
+        value = self.metrics.get(metric)
+        return None if value is None or math.isnan(value) else value
+
+
+@dataclass
+class GroupRow:
+    """Jobs of one configuration that differ only in REPEAT_KEYS."""
+
+    configuration: list[str]
+    over: str
+    jobs: list[JobRow]
+
+    def stats(self, metric: str) -> tuple[float, float] | None:
+        values = [v for job in self.jobs if job.ok and (v := job.value(metric)) is not None]
+        if not values:
+            return None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass
+class Summary:
+    sweep_dir: Path
+    rows: list[JobRow]
+    groups: list[GroupRow]
+    optimized_metric: str
+    minimize: bool
+    common_overrides: list[str]
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.optimized_metric, *(m for m in METRICS if m != self.optimized_metric)]
+
+    @property
+    def not_ok(self) -> list[JobRow]:
+        return [row for row in self.rows if not row.ok]
+
+
+# ---- reading job directories -----------------------------------------------------------------
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _job_sort_key(path: Path) -> tuple[int, int | str]:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job directories: sub-folders with Hydra's .hydra/ or a metrics.json."""
+    return sorted(
+        (
+            p
+            for p in sweep_dir.iterdir()
+            if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())
+        ),
+        key=_job_sort_key,
+    )
+
+
+def read_job(job_dir: Path) -> JobRow:
+    overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
+    row = JobRow(
+        job=job_dir.name, run_dir=job_dir, overrides=[str(o) for o in overrides or []], status=INCOMPLETE
+    )
+    metrics_path = job_dir / "metrics.json"
+    if not metrics_path.is_file():
+        row.error = "no metrics.json: the job stopped before training started"
+        return row
+    try:
+        record = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        row.error = f"unreadable metrics.json: {e}"
+        return row
+    status = record.get("status")
+    row.status = STATUS.get(status, INCOMPLETE)
+    if status == "running":
+        row.error = "metrics.json still says running: the job was killed (or is still running)"
+    row.error = _one_line(record.get("error") or row.error)
+    row.optimized_metric = record.get("optimized_metric_name")
+    for key, value in {**record.get("val", {}), **record.get("test", {})}.items():
+        if isinstance(value, (int, float)):
+            row.metrics[key] = float(value)
+    if row.optimized_metric and isinstance(record.get("optimized_metric"), (int, float)):
+        row.metrics[row.optimized_metric] = float(record["optimized_metric"])
+    row.best_epoch = (record.get("best") or {}).get("epoch")
+    row.duration_s = record.get("duration_s")
+    row.checkpoint = (record.get("checkpoints") or {}).get("best")
+    return row
+
+
+# ---- grouping and ordering -----------------------------------------------------------------
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _configuration(row: JobRow) -> tuple[str, ...]:
+    return tuple(sorted(o for o in row.overrides if _key(o) not in REPEAT_KEYS))
+
+
+def group_jobs(rows: Sequence[JobRow]) -> list[GroupRow]:
+    """Configurations run more than once (several seeds and/or folds)."""
+    by_config: dict[tuple[str, ...], list[JobRow]] = {}
+    for row in rows:
+        by_config.setdefault(_configuration(row), []).append(row)
+    groups = []
+    for configuration, jobs in by_config.items():
+        if len(jobs) < 2:
+            continue
+        varied = [name for key, name in REPEAT_KEYS.items() if len({_value(job, key) for job in jobs}) > 1]
+        groups.append(GroupRow(list(configuration), " and ".join(varied) or "repeats", jobs))
+    return groups
+
+
+def _value(row: JobRow, key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in row.overrides if _key(o) == key and "=" in o), None)
+
+
+def _sweep_settings(rows: Sequence[JobRow], optimized_metric: str | None) -> tuple[str, bool]:
+    """The optimised metric and whether smaller is better (an optuna `direction: minimize`)."""
+    first = rows[0].run_dir if rows else None
+    config = _read_yaml(first / ".hydra" / "config.yaml") if first else None
+    hydra = _read_yaml(first / ".hydra" / "hydra.yaml") if first else None
+    metric = (
+        optimized_metric
+        or next((r.optimized_metric for r in rows if r.optimized_metric), None)
+        or (config or {}).get("optimized_metric")
+        or DEFAULT_OPTIMIZED_METRIC
+    )
+    direction = str(((hydra or {}).get("hydra") or {}).get("sweeper", {}).get("direction", ""))
+    return metric, "minimize" in direction or (not direction and "loss" in metric)
+
+
+def summarize(sweep_dir: str | Path, optimized_metric: str | None = None) -> Summary:
+    """Read every job of `sweep_dir`; rows sorted by the optimised metric, best first."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UserError(
+            f"{sweep_dir} is not a directory; pass a sweep directory (outputs/train/multiruns/<time>)."
+        )
+    dirs = job_dirs(sweep_dir)
+    if not dirs:
+        raise UserError(
+            f"{sweep_dir} has no job directories (sub-folders with .hydra/ or metrics.json); pass a sweep "
+            "directory such as outputs/train/multiruns/<time>."
+        )
+    rows = [read_job(d) for d in dirs]
+    metric, minimize = _sweep_settings(rows, optimized_metric)
+
+    def order(row: JobRow) -> tuple[int, float]:
+        value = row.value(metric)
+        if value is None:
+            return (1, 0.0)
+        return (0, value if minimize else -value)
+
+    rows = sorted(rows, key=order)  # stable: ties and rows without a value keep the job order
+    shared = set(rows[0].overrides).intersection(*(r.overrides for r in rows[1:]))
+    common = [o for o in rows[0].overrides if o in shared]
+    return Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common)
+
+
+# ---- rendering -------------------------------------------------------------------------------
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _fmt_stats(stats: tuple[float, float] | None) -> str:
+    return "" if stats is None else f"{stats[0]:.4f} ± {stats[1]:.4f}"
+
+
+def _status(row: JobRow) -> str:
+    return f"{row.status}: {row.error}" if row.error and not row.ok else row.status
+
+
+def _relative(path: str | None, base: Path) -> str:
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return path
+
+
+def _varying(row: JobRow, common: list[str]) -> str:
+    return " ".join(o for o in row.overrides if o not in common) or "(none)"
+
+
+def job_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    header = ["job", "overrides", "status", *summary.columns, "best epoch", "duration (s)", "checkpoint"]
+    body = [
+        [
+            row.job,
+            _varying(row, summary.common_overrides),
+            _status(row),
+            *(_fmt(row.value(m)) for m in summary.columns),
+            "" if row.best_epoch is None else str(row.best_epoch),
+            "" if row.duration_s is None else f"{row.duration_s:.1f}",
+            _relative(row.checkpoint, summary.sweep_dir),
+        ]
+        for row in summary.rows
+    ]
+    return header, body
+
+
+def group_table(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    header = ["configuration", "over", "ok / jobs", *(f"{m} (mean ± std)" for m in summary.columns)]
+    body = [
+        [
+            " ".join(o for o in group.configuration if o not in summary.common_overrides) or "(all jobs)",
+            group.over,
+            f"{sum(j.ok for j in group.jobs)} / {len(group.jobs)}",
+            *(_fmt_stats(group.stats(m)) for m in summary.columns),
+        ]
+        for group in summary.groups
+    ]
+    return header, body
+
+
+def to_csv(summary: Summary) -> str:
+    extra = sorted({k for row in summary.rows for k in row.metrics} - set(summary.columns))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "job",
+            "status",
+            "error",
+            "overrides",
+            *summary.columns,
+            *extra,
+            "best_epoch",
+            "duration_s",
+            "checkpoint",
+        ]
+    )
+    for row in summary.rows:
+        writer.writerow(
+            [
+                row.job,
+                row.status,
+                row.error,
+                " ".join(row.overrides),
+                *(_fmt(row.value(m)) for m in [*summary.columns, *extra]),
+                "" if row.best_epoch is None else row.best_epoch,
+                "" if row.duration_s is None else row.duration_s,
+                row.checkpoint or "",
+            ]
+        )
+    return out.getvalue()
+
+
+def groups_to_csv(summary: Summary) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "configuration",
+            "over",
+            "ok",
+            "jobs",
+            *(f"{m}_{s}" for m in summary.columns for s in ("mean", "std")),
+        ]
+    )
+    for group in summary.groups:
+        stats = [group.stats(m) for m in summary.columns]
+        writer.writerow(
+            [
+                " ".join(group.configuration),
+                group.over,
+                sum(j.ok for j in group.jobs),
+                len(group.jobs),
+                *(_fmt(s[i] if s else None) for s in stats for i in (0, 1)),
+            ]
+        )
+    return out.getvalue()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
+    return lines
+
+
+def _order_note(summary: Summary) -> str:
+    return f"sorted by `{summary.optimized_metric}`, {'smallest' if summary.minimize else 'largest'} first"
+
+
+def to_markdown(summary: Summary) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in _status_counts(summary).items())
+    lines = [
+        f"# Sweep summary: {summary.sweep_dir.name}",
+        "",
+        f"{len(summary.rows)} jobs ({counts}); {_order_note(summary)}; metrics of each job's best.ckpt.",
+    ]
+    if summary.common_overrides:
+        lines += ["", "Overrides of every job: `" + " ".join(summary.common_overrides) + "`"]
+    lines += ["", *_md_table(*job_table(summary))]
+    if summary.groups:
+        lines += ["", "## Mean ± std per configuration (ok jobs)", "", *_md_table(*group_table(summary))]
+    return "\n".join(lines) + "\n"
+
+
+def _status_counts(summary: Summary) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in summary.rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    return counts
+
+
+def write_summary(summary: Summary) -> list[Path]:
+    """summary.csv, summary.md and (when jobs repeat a configuration) summary_groups.csv."""
+    paths = [summary.sweep_dir / "summary.csv", summary.sweep_dir / "summary.md"]
+    write_text_atomic(paths[0], to_csv(summary))
+    write_text_atomic(paths[1], to_markdown(summary))
+    if summary.groups:
+        paths.append(summary.sweep_dir / "summary_groups.csv")
+        write_text_atomic(paths[2], groups_to_csv(summary))
+    return paths
+
+
+def print_summary(summary: Summary, console: Console | None = None) -> None:
+    """The job table without the long cells (errors and checkpoints follow it, unwrapped)."""
+    if console is None:  # logs and pipes get a wide table rather than rich's 80 columns
+        console = Console() if sys.stdout.isatty() else Console(width=LOG_WIDTH)
+    style = {"ok": "green", "failed": "red", "diverged": "red", "interrupted": "yellow", INCOMPLETE: "yellow"}
+    header, body = job_table(summary)
+    keep = [i for i, name in enumerate(header) if name != "checkpoint"]
+    table = Table(title=f"Sweep {summary.sweep_dir}: {_order_note(summary)}", title_justify="left")
+    for i in keep:
+        name = header[i]
+        table.add_column(
+            name,
+            justify="right" if name in summary.columns else "left",
+            no_wrap=name != "overrides",
+            overflow="fold" if name == "overrides" else "ellipsis",
+        )
+    for row, cells in zip(summary.rows, body, strict=True):
+        table.add_row(
+            *(row.status if header[i] == "status" else cells[i] for i in keep), style=style.get(row.status)
+        )
+    if summary.common_overrides:
+        console.print(
+            "overrides of every job: " + " ".join(summary.common_overrides), soft_wrap=True, markup=False
+        )
+    console.print(table)
+    for row in summary.not_ok:
+        console.print(f"job {row.job} {row.status}: {row.error}", soft_wrap=True, markup=False, style="red")
+    if summary.groups:
+        header, body = group_table(summary)
+        groups = Table(title="Mean ± std per configuration (ok jobs)", title_justify="left")
+        for name in header:
+            groups.add_column(name)
+        for cells in body:
+            groups.add_row(*cells)
+        console.print(groups)
+    best = next((row for row in summary.rows if row.ok and row.checkpoint), None)
+    if best is not None:
+        console.print(f"best job {best.job}: {best.checkpoint}", soft_wrap=True, markup=False)
+    console.print(f"summary: {summary.sweep_dir / 'summary.md'}", soft_wrap=True, markup=False)
+    console.print(f"review:  tensorboard --logdir {summary.sweep_dir}", soft_wrap=True, markup=False)
+
+
+def summarize_and_write(
+    sweep_dir: str | Path, optimized_metric: str | None = None, show: bool = True
+) -> Summary:
+    """What both the end-of-sweep callback and `python -m railway_defect.summarize` run."""
+    summary = summarize(sweep_dir, optimized_metric)
+    write_summary(summary)
+    if show:
+        print_summary(summary)
+    return summary

@@ -1,0 +1,273 @@
+"""Sweeps end to end: every job of `-m` is a complete run, the sweep summary lists them, a failing
+or diverging job does not stop the others but the exit code reports it, optuna searches and
+resumes, and the launchers compose."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from railway_defect.errors import UserError
+from railway_defect.resources import available_cpus
+from railway_defect.training import run_training
+from tests.conftest import CONF_DIR, FAST, run_cli
+
+# the smallest runs that still train, validate and test: seconds per job on a CPU
+TINY = (
+    "model=resnet18",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.cache_size=40",
+    "data.batch_size=4",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+)
+
+
+def read_summary(sweep: Path) -> dict[str, dict[str, str]]:
+    with (sweep / "summary.csv").open() as f:
+        return {row["job"]: row for row in csv.DictReader(f)}
+
+
+def hparams_of(tensorboard_dir: Path) -> dict:
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    return plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+
+
+@pytest.mark.slow
+def test_seed_sweep_in_parallel_writes_complete_runs_and_a_summary(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "railway_defect.train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *TINY,
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+        "seed=1,2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, seed in (("0", 1), ("1", 2)):
+        run = sweep / job
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "finished"
+        assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+        assert metrics["test"]  # a complete run: fitted, validated and tested
+        # 2 jobs side by side share the CPUs instead of each taking all of them
+        assert metrics["torch_threads"] == max(1, available_cpus() // 2)
+        # the HParams tab tells the jobs apart by their swept value and shows the final metrics
+        hparams = hparams_of(run / "tensorboard")
+        assert hparams["seed"].number_value == seed
+
+    rows = read_summary(sweep)
+    assert sorted(rows) == ["0", "1"]
+    assert {row["status"] for row in rows.values()} == {"ok"}
+    assert [rows[j]["overrides"].split()[-1] for j in ("0", "1")] == ["seed=1", "seed=2"]
+    for job, row in rows.items():
+        assert float(row["val/f1_best"]) == pytest.approx(
+            json.loads((sweep / job / "metrics.json").read_text())["optimized_metric"], abs=1e-4
+        )
+        assert Path(row["checkpoint"]) == sweep / job / "checkpoints" / "best.ckpt"
+    # the rows are sorted by the optimised metric, best first
+    values = [float(row["val/f1_best"]) for row in rows.values()]
+    assert values == sorted(values, reverse=True)
+    # jobs that differ only by seed: mean ± std of the configuration
+    with (sweep / "summary_groups.csv").open() as f:
+        (group,) = list(csv.DictReader(f))
+    assert (group["over"], group["ok"], group["jobs"]) == ("seeds", "2", "2")
+    assert float(group["val/f1_best_mean"]) == pytest.approx(sum(values) / 2, abs=1e-4)
+    markdown = (sweep / "summary.md").read_text()
+    assert "| seeds | 2 / 2 |" in markdown
+    assert "Mean ± std per configuration" in result.stdout and "seed=2" in result.stdout
+
+
+@pytest.mark.slow
+def test_failed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path: Path, tiny_dataset: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "railway_defect.train",
+        "-m",
+        *TINY,
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+        # fine / loss explodes to NaN / rejected by the optimizer
+        "optimizer.lr=0.001,1e30,-1",
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 2 of 3 jobs did not finish ok")
+    rows = read_summary(sweep)
+    assert [(job, row["status"]) for job, row in rows.items()] == [
+        ("0", "ok"),
+        ("1", "diverged"),
+        ("2", "failed"),
+    ]
+    assert "training loss became NaN or infinite at epoch 0" in rows["1"]["error"]
+    assert rows["2"]["error"] == "ValueError: Invalid learning rate: -1"
+    assert (sweep / "0" / "checkpoints" / "best.ckpt").is_file()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "diverged"
+    assert json.loads((sweep / "2" / "metrics.json").read_text())["status"] == "failed"
+    markdown = (sweep / "summary.md").read_text()
+    assert "| 2 | optimizer.lr=-1 | failed: ValueError: Invalid learning rate: -1 |" in markdown
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_resumes_with_the_same_command(
+    tmp_path: Path, tiny_dataset: Path
+) -> None:
+    import optuna
+
+    sweep = tmp_path / "study"
+    # no test-split evaluation: the search only needs the validation metric
+    args = (
+        "hparams_search=optuna",
+        *TINY,
+        "test=false",
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    first = run_cli("railway_defect.train", *args, "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = f"sqlite:///{sweep}/optuna.db"
+    study = optuna.load_study(study_name="railway_defect", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    rows = read_summary(sweep)
+    assert sorted(rows) == ["0", "1", "2"] and {r["status"] for r in rows.values()} == {"ok"}
+    searched = ("optimizer=", "optimizer.lr=", "optimizer.weight_decay=", "data.batch_size=", "augmentation=")
+    for job, row in rows.items():
+        assert all(key in row["overrides"] for key in (*searched, "model.label_smoothing="))
+        assert float(row["val/f1_best"]) == pytest.approx(study.trials[int(job)].value, abs=1e-4)
+    assert (sweep / "optimization_results.yaml").is_file()
+
+    # a search killed during trial 3 leaves it running in the study
+    study.ask()
+    before = {job: (sweep / job / "metrics.json").stat().st_mtime_ns for job in rows}
+    # same command, a total of 4 trials; a fixed lr that diverges shows failed trials are recorded
+    second = run_cli("railway_defect.train", *args, "hydra.sweeper.n_trials=4", "optimizer.lr=1e30")
+    assert second.returncode != 0
+    assert "Resuming study 'railway_defect': 3 trials done, 1 to go" in second.stdout
+    study = optuna.load_study(study_name="railway_defect", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["FAIL", "FAIL"]
+    rows = read_summary(sweep)
+    assert sorted(rows) == ["0", "1", "2", "4"]  # trial number == job directory, none overwritten
+    assert rows["4"]["status"] == "diverged"
+    assert {job: (sweep / job / "metrics.json").stat().st_mtime_ns for job in before} == before
+
+
+def test_summarize_cli_rebuilds_the_tables_of_an_interrupted_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+
+    def job(num: int, overrides: list[str], record: dict | None) -> None:
+        hydra_dir = sweep / str(num) / ".hydra"
+        hydra_dir.mkdir(parents=True)
+        (hydra_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        if record is not None:
+            (sweep / str(num) / "metrics.json").write_text(json.dumps(record))
+
+    finished = {
+        "status": "finished",
+        "optimized_metric_name": "val/f1_best",
+        "optimized_metric": 0.8,
+        "best": {"epoch": 3},
+        "val": {"val/f1": 0.75, "val/balanced_acc": 0.7, "val/auroc": 0.9},
+        "duration_s": 12.5,
+        "checkpoints": {"best": str(sweep / "0" / "checkpoints" / "best.ckpt")},
+    }
+    job(0, ["optimizer=adamw", "seed=1"], finished)
+    job(1, ["optimizer=sgd", "seed=1"], {"status": "running"})  # killed mid-training
+    job(2, ["optimizer=adamw", "seed=2"], None)  # killed before training started
+    (sweep / "unrelated").mkdir()
+
+    result = run_cli("railway_defect.summarize", str(sweep))
+    assert result.returncode == 0, result.stderr
+    rows = read_summary(sweep)
+    assert [(j, r["status"]) for j, r in rows.items()] == [
+        ("0", "ok"),
+        ("1", "incomplete"),
+        ("2", "incomplete"),
+    ]
+    assert rows["0"]["val/f1_best"] == "0.8000" and rows["0"]["best_epoch"] == "3"
+    assert "still says running" in rows["1"]["error"] and "no metrics.json" in rows["2"]["error"]
+    markdown = (sweep / "summary.md").read_text()
+    expected = "| 0 | optimizer=adamw seed=1 | ok | 0.8000 | 0.7500 | 0.7000 | 0.9000 | 3 | 12.5 |"
+    assert expected + " 0/checkpoints/best.ckpt |" in markdown
+    # adamw ran with 2 seeds, one of them ok: its mean ± std counts the ok job only
+    assert "| optimizer=adamw | seeds | 1 / 2 | 0.8000 ± 0.0000 |" in markdown
+    assert "job 1 incomplete" in result.stdout
+
+    missing = run_cli("railway_defect.summarize", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_launchers_and_searches_compose() -> None:
+    try:
+        slurm = _compose("hydra/launcher=submitit_slurm", "trainer=ddp", "hydra.launcher.tasks_per_node=4")
+        assert get_class(slurm.hydra.launcher._target_).__name__ == "SlurmLauncher"
+        assert slurm.hydra.launcher.tasks_per_node == 4 and slurm.trainer.strategy == "ddp"
+        joblib = _compose("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+        assert get_class(joblib.hydra.launcher._target_).__name__ == "JoblibLauncher"
+
+        search = _compose("hparams_search=optuna")
+        sweeper = search.hydra.sweeper
+        assert get_class(sweeper._target_).__name__ == "ResumableOptunaSweeper"
+        assert (sweeper.direction, sweeper.sampler.seed, sweeper.storage.startswith("sqlite:///")) == (
+            "maximize",
+            1234,
+            True,
+        )
+        assert set(sweeper.params) == {
+            "optimizer",
+            "optimizer.lr",
+            "optimizer.weight_decay",
+            "data.batch_size",
+            "augmentation",
+            "model.label_smoothing",
+        }
+        assert str(search.hydra.mode) == "RunMode.MULTIRUN"
+
+        cv = _compose("experiment=cv", "data.num_folds=3")
+        assert cv.hydra.sweeper.params["data.fold"] == "range(0,3)"
+        assert str(cv.hydra.mode) == "RunMode.MULTIRUN"
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_self_launched_ddp_is_refused_inside_a_sweep(tmp_path: Path, tiny_dataset: Path) -> None:
+    """Lightning would re-run the sweep's command line in its second process: a sweep of sweeps."""
+    full = _compose(*FAST, f"data.root={tiny_dataset}", "trainer=ddp_cpu", "hydra.mode=MULTIRUN")
+    GlobalHydra.instance().clear()
+    cfg = full.copy()
+    with open_dict(cfg):  # what a job gets: its config without the hydra node
+        del cfg["hydra"]
+        cfg.paths.output_dir = str(tmp_path / "job")
+    HydraConfig.instance().set_config(full)
+    try:
+        with pytest.raises(UserError, match="cannot run inside a sweep"):
+            run_training(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert json.loads((tmp_path / "job" / "metrics.json").read_text())["status"] == "failed"
+    assert "LOCAL_RANK" not in os.environ
