@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,12 @@ from railway_defect.paths import PROJECT_ROOT
 from railway_defect.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 
 OUTPUTS = PROJECT_ROOT / "outputs" / "train"
+# what the notebook reviews when its TARGET is None (before falling back to the newest run)
+REVIEW_DIR_ENV = "RAILWAY_REVIEW_DIR"
 SUMMARY_CSV = "summary.csv"
 DEFAULT_SORT = "val/balanced_acc"
+# timm's import of tqdm.auto asks for ipywidgets in notebooks; nothing here shows progress bars
+warnings.filterwarnings("ignore", message="IProgress not found")
 # epoch-level scalars: the ones a curve is drawn for (step-level train/loss and hp/ are left out)
 EPOCH_TAG_PREFIXES = ("val/", "train/loss_epoch", "train/acc")
 
@@ -61,7 +67,10 @@ def _resolve(path: str | Path) -> Path:
 
 
 def open_target(path: str | Path | None = None) -> ReviewTarget:
-    """A run dir, or a dir whose sub-dirs are runs (a sweep, or outputs/train/runs); None: the newest."""
+    """A run dir, or a dir whose sub-dirs are runs (a sweep, or outputs/train/runs).
+
+    None: $RAILWAY_REVIEW_DIR when set, else the newest run or sweep under outputs/train."""
+    path = path or os.environ.get(REVIEW_DIR_ENV)
     path = _resolve(path) if path else newest_output()
     if not path.is_dir():
         raise UserError(
@@ -336,7 +345,9 @@ def plot_misclassified(evaluation: Evaluation, limit: int = 12, columns: int = 6
     errors = ev.errors().head(limit)
     if errors.empty:
         fig = Figure(figsize=(6, 1.2), dpi=90)
-        fig.text(0.5, 0.5, f"No misclassified images in the {ev.split} split.", ha="center", va="center")
+        ax = fig.subplots()  # a figure without axes is not displayed by notebooks
+        ax.text(0.5, 0.5, f"No misclassified images in the {ev.split} split.", ha="center", va="center")
+        ax.set_axis_off()
         return fig
     indices = list(errors.index)
     images = torch.stack([ev.dataset[i][0] for i in indices])

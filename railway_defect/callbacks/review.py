@@ -114,6 +114,9 @@ class _EpochCollector:
 
 
 class ReviewImages(Callback):
+    """Review images in TensorBoard (see the module docstring). `every_n_epochs`: 0 logs only the
+    epochs where `monitor` improved; `num_images` / `num_gradcam` / `num_augmented`: grid sizes."""
+
     def __init__(
         self,
         every_n_epochs: int = 1,
@@ -144,7 +147,7 @@ class ReviewImages(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment
-        if not self._warned_no_tensorboard and trainer.loggers:
+        if not self._warned_no_tensorboard and trainer.loggers and not trainer.fast_dev_run:
             log.warning("ReviewImages: no TensorBoard logger in this run, so no review images are logged.")
         self._warned_no_tensorboard = True
         return None
@@ -157,6 +160,8 @@ class ReviewImages(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._augmented_logged or not self.augmented_batch or self.num_augmented == 0:
+            return
+        if not trainer.is_global_zero:
             return
         self._augmented_logged = True
         writer = self._writer(trainer)
@@ -173,7 +178,7 @@ class ReviewImages(Callback):
     # ---- validation -----------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collector = None
-        if trainer.sanity_checking or self._writer(trainer) is None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self._writer(trainer) is None:
             return
         hp = pl_module.hparams
         self._collector = _EpochCollector(
