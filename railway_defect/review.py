@@ -136,7 +136,9 @@ def plot_curves(
     """Loss (train solid, validation dashed) and validation metrics per epoch, one line per run;
     dots mark the epoch best.ckpt comes from."""
     curves, best = {}, {}
-    for run in target.runs:
+    # a sweep's jobs that failed before logging anything (or are starting) have no curves
+    runs = [r for r in target.runs if target.kind == "run" or any((r / "tensorboard").glob("events.*"))]
+    for run in runs or target.runs[:1]:
         name = run.name if target.kind == "sweep" else "run"
         curves[name] = epoch_curves(run)
         best[name] = (read_metrics(run).get("best") or {}).get("epoch")
@@ -207,7 +209,10 @@ def best_run(target: ReviewTarget, sort_by: str = DEFAULT_SORT) -> Path:
     rows = rows[rows["checkpoint"].notna()]
     if rows.empty:
         raise UserError(f"No run in {target.path} has a checkpoints/best.ckpt to evaluate.")
-    return Path(rows.sort_values(sort_by, ascending=False, na_position="last", kind="stable").iloc[0]["path"])
+    column = _column(rows, sort_by)
+    if column is None:
+        raise UserError(f"Cannot rank runs by {sort_by!r}; use one of {', '.join(rows.columns[3:-2])}.")
+    return Path(rows.sort_values(column, ascending=False, na_position="last", kind="stable").iloc[0]["path"])
 
 
 # ---- a checkpoint on the validation split -----------------------------------------------------
@@ -287,12 +292,14 @@ def evaluate_checkpoint(
             f"{ckpt} does not exist; pick a run with checkpoints (see runs_table) or checkpoint='last'."
         )
     settings = _data_settings(run_dir, metrics)
-    recorded_root = settings.pop("root", None)
-    root = Path(data_root or recorded_root or "").expanduser()
-    if not root.is_dir():
+    root = data_root or settings.pop("root", None)
+    settings.pop("root", None)
+    if not root or not Path(root).expanduser().is_dir():
         raise UserError(
-            f"The data of this run ({root}) is not here; pass data_root=FOLDER to evaluate_checkpoint."
+            f"The data of this run ({root or 'not recorded'}) is not here; "
+            "pass data_root=FOLDER to evaluate_checkpoint."
         )
+    root = Path(root).expanduser()
     model = DefectClassifier.load_from_checkpoint(
         ckpt, map_location="cpu", pretrained=False, weights_path=None
     )

@@ -251,18 +251,26 @@ def make_sweep(trained_run: Path, root: Path) -> Path:
 
 
 def test_sweep_table_ranks_runs_and_prefers_the_summary_csv(trained_run: Path, tmp_path: Path) -> None:
-    target = review.open_target(make_sweep(trained_run, tmp_path))
-    assert target.kind == "sweep" and [r.name for r in target.runs] == ["0", "1"]
+    sweep = make_sweep(trained_run, tmp_path)
+    # a job that failed before its first epoch: listed last, without curves
+    (sweep / "10").mkdir()
+    (sweep / "10" / "metrics.json").write_text(json.dumps({"status": "failed", "error": "ValueError: x"}))
+    target = review.open_target(sweep)
+    assert target.kind == "sweep" and [r.name for r in target.runs] == ["0", "1", "10"]
     table = review.runs_table(target)
-    assert list(table["run"]) == ["1", "0"]
-    assert list(table["val/balanced_acc"]) == [0.75, 0.5]
+    assert list(table["run"]) == ["1", "0", "10"]
+    assert list(table["status"]) == ["finished", "finished", "failed"]
+    assert list(table["val/balanced_acc"])[:2] == [0.75, 0.5]
     assert review.best_run(target).name == "1"
-    assert len(review.plot_curves(target).get_axes()[0].get_lines()) >= 4  # train + val loss per run
+    loss_panel = review.plot_curves(target).get_axes()[0]
+    assert {line.get_label() for line in loss_panel.get_lines()} >= {"0 train", "0 val", "1 train", "1 val"}
 
     (target.path / "summary.csv").write_text("job,val/balanced_acc,status\n0,0.4,finished\n1,0.9,finished\n")
     assert list(review.runs_table(target)["job"]) == [1, 0]
     with pytest.raises(UserError, match="Cannot sort by 'val/nothing'"):
         review.runs_table(target, sort_by="val/nothing")
+    with pytest.raises(UserError, match="Cannot rank runs by 'val/nothing'"):
+        review.best_run(target, sort_by="val/nothing")
 
 
 def test_review_explains_bad_targets(trained_run: Path, tmp_path: Path) -> None:
