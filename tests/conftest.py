@@ -93,6 +93,7 @@ FAST = (
     "trainer.accelerator=cpu",
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
+    "callbacks.review=null",  # review images have their own tests (test_review.py)
 )
 
 

@@ -127,10 +127,13 @@ class DefectClassifier(LightningModule):
         return loss
 
     # ---- validation / test ----------------------------------------------------------------------
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the class probabilities: callbacks (review images) get them as `outputs`."""
         loss, logits, targets = self._shared_step(batch)
+        probs = logits.softmax(dim=1)
         self.val_loss.update(loss, weight=len(targets))
-        self.val_metrics.update(logits.softmax(dim=1), targets)
+        self.val_metrics.update(probs, targets)
+        return probs
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, targets = self._shared_step(batch)
