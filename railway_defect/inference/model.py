@@ -57,8 +57,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -168,9 +167,7 @@ class CheckpointPredictor(Predictor):
         kwargs.update(pretrained=False, require_pretrained=False, weights_path=None)
         self.model = DefectClassifier(**kwargs)
         self.model.load_state_dict(state)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = _torch_device(device)
         self.model.to(self.device).eval()
         info = ModelInfo(
             class_names=list(hparams["class_names"]),
@@ -193,7 +190,9 @@ class OnnxPredictor(Predictor):
         import onnxruntime as ort
 
         try:
-            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            self.session = ort.InferenceSession(str(path), providers=providers)
             metadata = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
         except Exception as e:
             raise UserError(f"{path} is not an ONNX file exported by railway_defect.export ({e}).") from e
@@ -206,9 +205,7 @@ class OnnxPredictor(Predictor):
 
 class TorchScriptPredictor(Predictor):
     def __init__(self, path: Path, sha256: str, device: str = "auto"):
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = _torch_device(device)
         extra = {f"{METADATA_KEY}.json": ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript announces its deprecation
@@ -221,6 +218,11 @@ class TorchScriptPredictor(Predictor):
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+def _torch_device(device: str) -> torch.device:
+    """`auto`: CUDA when available, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
 def _embedded_calibration(metadata: dict[str, Any]) -> Calibration:
