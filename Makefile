@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install train test lint clean
+.PHONY: install train evaluate predict export serve test lint clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 train: install
 	$(PYTHON) -m railway_defect.train $(ARGS)
+
+# the trained model's commands, e.g. make predict ARGS="ckpt_path=... input=photos/"
+evaluate predict export serve: install
+	$(PYTHON) -m railway_defect.$@ $(ARGS)
 
 test: install
 	$(PYTHON) -m pytest $(ARGS)

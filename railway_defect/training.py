@@ -203,6 +203,8 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
     )
+    # recorded in the checkpoint: the preprocessing that evaluate, predict and export repeat
+    model.hparams.update(input_size=datamodule.image_size, cache_size=datamodule.cache_size)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def shrink(image: Image.Image, min_side: int) -> Image.Image:
+    """`image` resized (bilinear) so that its shorter side is at most `min_side`."""
+    width, height = image.size
+    if min(width, height) <= min_side:
+        return image
+    scale = min_side / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
 def decode_image(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes of an image file to an RGB uint8 array whose shorter side is at most `min_side`."""
     if not data:
@@ -58,12 +68,9 @@ def decode_image(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXEL
             # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never below min_side)
             image.draft("RGB", (min_side, min_side))
             image = _to_rgb(ImageOps.exif_transpose(image))
-        width, height = image.size
-        if min(width, height) > min_side:
-            scale = min_side / min(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        return np.array(image, dtype=np.uint8)
+        return np.array(shrink(image, min_side), dtype=np.uint8)
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
+        raise DecodeError("cannot identify image file (not an image, or a format PIL cannot read)") from e
     except Image.DecompressionBombError as e:
         raise DecodeError(f"too many pixels to decode safely ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:

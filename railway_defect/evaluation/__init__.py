@@ -1,0 +1,1 @@
+"""Metrics with confidence intervals, the operating threshold, and calibration."""

@@ -1,0 +1,305 @@
+"""run_evaluation: score the validation split and the split under test with a checkpoint, fit the
+temperature and the operating threshold on validation, report metrics with intervals, calibration
+and figures (evaluation.json, evaluation.md), and store threshold and temperature with the model."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rich
+from rich.table import Table
+
+from railway_defect.data.discovery import SPLIT_ALIASES, Sample, discover
+from railway_defect.data.images import decode_files
+from railway_defect.errors import UserError
+from railway_defect.evaluation.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    plot_reliability,
+    reliability_bins,
+    softmax,
+)
+from railway_defect.evaluation.metrics import binary_metrics, choose_threshold
+from railway_defect.inference.inputs import batched
+from railway_defect.inference.model import Calibration, Predictor, load_predictor, write_calibration
+from railway_defect.outputs import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SPLIT_TITLES = {"train": "Train", "val": "Validation", "test": "Test"}
+REPORTED = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc")
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """outputs/train/runs/<time>/checkpoints/best.ckpt -> outputs/train/runs/<time>."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def _split_key(split: str | None, available: dict[str, list[Sample]]) -> str:
+    if split is None:
+        return "test" if available.get("test") else "val"
+    key = SPLIT_ALIASES.get(str(split).strip().lower())
+    if key is None:
+        raise UserError(f"split={split} is not one of Validation, Test (or Train).")
+    if not available.get(key):
+        raise UserError(f"The data have no {SPLIT_TITLES[key]} split (splits: {', '.join(available)}).")
+    return key
+
+
+def _score_split(
+    predictor: Predictor, samples: list[Sample], cache_dir: str | None, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """Logits and class indices of the readable samples, and the files skipped."""
+    classes = predictor.info.class_names
+    unknown = sorted({s.label for s in samples} - set(classes))
+    if unknown:
+        raise UserError(f"Labels {unknown} in the data are not classes of the model ({', '.join(classes)}).")
+    decoded = decode_files(
+        [s.path for s in samples], predictor.info.cache_size, Path(cache_dir) if cache_dir else None
+    )
+    kept = [s for s in samples if s.path in decoded.images]
+    logits = [
+        predictor.logits(predictor.preprocess([decoded.images[s.path] for s in chunk]))
+        for chunk in batched(kept, batch_size)
+    ]
+    targets = np.array([classes.index(s.label) for s in kept], dtype=np.int64)
+    for path, reason in decoded.failures.items():
+        log.warning("Skipping %s: %s", path, reason)
+    skipped = [{"path": str(p), "reason": r} for p, r in decoded.failures.items()]
+    return np.concatenate(logits) if logits else np.zeros((0, len(classes))), targets, skipped
+
+
+def run_evaluation(
+    ckpt_path: str | None,
+    data_root: str,
+    split: str | None = None,
+    target_recall: float = 0.95,
+    output_dir: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    cache_dir: str | None = None,
+    batch_size: int = 32,
+    bins: int = 10,
+    confidence: float = 0.95,
+    bootstrap: int = 1000,
+    store_calibration: bool = True,
+    device: str = "auto",
+) -> dict[str, Any]:
+    if not 0.0 < target_recall <= 1.0:
+        raise UserError(f"target_recall={target_recall} must be in (0, 1].")
+    predictor = load_predictor(ckpt_path, device)
+    info = predictor.info
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
+    index = discover(root, val_fraction, seed)
+    split_key = _split_key(split, index.splits)
+    if not index.splits.get("val"):
+        raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")
+
+    val_logits, val_targets, skipped = _score_split(predictor, index.splits["val"], cache_dir, batch_size)
+    if split_key == "val":
+        logits, targets = val_logits, val_targets
+    else:
+        logits, targets, more = _score_split(predictor, index.splits[split_key], cache_dir, batch_size)
+        skipped += more
+    pos = info.positive_index
+    if targets.size == 0:
+        raise UserError(f"No readable image in the {SPLIT_TITLES[split_key]} split of {root}.")
+    if not np.any(val_targets == pos):
+        raise UserError(
+            f"The Validation split has no {info.positive_class!r} image to choose a threshold with."
+        )
+
+    temperature = fit_temperature(val_logits, val_targets)
+    val_probs, probs_before, probs = (
+        softmax(val_logits, temperature),
+        softmax(logits, 1.0),
+        softmax(logits, temperature),
+    )
+    threshold = choose_threshold(val_targets == pos, val_probs[:, pos], target_recall)
+
+    others = [c for c in info.class_names if c != info.positive_class]
+    negative = others[0] if len(others) == 1 else f"not {info.positive_class}"
+    common = {
+        "positive_class": info.positive_class,
+        "negative_label": negative,
+        "confidence": confidence,
+        "resamples": bootstrap,
+        "seed": seed,
+    }
+    is_positive = targets == pos
+    metrics = {
+        "at_0.5": binary_metrics(is_positive, probs[:, pos], 0.5, **common),
+        "at_threshold": binary_metrics(is_positive, probs[:, pos], threshold, **common),
+    }
+    ece_before = expected_calibration_error(probs_before, targets, bins)
+    ece_after = expected_calibration_error(probs, targets, bins)
+
+    out = (
+        Path(output_dir)
+        if output_dir
+        else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{split_key}"
+    )
+    plot_reliability(
+        {
+            "before temperature scaling": (reliability_bins(probs_before, targets, bins), ece_before),
+            f"after (T = {temperature:.2f})": (reliability_bins(probs, targets, bins), ece_after),
+        },
+        out / "reliability.png",
+    )
+    calibration = Calibration(
+        threshold=threshold,
+        temperature=temperature,
+        details={
+            "fitted_on": "Validation",
+            "data_root": str(root),
+            "target_recall": target_recall,
+            "validation_images": int(val_targets.size),
+            "fitted_at": datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+    sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+
+    report = {
+        "model": {**predictor.describe(), "sha256": predictor.sha256, "backbone": info.backbone},
+        "data": {
+            "root": str(root),
+            "layout": index.layout,
+            "split": SPLIT_TITLES[split_key],
+            "n": int(targets.size),
+            "counts": {info.class_names[k]: v for k, v in sorted(Counter(targets.tolist()).items())},
+            "validation_n": int(val_targets.size),
+            "skipped": skipped,
+        },
+        "confidence": confidence,
+        "threshold": {
+            "value": threshold,
+            "target_recall": target_recall,
+            "chosen_on": "Validation",
+            "validation": binary_metrics(val_targets == pos, val_probs[:, pos], threshold, **common),
+        },
+        "calibration": {
+            "temperature": temperature,
+            "fitted_on": "Validation",
+            "bins": bins,
+            "ece_before": ece_before,
+            "ece_after": ece_after,
+            "in_sample": split_key == "val",
+            "reliability": {
+                "before": reliability_bins(probs_before, targets, bins),
+                "after": reliability_bins(probs, targets, bins),
+            },
+        },
+        "metrics": metrics,
+        "calibration_file": str(sidecar) if sidecar else None,
+        "figures": {"reliability": "reliability.png"},
+        "output_dir": str(out),
+    }
+    write_json_atomic(out / "evaluation.json", report)
+    write_text_atomic(out / "evaluation.md", render_markdown(report))
+    print_summary(report)
+    return report
+
+
+def _fmt(metric: dict[str, Any]) -> str:
+    if metric.get("value") is None:
+        return "n/a"
+    return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
+
+
+def _metric_table(report: dict[str, Any]) -> list[str]:
+    m05, mt = report["metrics"]["at_0.5"], report["metrics"]["at_threshold"]
+    lines = [
+        f"| metric ({report['model']['positive_class']}) | at 0.5 | at threshold {mt['threshold']:.3f} |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name.replace('_', ' ')} | {_fmt(m05[name])} | {_fmt(mt[name])} |" for name in REPORTED]
+    return lines
+
+
+def _confusion(block: dict[str, Any]) -> list[str]:
+    cm = block["confusion_matrix"]
+    (tp, fn), (fp, tn) = cm["matrix"]
+    pos, neg = cm["labels"]
+    return [
+        f"| true \\ predicted | {pos} | {neg} |",
+        "| --- | --- | --- |",
+        f"| {pos} | {tp} | {fn} |",
+        f"| {neg} | {fp} | {tn} |",
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    data, thr, cal = report["data"], report["threshold"], report["calibration"]
+    level = round(report["confidence"] * 100)
+    val_recall = thr["validation"]["recall"]
+    lines = [
+        f"# Evaluation of {Path(report['model']['model_path']).name} on {data['split']}",
+        "",
+        f"- model: `{report['model']['model_path']}` (sha256 `{report['model']['sha256'][:16]}`)",
+        f"- data: `{data['root']}`, {data['split']} split, {data['n']} images "
+        f"({', '.join(f'{k}: {v}' for k, v in data['counts'].items())})"
+        + (f", {len(data['skipped'])} unreadable skipped" if data["skipped"] else ""),
+        f"- intervals: {level}% (Wilson for accuracy, precision, recall, specificity; "
+        "stratified bootstrap for balanced accuracy, F1, AUROC)",
+        "",
+        "## Operating threshold",
+        "",
+        f"Chosen on Validation ({data['validation_n']} images): the best precision with recall of "
+        f"{report['model']['positive_class']} >= {thr['target_recall']}. Threshold **{thr['value']:.4f}** "
+        f"gives validation recall {_fmt(val_recall)} and precision {_fmt(thr['validation']['precision'])}.",
+        "",
+        *_metric_table(report),
+        "",
+        f"Confusion matrix at the threshold ({thr['value']:.3f}):",
+        "",
+        *_confusion(report["metrics"]["at_threshold"]),
+        "",
+        "Confusion matrix at 0.5:",
+        "",
+        *_confusion(report["metrics"]["at_0.5"]),
+        "",
+        "## Calibration",
+        "",
+        f"Temperature scaling fitted on Validation: T = {cal['temperature']:.3f}. Expected calibration "
+        f"error ({cal['bins']} bins) on {data['split']}: {cal['ece_before']:.4f} before, "
+        f"{cal['ece_after']:.4f} after."
+        + (" (In-sample: the temperature was fitted on these images.)" if cal["in_sample"] else ""),
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+    ]
+    if report["calibration_file"]:
+        lines += [
+            f"Threshold and temperature are stored in `{report['calibration_file']}` "
+            "(used by predict, serve and export).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['data']['split']}: {report['data']['n']} images", show_header=True)
+    table.add_column(f"metric ({report['model']['positive_class']})")
+    table.add_column("at 0.5", justify="right")
+    table.add_column(f"at {report['threshold']['value']:.3f}", justify="right")
+    for name in REPORTED:
+        table.add_row(
+            name, _fmt(report["metrics"]["at_0.5"][name]), _fmt(report["metrics"]["at_threshold"][name])
+        )
+    rich.print(table)
+    cal = report["calibration"]
+    console = rich.get_console()
+    console.print(
+        f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}",
+        markup=False,
+    )
+    console.print(f"report: {report['output_dir']}/evaluation.md", soft_wrap=True, markup=False)
+    if report["calibration_file"]:
+        console.print(f"stored: {report['calibration_file']}", soft_wrap=True, markup=False)

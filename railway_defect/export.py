@@ -1,0 +1,29 @@
+"""`python -m railway_defect.export ckpt_path=... format=onnx|torchscript output=...`: a model file
+that carries its classes, preprocessing, threshold and temperature (conf/export.yaml)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import railway_defect  # noqa: F401  (registers the config resolvers)
+from railway_defect.errors import exit_on_user_error
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    import rich
+
+    from railway_defect.inference.exporting import export_model
+
+    result = exit_on_user_error(
+        lambda: export_model(cfg.ckpt_path, cfg.format, cfg.output, cfg.opset, cfg.check, cfg.tolerance)
+    )
+    console = rich.get_console()
+    console.print(f"exported: {result['output']} ({result['format']})", soft_wrap=True, markup=False)
+    if "max_abs_diff" in result:
+        console.print(f"parity with the checkpoint: max |Δp| = {result['max_abs_diff']:.2e}", markup=False)
+
+
+if __name__ == "__main__":
+    main()

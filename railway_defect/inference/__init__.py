@@ -1,0 +1,1 @@
+"""Loading a trained model (checkpoint or export) behind one interface, and scoring with it."""

@@ -1,0 +1,271 @@
+"""One predictor interface over a training checkpoint, an exported ONNX file or a TorchScript file:
+the network, the preprocessing it was trained with, and its stored threshold and temperature."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from railway_defect.data.images import decode_image
+from railway_defect.data.transforms import build_transform
+from railway_defect.errors import UserError
+from railway_defect.outputs import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# key of the JSON that travels inside exported files (ONNX metadata, TorchScript extra file)
+METADATA_KEY = "railway_defect"
+# what older checkpoints (before cache_size was recorded) were decoded with: the data default
+DEFAULT_CACHE_SIZE = 256
+MODEL_ID_LENGTH = 16
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model file needs beside its weights: classes and the exact preprocessing of training."""
+
+    class_names: list[str]
+    positive_class: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    # images are first decoded with this shorter side (data.cache_size), then resized to input_size
+    cache_size: int = DEFAULT_CACHE_SIZE
+    backbone: str | None = None
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The operating threshold on p(positive) and the softmax temperature, fitted by evaluate."""
+
+    threshold: float = 0.5
+    temperature: float = 1.0
+    # how they were chosen (target recall, split, model hash), for the record
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def calibration_path(model_path: str | Path) -> Path:
+    """The sidecar beside a model file: checkpoints/best.ckpt -> checkpoints/best.ckpt.calibration.json."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.name}.calibration.json")
+
+
+def write_calibration(model_path: str | Path, calibration: Calibration, model_sha256: str) -> Path:
+    path = calibration_path(model_path)
+    write_json_atomic(path, {**asdict(calibration), "model_sha256": model_sha256})
+    return path
+
+
+def read_calibration(model_path: Path, model_sha256: str) -> Calibration | None:
+    """The sidecar's calibration, or None when there is none or it was fitted on another file."""
+    path = calibration_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        calibration = Calibration(
+            float(data["threshold"]), float(data["temperature"]), data.get("details", {})
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("Ignoring unreadable %s (%s).", path, e)
+        return None
+    if data.get("model_sha256") != model_sha256:
+        log.warning(
+            "Ignoring %s: it was fitted for another version of %s; run evaluate again.", path, model_path.name
+        )
+        return None
+    return calibration
+
+
+class Predictor:
+    """Scores preprocessed batches; subclasses only implement `logits`."""
+
+    def __init__(self, path: Path, sha256: str, info: ModelInfo, calibration: Calibration, kind: str):
+        self.path, self.sha256, self.info, self.calibration, self.kind = path, sha256, info, calibration, kind
+        self.transform = build_transform([], info.input_size, info.mean, info.std)
+
+    @property
+    def model_id(self) -> str:
+        """The `model` column: a short hash of the model file's content."""
+        return self.sha256[:MODEL_ID_LENGTH]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 normalised images -> (B, num_classes) logits."""
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Image file bytes -> the RGB array training would have cached (raises DecodeError)."""
+        return decode_image(data, self.info.cache_size)
+
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded RGB arrays -> one normalised batch, exactly as training's evaluation path."""
+        return torch.stack([self.transform(image=image)["image"] for image in images]).numpy()
+
+    def probabilities(
+        self, batch: np.ndarray, temperature: float | None = None, flips: tuple[int, ...] = ()
+    ) -> np.ndarray:
+        """Softmax of logits / temperature, averaged over the batch and its flips along `flips`
+        (axes of the image: -1 horizontal, -2 vertical)."""
+        temperature = self.calibration.temperature if temperature is None else temperature
+        views = [batch, *(np.ascontiguousarray(np.flip(batch, axis=axis)) for axis in flips)]
+        probs = [torch.softmax(torch.from_numpy(self.logits(v)) / temperature, dim=1) for v in views]
+        return torch.stack(probs).mean(dim=0).numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "model_path": str(self.path),
+            "format": self.kind,
+            "classes": self.info.class_names,
+            "positive_class": self.info.positive_class,
+            "threshold": self.calibration.threshold,
+            "temperature": self.calibration.temperature,
+            "input_size": self.info.input_size,
+        }
+
+
+class CheckpointPredictor(Predictor):
+    """A Lightning checkpoint of DefectClassifier; the only kind that can explain (Grad-CAM)."""
+
+    def __init__(self, path: Path, sha256: str, device: str = "auto"):
+        from railway_defect.models.module import DefectClassifier
+
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            hparams, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
+        except Exception as e:
+            raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e}).") from e
+        accepted = inspect.signature(DefectClassifier.__init__).parameters
+        kwargs = {k: v for k, v in hparams.items() if k in accepted}
+        # the weights come from the checkpoint: never look for ImageNet or weights_path files
+        kwargs.update(pretrained=False, require_pretrained=False, weights_path=None)
+        self.model = DefectClassifier(**kwargs)
+        self.model.load_state_dict(state)
+        self.device = _torch_device(device)
+        self.model.to(self.device).eval()
+        info = ModelInfo(
+            class_names=list(hparams["class_names"]),
+            positive_class=hparams["positive_class"],
+            input_size=int(hparams["input_size"]),
+            mean=list(hparams["mean"]),
+            std=list(hparams["std"]),
+            cache_size=int(hparams.get("cache_size", DEFAULT_CACHE_SIZE)),
+            backbone=hparams.get("backbone"),
+        )
+        super().__init__(path, sha256, info, Calibration(), "checkpoint")
+
+    @torch.inference_mode()
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, path: Path, sha256: str):
+        import onnxruntime as ort
+
+        try:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            self.session = ort.InferenceSession(str(path), providers=providers)
+            metadata = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+        except Exception as e:
+            raise UserError(f"{path} is not an ONNX file exported by railway_defect.export ({e}).") from e
+        self.input_name = self.session.get_inputs()[0].name
+        super().__init__(path, sha256, ModelInfo.from_dict(metadata), _embedded_calibration(metadata), "onnx")
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+
+
+class TorchScriptPredictor(Predictor):
+    def __init__(self, path: Path, sha256: str, device: str = "auto"):
+        self.device = _torch_device(device)
+        extra = {f"{METADATA_KEY}.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript announces its deprecation
+            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
+        metadata = json.loads(extra[f"{METADATA_KEY}.json"])
+        super().__init__(
+            path, sha256, ModelInfo.from_dict(metadata), _embedded_calibration(metadata), "torchscript"
+        )
+
+    @torch.inference_mode()
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+
+def _torch_device(device: str) -> torch.device:
+    """`auto`: CUDA when available, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def _embedded_calibration(metadata: dict[str, Any]) -> Calibration:
+    return Calibration(float(metadata.get("threshold", 0.5)), float(metadata.get("temperature", 1.0)))
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith(f"extra/{METADATA_KEY}.json") for name in archive.namelist())
+
+
+def load_predictor(
+    path: str | Path | None, device: str = "auto", threshold: float | None = None
+) -> Predictor:
+    """A checkpoint (.ckpt), ONNX (.onnx) or TorchScript file exported by this project, with its
+    calibration: the sidecar beside the file if it was fitted on this very file, else what the file
+    carries (exports), else threshold 0.5 and temperature 1. `threshold` overrides."""
+    if not path:
+        raise UserError("Give the model: ckpt_path=PATH/checkpoints/best.ckpt (or model_path=model.onnx).")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"Model file {path} does not exist.")
+    sha256 = file_sha256(path)
+    if path.suffix.lower() == ".onnx":
+        predictor: Predictor = OnnxPredictor(path, sha256)
+    elif _is_torchscript(path):
+        predictor = TorchScriptPredictor(path, sha256, device)
+    else:
+        predictor = CheckpointPredictor(path, sha256, device)
+    calibration = read_calibration(path, sha256) or predictor.calibration
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"threshold={threshold} must be between 0 and 1.")
+        calibration = Calibration(float(threshold), calibration.temperature, {"threshold": "given"})
+    predictor.calibration = calibration
+    log.info(
+        "Model %s (%s, %s): threshold %.4g, temperature %.4g.",
+        path,
+        predictor.kind,
+        predictor.model_id,
+        calibration.threshold,
+        calibration.temperature,
+    )
+    return predictor

@@ -1,0 +1,273 @@
+"""Score inputs in batches and turn probabilities into rows (CSV for predict, JSON for serve):
+the positive class's probability, the label at the operating threshold, and a review flag."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from railway_defect.errors import UserError
+from railway_defect.inference.inputs import (
+    InputItem,
+    batched,
+    estimated_frames,
+    iter_inputs,
+    list_sources,
+)
+from railway_defect.inference.model import CheckpointPredictor, Predictor, load_predictor
+
+log = logging.getLogger(__name__)
+
+FLIP_AXES = {"horizontal": -1, "vertical": -2}
+
+
+def columns(positive_class: str) -> list[str]:
+    return [
+        "path",
+        "frame",
+        "time_s",
+        f"p_{positive_class}",
+        "label",
+        "threshold",
+        "needs_review",
+        "error",
+        "model",
+    ]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a probability becomes a label and a review flag."""
+
+    threshold: float
+    review_band: tuple[float, float]
+
+    @classmethod
+    def from_config(
+        cls, threshold: float, review_margin: float, review_band: Sequence[float] | None
+    ) -> Decision:
+        """The band is `review_band` if given, else the threshold ± `review_margin` in log-odds
+        (threshold 0.5, margin 1: [0.27, 0.73]; threshold 0.14: [0.057, 0.31])."""
+        if review_band is not None:
+            low, high = (float(v) for v in review_band)
+            if not 0.0 <= low <= high <= 1.0:
+                raise UserError(f"review_band={list(review_band)} must be [low, high] within [0, 1].")
+        else:
+            if review_margin < 0:
+                raise UserError(f"review_margin={review_margin} must not be negative.")
+            t = min(max(threshold, 1e-6), 1 - 1e-6)
+            logit = math.log(t / (1 - t))
+            low, high = (1 / (1 + math.exp(-(logit + d))) for d in (-review_margin, review_margin))
+        return cls(threshold, (round(low, 6), round(high, 6)))
+
+    def label(self, probs: np.ndarray, class_names: Sequence[str], positive_index: int) -> str:
+        """The positive class at or above the threshold, else the most likely other class."""
+        if probs[positive_index] >= self.threshold:
+            return class_names[positive_index]
+        others = [i for i in range(len(class_names)) if i != positive_index]
+        return class_names[max(others, key=lambda i: probs[i])]
+
+    def needs_review(self, p: float) -> bool:
+        return self.review_band[0] <= p <= self.review_band[1]
+
+
+def prediction_row(
+    item: InputItem, probs: np.ndarray | None, predictor: Predictor, decision: Decision
+) -> dict[str, Any]:
+    """One row, in `columns` order, with plain Python values (None where there is no value)."""
+    info = predictor.info
+    p = None if probs is None else float(probs[info.positive_index])
+    return {
+        "path": item.path,
+        "frame": item.frame,
+        "time_s": item.time_s,
+        f"p_{info.positive_class}": None if p is None else round(p, 6),
+        "label": None if probs is None else decision.label(probs, info.class_names, info.positive_index),
+        "threshold": round(decision.threshold, 6),
+        "needs_review": None if p is None else decision.needs_review(p),
+        "error": item.error,
+        "model": predictor.model_id,
+    }
+
+
+def score(
+    predictor: Predictor, items: list[InputItem], flips: tuple[int, ...] = ()
+) -> list[np.ndarray | None]:
+    """Class probabilities for each decoded item (None for items with an error), one forward pass."""
+    decoded = [i for i, item in enumerate(items) if item.image is not None]
+    result: list[np.ndarray | None] = [None] * len(items)
+    if decoded:
+        batch = predictor.preprocess([items[i].image for i in decoded])
+        for i, probs in zip(decoded, predictor.probabilities(batch, flips=flips), strict=True):
+            result[i] = probs
+    return result
+
+
+def flip_axes(tta: bool, flips: Sequence[str]) -> tuple[int, ...]:
+    if not tta:
+        return ()
+    unknown = set(flips) - set(FLIP_AXES)
+    if unknown:
+        raise UserError(f"tta_flips: unknown {sorted(unknown)}; use {list(FLIP_AXES)}.")
+    return tuple(FLIP_AXES[f] for f in flips)
+
+
+class CsvRowWriter:
+    """Rows are written (and flushed) as batches finish, to a temporary file renamed over `path` at
+    the end; an interrupted run leaves `<path>.partial` with the rows done so far."""
+
+    def __init__(self, path: Path, fieldnames: list[str]):
+        self.path, self.fieldnames = path, fieldnames
+
+    def __enter__(self) -> CsvRowWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fieldnames)
+        self.writer.writeheader()
+        return self
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.writerows([{k: _csv_value(v) for k, v in row.items()} for row in rows])
+        self.file.flush()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        os.replace(self.tmp, partial)
+        log.warning("Stopped early: the rows written so far are in %s.", partial)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _gradcam_name(row_number: int, item: InputItem) -> str:
+    stem = Path(item.path).stem
+    frame = f"_f{item.frame}" if item.frame is not None else ""
+    return f"{row_number:06d}_{stem}{frame}.jpg"
+
+
+def save_gradcams(
+    predictor: CheckpointPredictor,
+    items: list[InputItem],
+    rows: list[dict[str, Any]],
+    first_row: int,
+    folder: Path,
+) -> None:
+    """A Grad-CAM overlay of the positive class for every positive prediction of the batch."""
+    import cv2
+    import torch
+
+    from railway_defect.models.gradcam import gradcam_heatmaps, overlay
+
+    positive = predictor.info.positive_class
+    chosen = [i for i, row in enumerate(rows) if row["label"] == positive]
+    if not chosen:
+        return
+    batch = predictor.preprocess([items[i].image for i in chosen])
+    heatmaps = gradcam_heatmaps(
+        predictor.model,
+        torch.from_numpy(batch).to(predictor.device),
+        [predictor.info.positive_index] * len(chosen),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, heatmap in zip(chosen, heatmaps, strict=True):
+        image = items[i].image
+        heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        Image.fromarray(overlay(image, heatmap)).save(
+            folder / _gradcam_name(first_row + i, items[i]), quality=90
+        )
+
+
+@dataclass
+class PredictionSummary:
+    rows: int
+    failed: int
+    positives: int
+    needs_review: int
+    output: Path
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def run_prediction(
+    model_path: str | None,
+    input: str,
+    output: str | Path,
+    threshold: float | None = None,
+    review_margin: float = 1.0,
+    review_band: Sequence[float] | None = None,
+    batch_size: int = 32,
+    every_s: float = 1.0,
+    tta: bool = False,
+    tta_flips: Sequence[str] = ("horizontal",),
+    gradcam_dir: str | Path | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Score every input of `input` and write one CSV row per image or video frame."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+    sources = list_sources(input)
+    predictor = load_predictor(model_path, device, threshold)
+    if gradcam_dir and not isinstance(predictor, CheckpointPredictor):
+        raise UserError("gradcam_dir needs the training checkpoint (ckpt_path=...), not an exported model.")
+    decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
+    flips = flip_axes(tta, tta_flips)
+    output = Path(output)
+    summary = PredictionSummary(0, 0, 0, 0, output)
+
+    with _progress(progress) as bar, CsvRowWriter(output, columns(predictor.info.positive_class)) as writer:
+        task = bar.add_task("predict", total=len(sources), failed=0)
+
+        def on_video(path: Path) -> None:  # a video counts as its frames
+            bar.update(task, total=bar.tasks[task].total + estimated_frames(path, every_s) - 1)
+
+        items: Iterator[InputItem] = iter_inputs(
+            sources, predictor.decode, predictor.info.cache_size, every_s, workers, on_video=on_video
+        )
+        for batch in batched(items, batch_size):
+            rows = [
+                prediction_row(item, probs, predictor, decision)
+                for item, probs in zip(batch, score(predictor, batch, flips), strict=True)
+            ]
+            writer.write(rows)
+            if gradcam_dir:
+                save_gradcams(predictor, batch, rows, summary.rows, Path(gradcam_dir))
+            summary.rows += len(rows)
+            summary.failed += sum(1 for r in rows if r["error"])
+            summary.positives += sum(1 for r in rows if r["label"] == predictor.info.positive_class)
+            summary.needs_review += sum(1 for r in rows if r["needs_review"])
+            bar.update(task, advance=len(rows), failed=summary.failed)
+    return summary

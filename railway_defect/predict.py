@@ -1,0 +1,57 @@
+"""`python -m railway_defect.predict ckpt_path=... input=PATH output=predictions.csv`: one CSV row per
+image or video frame (conf/predict.yaml). Exit code 0: every input scored; 2: some could not be read
+(their rows carry the error); 1: nothing was scored."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+import railway_defect  # noqa: F401  (registers the config resolvers)
+from railway_defect.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+EXIT_SOME_FAILED = 2
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    from railway_defect.inference.predicting import run_prediction
+
+    def run():
+        if not cfg.input:
+            raise UserError("Give what to score: input=IMAGE|FOLDER|GLOB|VIDEO.")
+        return run_prediction(
+            cfg.model_path,
+            str(cfg.input),
+            cfg.output,
+            threshold=cfg.threshold,
+            review_margin=cfg.review_margin,
+            review_band=cfg.review_band,
+            batch_size=cfg.batch_size,
+            every_s=cfg.every_s,
+            tta=cfg.tta,
+            tta_flips=list(cfg.tta_flips),
+            gradcam_dir=cfg.gradcam_dir,
+            device=cfg.device,
+            workers=cfg.workers,
+            progress=cfg.progress,
+        )
+
+    summary = exit_on_user_error(run)
+    log.info(
+        "%d rows written to %s: %d positive, %d to review, %d unreadable.",
+        summary.rows,
+        summary.output,
+        summary.positives,
+        summary.needs_review,
+        summary.failed,
+    )
+    if summary.failed:
+        raise SystemExit(EXIT_SOME_FAILED)
+
+
+if __name__ == "__main__":
+    main()
