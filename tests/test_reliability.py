@@ -319,3 +319,36 @@ def test_memory_stays_flat_over_many_epochs(compose_train, tiny_dataset: Path, t
     assert len(samples) == 12
     growth = max(samples[4:]) - samples[3]
     assert growth < 40, f"RSS grew {growth:.0f} MB between epochs 4 and 12: {np.round(samples)}"
+
+
+@pytest.mark.slow
+def test_predict_memory_stays_flat_over_thousands_of_files(
+    compose_train, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Predict streams: scoring 10x more files must not raise the peak memory noticeably (holding
+    the 2000 decoded inputs, or their tensors, would cost ~100 MB)."""
+    import resource
+
+    from railway_defect.inference.predicting import run_prediction
+
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1", "test=false")
+    run_training(cfg)
+    checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    rng = np.random.default_rng(0)
+    (tmp_path / "large").mkdir()
+    (tmp_path / "small").mkdir()
+    for i in range(2000):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "large" / f"{i}.png"
+        )
+    for i in range(200):  # the first 200 of the same files
+        (tmp_path / "small" / f"{i}.png").hardlink_to(tmp_path / "large" / f"{i}.png")
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    run_prediction(str(checkpoint), str(tmp_path / "small"), tmp_path / "small.csv", progress=False)
+    warm = peak_mb()
+    run_prediction(str(checkpoint), str(tmp_path / "large"), tmp_path / "large.csv", progress=False)
+    assert len((tmp_path / "large.csv").read_text().splitlines()) == 2001
+    assert peak_mb() - warm < 40, f"peak RSS grew from {warm:.0f} MB to {peak_mb():.0f} MB"
