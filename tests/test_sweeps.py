@@ -108,7 +108,7 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path: Path, tiny_dat
         *TINY,
         f"data.root={tiny_dataset}",
         f"hydra.sweep.dir={sweep}",
-        # fine / loss explodes to NaN / rejected by the optimizer
+        # fine / loss explodes to NaN / rejected by the config checks before training
         "optimizer.lr=0.001,1e30,-1",
     )
     assert result.returncode != 0
@@ -120,12 +120,12 @@ def test_failed_and_diverged_jobs_do_not_stop_the_sweep(tmp_path: Path, tiny_dat
         ("2", "failed"),
     ]
     assert "training loss became NaN or infinite at epoch 0" in rows["1"]["error"]
-    assert rows["2"]["error"] == "ValueError: Invalid learning rate: -1"
+    assert rows["2"]["error"] == "UserError: optimizer.lr=-1 must be positive (e.g. optimizer.lr=0.001)."
     assert (sweep / "0" / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "diverged"
     assert json.loads((sweep / "2" / "metrics.json").read_text())["status"] == "failed"
     markdown = (sweep / "summary.md").read_text()
-    assert "| 2 | optimizer.lr=-1 | failed: ValueError: Invalid learning rate: -1 |" in markdown
+    assert "| 2 | optimizer.lr=-1 | failed: UserError: optimizer.lr=-1 must be positive" in markdown
 
 
 @pytest.mark.slow
