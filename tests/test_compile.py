@@ -31,6 +31,7 @@ def test_compiled_model_saves_plain_keys_that_load_both_ways(tmp_path: Path) -> 
     path = tmp_path / "compiled.ckpt"
     torch.save({"hyper_parameters": dict(compiled.hparams), "state_dict": compiled.state_dict()}, path)
     predictor = CheckpointPredictor(path, "sha")
+    assert predictor.model.backbone._compiled_call_impl is None  # scoring does not compile
     for name, value in compiled.state_dict().items():
         assert torch.equal(predictor.model.state_dict()[name], value)
 
