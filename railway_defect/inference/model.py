@@ -165,6 +165,8 @@ class CheckpointPredictor(Predictor):
         kwargs = {k: v for k, v in hparams.items() if k in accepted}
         # the weights come from the checkpoint: never look for ImageNet or weights_path files
         kwargs.update(pretrained=False, require_pretrained=False, weights_path=None)
+        # compiling is for long training runs: scoring starts at once, with or without it in training
+        kwargs.pop("compile", None)
         self.model = DefectClassifier(**kwargs)
         self.model.load_state_dict(state)
         self.device = _torch_device(device)

@@ -56,6 +56,7 @@ class DefectClassifier(LightningModule):
         label_smoothing: float = 0.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool = True,
+        compile: bool = False,
         monitor: str = "val/balanced_acc",
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -99,6 +100,10 @@ class DefectClassifier(LightningModule):
             best.persistent(True)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile:
+            # in place (nn.Module.compile): parameter names stay `backbone.*`, never
+            # `backbone._orig_mod.*`, so checkpoints load with compile on or off
+            self.backbone.compile()
 
     @property
     def class_names(self) -> list[str]:

@@ -1,0 +1,93 @@
+"""Train and inference images/s at 224 px for each backbone of the factory, fp32 (contiguous) vs
+channels_last, alternating in one process; on a GPU also 16-mixed with channels_last.
+
+    python benchmarks/bench_backbones.py [--quick] [--repeats 3] [--backbones resnet18,resnet50]
+"""
+
+from __future__ import annotations
+
+import time
+
+from _common import alternate, machine_info, offline, parser, report
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--backbones", default="resnet18,resnet34,resnet50,resnet101,efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
+    args = p.parse_args()
+    if args.quick:
+        args.backbones, args.image_size, args.batch_size, args.steps = "resnet18", 32, 2, 1
+    repeats = args.repeats or (1 if args.quick else 3)
+    offline()
+
+    import torch
+
+    from railway_defect.models.module import DefectClassifier
+
+    print(machine_info())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"config: size={args.image_size} batch={args.batch_size} steps={args.steps} repeats={repeats}")
+    for name in args.backbones.split(","):
+        models = {}
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            models[channels_last] = DefectClassifier(
+                name,
+                ["Defective", "Non defective"],
+                "Defective",
+                pretrained=False,
+                channels_last=channels_last,
+            ).to(device)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        y = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+
+        def train(channels_last: bool, autocast: bool = False, models=models, x=x, y=y) -> float:
+            model = models[channels_last].train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+            with torch.autocast(device, dtype=torch.float16, enabled=autocast):
+                loss = torch.nn.functional.cross_entropy(model(x), y)  # warm-up step
+            loss.backward()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                with torch.autocast(device, dtype=torch.float16, enabled=autocast):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return args.steps * args.batch_size / (time.perf_counter() - start)
+
+        @torch.inference_mode()
+        def infer(channels_last: bool, autocast: bool = False, models=models, x=x) -> float:
+            model = models[channels_last].eval()
+            with torch.autocast(device, dtype=torch.float16, enabled=autocast):
+                model(x)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    model(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return args.steps * args.batch_size / (time.perf_counter() - start)
+
+        for stage, fn in (("train", train), ("inference", infer)):
+            print(f"-- {name} {stage}")
+            cl, fp = alternate(lambda fn=fn: fn(True), lambda fn=fn: fn(False), repeats)
+            report(f"{name} {stage}", "channels_last", cl, "fp32 contiguous", fp, "img/s")
+            if device == "cuda":
+                mixed, _ = alternate(lambda fn=fn: fn(True, True), lambda: 1.0, repeats)
+                report(
+                    f"{name} {stage} 16-mixed",
+                    "16-mixed channels_last",
+                    mixed,
+                    "fp32 contiguous",
+                    fp,
+                    "img/s",
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Every benchmark script runs end to end in its --quick mode and prints its numbers, so the scripts
+cannot rot. Speed goals are read from the scripts' output (BENCHMARKS.md), not asserted here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import OFFLINE_ENV, PROJECT_ROOT
+
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+# each script's ratio line (the numbers its goal refers to)
+SCRIPTS = {
+    "bench_overhead.py": "ratio overhead (framework / hand-written)",
+    "bench_data.py": "ratio cache (later epochs / naive PIL decode)",
+    "bench_predict.py": "ratio predict (files -> CSV / raw forward)",
+    "bench_startup.py": "ratio startup (train --help / import torch)",
+    "bench_backbones.py": "ratio resnet18 train (channels_last / fp32 contiguous)",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs() -> dict[str, tuple[int, str, str]]:
+    """All scripts at once (one torch thread each): together they take about half the time they
+    take one after the other, most of which is importing torch and Lightning."""
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    processes = {
+        script: subprocess.Popen(
+            [sys.executable, str(BENCHMARKS / script), "--quick"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
+        for script in SCRIPTS
+    }
+    results = {}
+    for script, process in processes.items():
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        results[script] = (process.returncode, stdout, stderr)
+    return results
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_quick_mode_runs_and_prints_its_ratio(
+    script: str, quick_runs: dict[str, tuple[int, str, str]]
+) -> None:
+    returncode, stdout, stderr = quick_runs[script]
+    assert returncode == 0, stderr[-3000:]
+    lines = stdout.splitlines()
+    assert any(line.startswith("machine: cpu=") and "torch=" in line for line in lines), stdout
+    ratio = next((line for line in lines if line.startswith(SCRIPTS[script])), None)
+    assert ratio is not None, stdout
+    values = {k: float(v) for k, v in (part.split("=") for part in ratio.split(": ", 1)[1].split()[:3])}
+    assert set(values) == {"min", "median", "max"}
+    assert 0 < values["min"] <= values["median"] <= values["max"]
