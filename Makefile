@@ -26,8 +26,8 @@ test: install
 	$(PYTHON) -m pytest $(ARGS)
 
 lint: install
-	$(PYTHON) -m ruff check railway_defect hydra_plugins tests
-	$(PYTHON) -m ruff format --check railway_defect hydra_plugins tests
+	$(PYTHON) -m ruff check railway_defect hydra_plugins tests benchmarks
+	$(PYTHON) -m ruff format --check railway_defect hydra_plugins tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
