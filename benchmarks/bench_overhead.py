@@ -64,11 +64,9 @@ def main() -> None:
 
     import lightning as L
     import torch
-    from hydra.utils import instantiate
     from torch.nn import functional as F
 
-    from railway_defect.models.backbones import get_spec
-    from railway_defect.training import _instantiate, _instantiate_all
+    from railway_defect.training import _instantiate, _instantiate_all, build_datamodule, build_model
 
     print(machine_info())
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,26 +74,12 @@ def main() -> None:
         cfg = compose(
             data_root, Path(tmp) / "run", args.backbone, args.image_size, args.batch_size, args.epochs
         )
-        spec = get_spec(cfg.model.backbone)
-        datamodule = _instantiate(
-            cfg.data,
-            train_transforms=instantiate(cfg.augmentation.transforms),
-            mean=list(spec.mean),
-            std=list(spec.std),
-        )
+        datamodule = build_datamodule(cfg)
         datamodule.setup("fit")  # decodes once: both sides then read the same in-memory images
 
         def new_model():
             L.seed_everything(cfg.seed, verbose=False)
-            return _instantiate(
-                cfg.model,
-                class_names=datamodule.classes,
-                positive_class=datamodule.positive_class,
-                class_weights=datamodule.class_weights,
-                monitor=cfg.monitor,
-                optimizer=instantiate(cfg.optimizer),
-                scheduler=instantiate(cfg.scheduler) if "_target_" in cfg.scheduler else None,
-            )
+            return build_model(cfg, datamodule)
 
         class EpochTimer(L.Callback):
             def __init__(self):

@@ -22,8 +22,10 @@ from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
+from railway_defect.models.module import DefectClassifier
 from railway_defect.outputs import write_json_atomic
 from railway_defect.resources import configure_torch_threads
 
@@ -167,6 +169,34 @@ def run_training(cfg: DictConfig) -> float | None:
     return record.get("optimized_metric")
 
 
+def build_datamodule(cfg: DictConfig) -> RailwayDataModule:
+    """The configured DataModule, normalising with the chosen backbone's mean/std."""
+    spec = get_spec(cfg.model.backbone)
+    return _instantiate(
+        cfg.data,
+        train_transforms=instantiate(cfg.augmentation.transforms),
+        mean=list(spec.mean),
+        std=list(spec.std),
+    )
+
+
+def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassifier:
+    """The configured model for the classes `datamodule` found (call its setup() first)."""
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
+    model = _instantiate(
+        cfg.model,
+        class_names=datamodule.classes,
+        positive_class=datamodule.positive_class,
+        class_weights=datamodule.class_weights,
+        monitor=cfg.monitor,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=scheduler,
+    )
+    # recorded in the checkpoint: the preprocessing that evaluate, predict and export repeat
+    model.hparams.update(input_size=datamodule.image_size, cache_size=datamodule.cache_size)
+    return model
+
+
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     if _is_global_zero():
         print_config_tree(cfg)
@@ -181,30 +211,14 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_fits(ckpt_path, spec.name)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = _instantiate(
-        cfg.data,
-        train_transforms=instantiate(cfg.augmentation.transforms),
-        mean=list(spec.mean),
-        std=list(spec.std),
-    )
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     _quiet_expected_noise(datamodule.num_workers)
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
 
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
-    model = _instantiate(
-        cfg.model,
-        class_names=datamodule.classes,
-        positive_class=datamodule.positive_class,
-        class_weights=datamodule.class_weights,
-        monitor=cfg.monitor,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=scheduler,
-    )
-    # recorded in the checkpoint: the preprocessing that evaluate, predict and export repeat
-    model.hparams.update(input_size=datamodule.image_size, cache_size=datamodule.cache_size)
+    model = build_model(cfg, datamodule)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
