@@ -25,6 +25,7 @@ def compose(data_root: Path, output_dir: Path, backbone: str, image_size: int, b
 
     import railway_defect  # noqa: F401  (registers resolvers)
     from railway_defect.paths import PROJECT_ROOT
+    from railway_defect.training import resolve_hardware_defaults
 
     overrides = [
         f"model={backbone}",
@@ -46,6 +47,7 @@ def compose(data_root: Path, output_dir: Path, backbone: str, image_size: int, b
         cfg = hydra_compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
+    resolve_hardware_defaults(cfg)
     return cfg
 
 

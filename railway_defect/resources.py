@@ -1,10 +1,20 @@
-"""CPU thread budgeting: jobs that run side by side must share the cores, not each claim all of them
-(2 jobs x 2 torch threads on 2 cores run slower than one job after the other)."""
+"""Hardware defaults, decided in one place (measurements in BENCHMARKS.md):
+
+- torch threads: the physical cores this process may use (a second hyper-thread per core adds
+  nothing to convolutions), divided among Hydra jobs that run side by side (2 jobs x 2 threads on
+  2 cores run slower than one job after the other);
+- `trainer.precision: auto`: 16-mixed on CUDA (tensor cores), else 32-true (bf16 autocast is ~12x
+  slower on a CPU without native bf16);
+- `trainer.benchmark: auto`: cuDNN autotuning on, unless `trainer.deterministic` asks otherwise.
+
+DataLoader workers and pinned memory are decided by the DataModule (`default_num_workers`)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -12,9 +22,39 @@ from railway_defect.errors import UserError
 
 log = logging.getLogger(__name__)
 
+SYS_CPU = Path("/sys/devices/system/cpu")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
 
 def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask, e.g. under taskset or SLURM)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The container's CPU quota (cgroup v2 `cpu.max`, e.g. docker --cpus=4), rounded up."""
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use, capped by a container's CPU quota."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    try:
+        cores = {
+            tuple(
+                (SYS_CPU / f"cpu{cpu}/topology" / name).read_text().strip()
+                for name in ("physical_package_id", "core_id")
+            )
+            for cpu in cpus
+        }
+    except OSError:  # no sysfs topology (macOS, some containers): count logical CPUs
+        cores = set(cpus)
+    limit = _cgroup_cpu_limit()
+    return max(1, min(len(cores), limit) if limit else len(cores))
 
 
 def parallel_jobs() -> int:
@@ -32,15 +72,41 @@ def parallel_jobs() -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cpus() + 1 + n_jobs)
 
 
+def default_num_threads() -> int:
+    return max(1, physical_cores() // parallel_jobs())
+
+
 def configure_torch_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads: `num_threads` when given, else the CPUs divided among the jobs
-    that run in parallel (only when there are several); returns the number in use."""
-    if num_threads is None and parallel_jobs() > 1:
-        num_threads = max(1, available_cpus() // parallel_jobs())
-    if num_threads is not None:
-        if num_threads < 1:
-            raise UserError(f"num_threads must be at least 1 (or null for automatic), got {num_threads}.")
-        torch.set_num_threads(num_threads)
-        jobs = parallel_jobs()
-        log.info("Using %d torch threads (%d CPUs, %d parallel jobs).", num_threads, available_cpus(), jobs)
+    """Set torch's intra-op threads to `num_threads`, or to `default_num_threads()` when None;
+    returns the number in use."""
+    if num_threads is not None and num_threads < 1:
+        raise UserError(f"num_threads must be at least 1 (or null for automatic), got {num_threads}.")
+    threads = default_num_threads() if num_threads is None else num_threads
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    log.info(
+        "Using %d torch threads (%d physical cores, %d parallel jobs).",
+        threads,
+        physical_cores(),
+        parallel_jobs(),
+    )
     return torch.get_num_threads()
+
+
+def uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str | int:
+    """`auto` -> 16-mixed on CUDA, 32-true elsewhere; any other value is Lightning's to check."""
+    if str(precision) != "auto":
+        return precision
+    return "16-mixed" if uses_cuda(accelerator) else "32-true"
+
+
+def resolve_benchmark(benchmark: bool | str | None, deterministic: bool | str | None) -> bool | None:
+    """`auto` -> cuDNN autotuning (fixed 224 px inputs: it picks the fastest kernels once) unless
+    the run must be deterministic. It has no effect on the CPU."""
+    if benchmark != "auto":
+        return benchmark
+    return not deterministic

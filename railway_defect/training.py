@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
@@ -27,7 +27,7 @@ from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
 from railway_defect.outputs import write_json_atomic
-from railway_defect.resources import configure_torch_threads
+from railway_defect.resources import configure_torch_threads, resolve_benchmark, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,22 @@ def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassif
     return model
 
 
+def resolve_hardware_defaults(cfg: DictConfig) -> None:
+    """Replace `auto` in trainer.precision / trainer.benchmark by what suits this machine, in the
+    config itself, so that HParams and metrics.json record the value really used."""
+    trainer = cfg.trainer
+    with open_dict(cfg):
+        trainer.precision = resolve_precision(
+            trainer.get("precision", "auto"), trainer.get("accelerator", "auto")
+        )
+        trainer.benchmark = resolve_benchmark(trainer.get("benchmark"), trainer.get("deterministic"))
+
+
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     if _is_global_zero():
         print_config_tree(cfg)
     check_config(cfg)
+    resolve_hardware_defaults(cfg)
     torch_threads = configure_torch_threads(cfg.get("num_threads"))
     spec = get_spec(cfg.model.backbone)
     output_dir = Path(cfg.paths.output_dir)
@@ -275,6 +287,7 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         },
         "epochs_completed": trainer.current_epoch,
         "torch_threads": torch_threads,
+        "precision": str(trainer.precision),
         "world_size": trainer.world_size,
         "history": epochs,
         "tensorboard_dir": None,

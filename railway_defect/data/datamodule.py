@@ -4,7 +4,6 @@ skipped, and serves augmented training batches and deterministic evaluation batc
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from railway_defect.data.transforms import build_transform
 from railway_defect.errors import UserError
 from railway_defect.outputs import write_json_atomic
 from railway_defect.paths import DATA_DIR_ENV, data_root_candidates
+from railway_defect.resources import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 def default_num_workers() -> int:
     """Images are decoded once up front, so workers only run augmentation: on 2 cores the model
     needs both, and worker processes cost more than they save."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
@@ -265,11 +265,18 @@ class RailwayDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self._pin_memory(),
             # its own generator: starting an epoch's iterator must not draw from the global RNG,
             # or dropout's random stream would depend on when the iterator was created
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _pin_memory(self) -> bool:
+        """Pinned host memory only speeds up copies to a CUDA device."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

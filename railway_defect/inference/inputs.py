@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -146,17 +147,25 @@ def iter_inputs(
     chunk: int = 32,
     on_video: Callable[[Path], None] | None = None,
 ) -> Iterator[InputItem]:
-    """Items in the order of `sources`; images are decoded in parallel threads, `chunk` at a time."""
+    """Items in the order of `sources`; images are decoded in parallel threads, `chunk` at a time,
+    one chunk ahead of the one being consumed, so decoding overlaps with scoring."""
     if every_s <= 0:
         raise UserError(f"every_s={every_s} must be positive.")
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        for group in batched(sources, chunk):
-            images = [p for p in group if not is_video(p)]
-            decoded = dict(zip(images, pool.map(lambda p: _read_image(p, decode), images), strict=True))
+
+        def submit(group: list[Path]) -> tuple[list[Path], dict[Path, Future[InputItem]]]:
+            return group, {p: pool.submit(_read_image, p, decode) for p in group if not is_video(p)}
+
+        groups = batched(sources, chunk)
+        ahead = deque(submit(group) for group in islice(groups, 2))
+        while ahead:
+            group, decoding = ahead.popleft()
             for path in group:
                 if is_video(path):
                     if on_video is not None:
                         on_video(path)
                     yield from video_frames(path, every_s, min_side)
                 else:
-                    yield decoded[path]
+                    yield decoding[path].result()
+            if (following := next(groups, None)) is not None:
+                ahead.append(submit(following))
