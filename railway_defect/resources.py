@@ -2,7 +2,7 @@
 
 - torch threads: the physical cores this process may use (a second hyper-thread per core adds
   nothing to convolutions), divided among Hydra jobs that run side by side (2 jobs x 2 threads on
-  2 cores run slower than one job after the other);
+  2 cores run slower than one job after the other); `num_threads=N` or OMP_NUM_THREADS override;
 - `trainer.precision: auto`: 16-mixed on CUDA (tensor cores), else 32-true (bf16 autocast is ~12x
   slower on a CPU without native bf16);
 - `trainer.benchmark: auto`: cuDNN autotuning on, unless `trainer.deterministic` asks otherwise.
@@ -73,7 +73,12 @@ def parallel_jobs() -> int:
 
 
 def default_num_threads() -> int:
-    return max(1, physical_cores() // parallel_jobs())
+    """Physical cores divided among the parallel jobs; a user's OMP_NUM_THREADS wins outside a
+    parallel sweep (torch has already applied it)."""
+    jobs = parallel_jobs()
+    if jobs == 1 and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, physical_cores() // jobs)
 
 
 def configure_torch_threads(num_threads: int | None) -> int:

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.errors import UserError
-from railway_defect.resources import available_cpus
+from railway_defect.resources import physical_cores
 from railway_defect.training import run_training
 from tests.conftest import CONF_DIR, FAST, run_cli
 
@@ -72,7 +72,7 @@ def test_seed_sweep_in_parallel_writes_complete_runs_and_a_summary(
         assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
         assert metrics["test"]  # a complete run: fitted, validated and tested
         # 2 jobs side by side share the CPUs instead of each taking all of them
-        assert metrics["torch_threads"] == max(1, available_cpus() // 2)
+        assert metrics["torch_threads"] == max(1, physical_cores() // 2)
         # the HParams tab tells the jobs apart by their swept value and shows the final metrics
         hparams = hparams_of(run / "tensorboard")
         assert hparams["seed"].number_value == seed

@@ -45,6 +45,7 @@ def test_tiny_run_writes_every_output(compose_train, tiny_dataset: Path) -> None
     assert metrics["optimized_metric_name"] == "val/f1_best"
     assert metrics["pretrained_loaded"] is False
     assert metrics["classes"] == ["Defective", "Non defective"]
+    assert metrics["precision"] == "32-true"  # trainer.precision=auto on the CPU
     assert set(VAL_METRICS) <= set(metrics["val"])
     assert {m.replace("val/", "test/") for m in VAL_METRICS} <= set(metrics["test"])
     assert metrics["best"]["epoch"] in (0, 1)
@@ -65,6 +66,7 @@ def test_tiny_run_writes_every_output(compose_train, tiny_dataset: Path) -> None
     ).session_start_info.hparams
     assert hparams["optimizer/lr"].number_value == pytest.approx(0.001)
     assert hparams["model/backbone"].string_value == "resnet18"
+    assert hparams["trainer.precision"].string_value == "32-true"  # the value used, not `auto`
 
     # metrics.json describes best.ckpt: validating that checkpoint gives the same numbers
     model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
