@@ -3,12 +3,16 @@ load into a model built with compile on or off."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from railway_defect.inference.model import CheckpointPredictor
 from railway_defect.models.module import DefectClassifier
+from railway_defect.training import run_training
+from tests.conftest import FAST
 
 CLASSES = ["Defective", "Non defective"]
 
@@ -40,3 +44,25 @@ def test_compile_is_off_by_default_in_every_model_config(compose_train) -> None:
     for backbone in ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"):
         assert compose_train(f"model={backbone}").model.compile is False
     assert compose_train("model.compile=true").model.compile is True
+
+
+@pytest.mark.slow
+def test_compiled_training_run_gives_a_checkpoint_that_scores_uncompiled(
+    compose_train, tiny_dataset: Path
+) -> None:
+    """model.compile=true really trains through torch.compile (Inductor, C++ on the CPU), and the
+    best checkpoint gives the same outputs in a plain model as in the compiled one."""
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "model.compile=true", "trainer.max_epochs=1")
+    run_training(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    best = metrics["checkpoints"]["best"]
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+
+    x = torch.rand(2, 3, 64, 64)
+    compiled = DefectClassifier.load_from_checkpoint(best, pretrained=False).eval()
+    assert compiled.backbone._compiled_call_impl is not None
+    plain = CheckpointPredictor(Path(best), "sha").model
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-4)
