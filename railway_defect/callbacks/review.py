@@ -41,6 +41,11 @@ class _Item:
     probs: np.ndarray = field(compare=False)
 
 
+def _host_copy(image: torch.Tensor) -> torch.Tensor:
+    """Only the few images that may be shown leave the device, never whole batches."""
+    return image.detach().to("cpu", copy=True)
+
+
 class _TopK:
     """The k items with the highest score seen so far (ties: the earliest)."""
 
@@ -48,11 +53,11 @@ class _TopK:
         self.k, self.heap = k, []
 
     def offer(self, item: _Item) -> None:
-        """Keep `item` (with a copy of its image, not a view of the whole batch) if it ranks."""
+        """Keep `item` (with a CPU copy of its image, not a view of the whole batch) if it ranks."""
         if len(self.heap) < self.k:
-            heapq.heappush(self.heap, replace(item, image=item.image.clone()))
+            heapq.heappush(self.heap, replace(item, image=_host_copy(item.image)))
         elif self.k > 0 and item.score > self.heap[0].score:
-            heapq.heapreplace(self.heap, replace(item, image=item.image.clone()))
+            heapq.heapreplace(self.heap, replace(item, image=_host_copy(item.image)))
 
     def best_first(self) -> list[_Item]:
         return sorted(self.heap, key=lambda i: (-i.score, i.order))
@@ -73,7 +78,7 @@ class _EpochCollector:
         self.counter = itertools.count()
 
     def add(self, images: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> None:
-        images, probs = images.detach().cpu(), probs.detach().float().cpu().numpy()
+        probs = probs.detach().float().cpu().numpy()
         targets_np = targets.detach().cpu().numpy().astype(int)
         self.probs.append(probs)
         self.targets.append(targets_np)
@@ -86,7 +91,7 @@ class _EpochCollector:
             if target == self.positive:
                 self.defects.offer(_Item(float(p[self.positive]), item.order, image, int(target), p))
             if len(self.correct[int(target)]) < self.num_images:
-                self.correct[int(target)].append(replace(item, image=image.clone()))
+                self.correct[int(target)].append(replace(item, image=_host_copy(image)))
 
     @property
     def empty(self) -> bool:
