@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
+from railway_defect.callbacks.interrupt import SaveOnInterrupt
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.errors import UserError
 from railway_defect.training import run_training
@@ -287,6 +289,24 @@ def test_ctrl_c_or_sigterm_saves_last_ckpt_and_says_how_to_resume(
     assert "Resume with" in output and f"ckpt_path={last}" in output
     assert torch.load(last, weights_only=False)["global_step"] > first_step
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_a_ctrl_c_that_python_drops_is_raised_at_the_next_batch() -> None:
+    """CPython ignores an exception raised while a file object is finalised; a Ctrl-C landing then
+    (e.g. during a checkpoint write) must still stop the run at the next batch."""
+    callback = SaveOnInterrupt()
+
+    class FinalisedDuringCtrlC(io.RawIOBase):
+        @property
+        def closed(self) -> bool:
+            callback._on_sigint(signal.SIGINT, None)  # what the SIGINT handler does
+            return True
+
+    callback.on_train_batch_end(None, None, None, None, 0)  # nothing pressed yet: nothing raised
+    file = FinalisedDuringCtrlC()
+    del file  # the KeyboardInterrupt is dropped here, not raised
+    with pytest.raises(KeyboardInterrupt):
+        callback.on_train_batch_end(None, None, None, None, 0)
 
 
 # ---- long runs --------------------------------------------------------------------------------

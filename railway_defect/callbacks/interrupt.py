@@ -1,11 +1,21 @@
 """SaveOnInterrupt: Ctrl-C or SIGTERM (a cluster pre-empting the job) saves last.ckpt before the
-process stops, and says how to resume, so no finished step is lost."""
+process stops, and says how to resume, so no finished step is lost.
+
+Ctrl-C normally raises KeyboardInterrupt wherever the main thread is, but CPython drops an
+exception raised while a file object is being finalised (it happens when the signal lands during
+a checkpoint write), and the run would go on as if nothing was pressed. So the request is also
+remembered, and raised again at the next batch or epoch boundary, the way Lightning treats
+SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import shlex
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -25,6 +35,34 @@ def _resume_command(checkpoint: Path) -> str:
 
 
 class SaveOnInterrupt(Callback):
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous_handler: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def _raise_if_requested(self, *args: Any) -> None:
+        """A Ctrl-C whose KeyboardInterrupt was lost is raised here, where Lightning handles it."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = on_train_epoch_end = on_validation_epoch_end = (
+        _raise_if_requested
+    )
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.sanity_checking:
             return
