@@ -26,9 +26,15 @@ SYS_CPU = Path("/sys/devices/system/cpu")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
-def available_cpus() -> int:
+def _usable_cpu_ids() -> set[int]:
     """Logical CPUs this process may run on (its affinity mask, e.g. under taskset or SLURM)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def available_cpus() -> int:
+    return len(_usable_cpu_ids())
 
 
 def _cgroup_cpu_limit() -> int | None:
@@ -42,7 +48,7 @@ def _cgroup_cpu_limit() -> int | None:
 
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may use, capped by a container's CPU quota."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cpus = _usable_cpu_ids()
     try:
         cores = {
             tuple(
@@ -52,7 +58,7 @@ def physical_cores() -> int:
             for cpu in cpus
         }
     except OSError:  # no sysfs topology (macOS, some containers): count logical CPUs
-        cores = set(cpus)
+        cores = cpus
     limit = _cgroup_cpu_limit()
     return max(1, min(len(cores), limit) if limit else len(cores))
 
@@ -72,29 +78,22 @@ def parallel_jobs() -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cpus() + 1 + n_jobs)
 
 
-def default_num_threads() -> int:
-    """Physical cores divided among the parallel jobs; a user's OMP_NUM_THREADS wins outside a
-    parallel sweep (torch has already applied it)."""
-    jobs = parallel_jobs()
-    if jobs == 1 and os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    return max(1, physical_cores() // jobs)
-
-
 def configure_torch_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads to `num_threads`, or to `default_num_threads()` when None;
-    returns the number in use."""
+    """Set torch's intra-op threads to `num_threads`, or when None to the physical cores divided
+    among the parallel jobs (a user's OMP_NUM_THREADS wins outside a parallel sweep: torch has
+    already applied it); returns the number in use."""
     if num_threads is not None and num_threads < 1:
         raise UserError(f"num_threads must be at least 1 (or null for automatic), got {num_threads}.")
-    threads = default_num_threads() if num_threads is None else num_threads
+    cores, jobs = physical_cores(), parallel_jobs()
+    if num_threads is not None:
+        threads = num_threads
+    elif jobs == 1 and os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+    else:
+        threads = max(1, cores // jobs)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    log.info(
-        "Using %d torch threads (%d physical cores, %d parallel jobs).",
-        threads,
-        physical_cores(),
-        parallel_jobs(),
-    )
+    log.info("Using %d torch threads (%d physical cores, %d parallel jobs).", threads, cores, jobs)
     return torch.get_num_threads()
 
 

@@ -265,7 +265,7 @@ class ReviewImages(Callback):
 
         chosen = collector.gradcam_items(self.num_gradcam)
         if chosen:
-            images = torch.stack([i.image.clone() for _, i in chosen]).to(pl_module.device)
+            images = torch.stack([i.image for _, i in chosen]).to(pl_module.device)  # stack copies
             explained = [int(i.probs.argmax()) if kind == "error" else positive for kind, i in chosen]
             heatmaps = _gradcam_keeping_grads(pl_module, images, explained)
             pixels = denormalize(images, hp.mean, hp.std)
