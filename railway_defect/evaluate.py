@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> None:
             output_dir=cfg.output_dir,
             val_fraction=cfg.data.val_fraction,
             seed=cfg.seed,
+            splits=cfg.splits,
             cache_dir=cfg.data.cache_dir,
             batch_size=cfg.data.batch_size,
             bins=cfg.ece_bins,

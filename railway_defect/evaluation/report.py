@@ -4,6 +4,8 @@ and figures (evaluation.json, evaluation.md), and store threshold and temperatur
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections import Counter
 from datetime import datetime
@@ -14,8 +16,9 @@ import numpy as np
 import rich
 from rich.table import Table
 
-from railway_defect.data.discovery import SPLIT_ALIASES, Sample, discover
+from railway_defect.data.discovery import SPLIT_ALIASES, DatasetIndex, Sample, discover
 from railway_defect.data.images import decode_files
+from railway_defect.data.splits import SPLITS_FILE, check_unchanged, read_split_record
 from railway_defect.errors import UserError
 from railway_defect.evaluation.calibration import (
     expected_calibration_error,
@@ -51,17 +54,48 @@ def _split_key(split: str | None, available: dict[str, list[Sample]]) -> str:
     return key
 
 
+def evaluation_splits(
+    splits: str, model_path: Path, root: Path, val_fraction: float, seed: int
+) -> tuple[DatasetIndex, dict[Path, str], Path | None]:
+    """The images to score per split, their recorded digests and the record they came from.
+
+    `run` (default): the splits.csv of the run the model came from, so a model is scored on its own
+    validation images (its fold, its seed); `resplit`: split `root` again with `seed` and
+    `val_fraction` (on purpose: the result may include training images); else a splits.csv path."""
+    if splits == "resplit":
+        log.warning(
+            "splits=resplit: splitting %s again with seed %s; images the model trained on may be scored.",
+            root,
+            seed,
+        )
+        return discover(root, val_fraction, seed), {}, None
+    record = run_dir_of(model_path) / SPLITS_FILE if splits == "run" else Path(splits).expanduser()
+    recorded, digests = read_split_record(record, root)
+    log.info("Scoring the splits the run recorded in %s.", record)
+    return DatasetIndex(layout=f"recorded in {record}", splits=recorded), digests, record
+
+
 def _score_split(
-    predictor: Predictor, samples: list[Sample], cache_dir: str | None, batch_size: int
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """Logits and class indices of the readable samples, and the files skipped."""
+    predictor: Predictor,
+    samples: list[Sample],
+    cache_dir: str | None,
+    batch_size: int,
+    record: tuple[Path, dict[Path, str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[Sample]]:
+    """Logits and class indices of the readable samples, the files skipped, and the samples
+    scored; with `record` (splits.csv, digests), files that changed since training are an error."""
     classes = predictor.info.class_names
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
         raise UserError(f"Labels {unknown} in the data are not classes of the model ({', '.join(classes)}).")
     decoded = decode_files(
-        [s.path for s in samples], predictor.info.cache_size, Path(cache_dir) if cache_dir else None
+        [s.path for s in samples],
+        predictor.info.cache_size,
+        Path(cache_dir) if cache_dir else None,
+        mode=predictor.info.harmonize,
     )
+    if record is not None:
+        check_unchanged(record[0], record[1], decoded.digests)
     kept = [s for s in samples if s.path in decoded.images]
     logits = [
         predictor.logits(predictor.preprocess([decoded.images[s.path] for s in chunk]))
@@ -71,7 +105,8 @@ def _score_split(
     for path, reason in decoded.failures.items():
         log.warning("Skipping %s: %s", path, reason)
     skipped = [{"path": str(p), "reason": r} for p, r in decoded.failures.items()]
-    return np.concatenate(logits) if logits else np.zeros((0, len(classes))), targets, skipped
+    scores = np.concatenate(logits) if logits else np.zeros((0, len(classes)))
+    return scores, targets, skipped, kept
 
 
 def run_evaluation(
@@ -82,6 +117,7 @@ def run_evaluation(
     output_dir: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 42,
+    splits: str = "run",
     cache_dir: str | None = None,
     batch_size: int = 32,
     bins: int = 10,
@@ -97,16 +133,21 @@ def run_evaluation(
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
-    index = discover(root, val_fraction, seed)
+    index, digests, record = evaluation_splits(splits, predictor.path, root, val_fraction, seed)
     split_key = _split_key(split, index.splits)
     if not index.splits.get("val"):
         raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")
+    checked = (record, digests) if record is not None else None
 
-    val_logits, val_targets, skipped = _score_split(predictor, index.splits["val"], cache_dir, batch_size)
+    val_logits, val_targets, skipped, val_samples = _score_split(
+        predictor, index.splits["val"], cache_dir, batch_size, checked
+    )
     if split_key == "val":
-        logits, targets = val_logits, val_targets
+        logits, targets, samples = val_logits, val_targets, val_samples
     else:
-        logits, targets, more = _score_split(predictor, index.splits[split_key], cache_dir, batch_size)
+        logits, targets, more, samples = _score_split(
+            predictor, index.splits[split_key], cache_dir, batch_size, checked
+        )
         skipped += more
     pos = info.positive_index
     if targets.size == 0:
@@ -165,12 +206,16 @@ def run_evaluation(
         },
     )
     sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+    predictions = write_predictions(
+        out / f"predictions_{SPLIT_TITLES[split_key].lower()}.csv", samples, probs[:, pos], threshold, info
+    )
 
     report = {
         "model": {**predictor.describe(), "sha256": predictor.sha256, "backbone": info.backbone},
         "data": {
             "root": str(root),
             "layout": index.layout,
+            "splits": str(record) if record else "resplit",
             "split": SPLIT_TITLES[split_key],
             "n": int(targets.size),
             "counts": {info.class_names[k]: v for k, v in sorted(Counter(targets.tolist()).items())},
@@ -199,12 +244,30 @@ def run_evaluation(
         "metrics": metrics,
         "calibration_file": str(sidecar) if sidecar else None,
         "figures": {"reliability": "reliability.png"},
+        "predictions": str(predictions),
         "output_dir": str(out),
     }
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", render_markdown(report))
     print_summary(report)
     return report
+
+
+def write_predictions(
+    path: Path, samples: list[Sample], p_positive: np.ndarray, threshold: float, info: Any
+) -> Path:
+    """Per-image scores (path, label, p of the positive class, predicted at the threshold), to look
+    at the errors or pool out-of-fold predictions."""
+    others = [c for c in info.class_names if c != info.positive_class]
+    negative = others[0] if len(others) == 1 else f"not {info.positive_class}"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", f"p_{info.positive_class}", "predicted"])
+    for sample, p in zip(samples, p_positive, strict=True):
+        predicted = info.positive_class if p >= threshold else negative
+        writer.writerow([str(sample.path), sample.label, f"{p:.6f}", predicted])
+    write_text_atomic(path, buffer.getvalue())
+    return path
 
 
 def _fmt(metric: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from railway_defect.data.discovery import IMAGE_SUFFIXES
-from railway_defect.data.images import DecodeError, shrink
+from railway_defect.data.images import DecodeError, prepare
 from railway_defect.errors import UserError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
@@ -90,7 +90,7 @@ def _read_image(path: Path, decode: Callable[[bytes], np.ndarray]) -> InputItem:
         return InputItem(str(path), error=str(e))
 
 
-def video_frames(path: Path, every_s: float, min_side: int) -> Iterator[InputItem]:
+def video_frames(path: Path, every_s: float, min_side: int, mode: str = "none") -> Iterator[InputItem]:
     """Frames at 0, every_s, 2*every_s, ... seconds, shrunk like decoded images; one error item if
     the video cannot be opened."""
     import cv2
@@ -109,7 +109,7 @@ def video_frames(path: Path, every_s: float, min_side: int) -> Iterator[InputIte
                 ok, frame = capture.retrieve()
                 if ok:
                     rgb = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                    image = np.asarray(shrink(rgb, min_side), dtype=np.uint8)
+                    image = prepare(rgb, min_side, mode)
                     yield InputItem(str(path), image=image, frame=index, time_s=round(time_s, 3))
                 else:
                     yield InputItem(
@@ -146,9 +146,11 @@ def iter_inputs(
     workers: int | None = None,
     chunk: int = 32,
     on_video: Callable[[Path], None] | None = None,
+    mode: str = "none",
 ) -> Iterator[InputItem]:
     """Items in the order of `sources`; images are decoded in parallel threads, `chunk` at a time,
-    one chunk ahead of the one being consumed, so decoding overlaps with scoring."""
+    one chunk ahead of the one being consumed, so decoding overlaps with scoring. Video frames are
+    brought to storage form `mode` (data.harmonize) like decoded images."""
     if every_s <= 0:
         raise UserError(f"every_s={every_s} must be positive.")
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
@@ -164,7 +166,7 @@ def iter_inputs(
                 if is_video(path):
                     if on_video is not None:
                         on_video(path)
-                    yield from video_frames(path, every_s, min_side)
+                    yield from video_frames(path, every_s, min_side, mode)
                 else:
                     yield decoding[path].result()
             if (following := next(groups, None)) is not None:

@@ -4,7 +4,6 @@ the network, the preprocessing it was trained with, and its stored threshold and
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import warnings
@@ -50,6 +49,8 @@ class ModelInfo:
     # images are first decoded with this shorter side (data.cache_size), then resized to input_size
     cache_size: int = DEFAULT_CACHE_SIZE
     backbone: str | None = None
+    # the storage form every image is brought to first (data.harmonize)
+    harmonize: str = "none"
 
     @property
     def positive_index(self) -> int:
@@ -121,7 +122,7 @@ class Predictor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image file bytes -> the RGB array training would have cached (raises DecodeError)."""
-        return decode_image(data, self.info.cache_size)
+        return decode_image(data, self.info.cache_size, mode=self.info.harmonize)
 
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         """Decoded RGB arrays -> one normalised batch, exactly as training's evaluation path."""
@@ -154,23 +155,11 @@ class CheckpointPredictor(Predictor):
     """A Lightning checkpoint of DefectClassifier; the only kind that can explain (Grad-CAM)."""
 
     def __init__(self, path: Path, sha256: str, device: str = "auto"):
-        from railway_defect.models.module import DefectClassifier
+        from railway_defect.models.module import load_classifier
 
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            hparams, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
-        except Exception as e:
-            raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e}).") from e
-        accepted = inspect.signature(DefectClassifier.__init__).parameters
-        kwargs = {k: v for k, v in hparams.items() if k in accepted}
-        # the weights come from the checkpoint: never look for ImageNet or weights_path files
-        kwargs.update(pretrained=False, require_pretrained=False, weights_path=None)
-        # compiling is for long training runs: scoring starts at once, with or without it in training
-        kwargs.pop("compile", None)
-        self.model = DefectClassifier(**kwargs)
-        self.model.load_state_dict(state)
         self.device = _torch_device(device)
-        self.model.to(self.device).eval()
+        self.model = load_classifier(path, self.device)
+        hparams = self.model.hparams
         info = ModelInfo(
             class_names=list(hparams["class_names"]),
             positive_class=hparams["positive_class"],
@@ -179,6 +168,7 @@ class CheckpointPredictor(Predictor):
             std=list(hparams["std"]),
             cache_size=int(hparams.get("cache_size", DEFAULT_CACHE_SIZE)),
             backbone=hparams.get("backbone"),
+            harmonize=hparams.get("harmonize", "none"),
         )
         super().__init__(path, sha256, info, Calibration(), "checkpoint")
 

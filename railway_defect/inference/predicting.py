@@ -255,7 +255,13 @@ def run_prediction(
             bar.update(task, total=bar.tasks[task].total + estimated_frames(path, every_s) - 1)
 
         items: Iterator[InputItem] = iter_inputs(
-            sources, predictor.decode, predictor.info.cache_size, every_s, workers, on_video=on_video
+            sources,
+            predictor.decode,
+            predictor.info.cache_size,
+            every_s,
+            workers,
+            on_video=on_video,
+            mode=predictor.info.harmonize,
         )
         for batch in batched(items, batch_size):
             rows = [

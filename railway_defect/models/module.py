@@ -3,12 +3,15 @@ Everything else (checkpoints, images for review, summaries) lives in callbacks."
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -28,6 +31,18 @@ SchedulerFactory = Callable[..., Any]
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
 MONITORABLE = tuple(f"val/{name}" for name in ("balanced_acc", "f1", "auroc", "acc", "recall", "precision"))
+
+
+def plain(value: Any) -> Any:
+    """`value` with omegaconf containers and tuples turned into plain dicts and lists, so that a
+    checkpoint loads with `torch.load(weights_only=True)`."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def stage_metrics(num_classes: int) -> MetricCollection:
@@ -54,6 +69,7 @@ class DefectClassifier(LightningModule):
         weights_path: str | None = None,
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
+        backbone_lr_scale: float = 1.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool = True,
         compile: bool = False,
@@ -62,9 +78,14 @@ class DefectClassifier(LightningModule):
         scheduler: SchedulerFactory | None = None,
     ):
         super().__init__()
-        class_names = list(class_names)
+        class_names = [str(c) for c in class_names]
+        class_weights = [float(w) for w in class_weights] if class_weights is not None else None
         if positive_class not in class_names:
             raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
+        if not backbone_lr_scale > 0:
+            raise UserError(
+                f"model.backbone_lr_scale={backbone_lr_scale} must be positive (1 = same lr as the head)."
+            )
         if monitor not in MONITORABLE:
             raise UserError(
                 f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
@@ -104,6 +125,9 @@ class DefectClassifier(LightningModule):
             # in place (nn.Module.compile): parameter names stay `backbone.*`, never
             # `backbone._orig_mod.*`, so checkpoints load with compile on or off
             self.backbone.compile()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = plain(dict(checkpoint.get("hyper_parameters") or {}))
 
     @property
     def class_names(self) -> list[str]:
@@ -173,11 +197,45 @@ class DefectClassifier(LightningModule):
         return self(images).softmax(dim=1)
 
     # ---- optimisation ---------------------------------------------------------------------------
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The head at the optimizer's lr, the pretrained backbone at `backbone_lr_scale` times it
+        (small data sets: the features move less than the new head); frozen parameters left out."""
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        scale = self.hparams.backbone_lr_scale
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        rest = [
+            p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("backbone.")
+        ]
+        if scale == 1.0 or base_lr is None:
+            return [{"params": backbone + rest}]
+        groups = [{"params": rest}]
+        if backbone:
+            groups.append({"params": backbone, "lr": base_lr * scale})
+        return groups
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=self._parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"},
         }
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> DefectClassifier:
+    """The one way to load a checkpoint of this project for scoring: weights only (no pickled code),
+    never a look-up of ImageNet or `weights_path` files, never compiled; in eval mode on `device`.
+    `model.hparams` holds everything the checkpoint recorded (preprocessing included)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e}).") from e
+    accepted = inspect.signature(DefectClassifier.__init__).parameters
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    kwargs.update(pretrained=False, require_pretrained=False, weights_path=None, compile=False)
+    model = DefectClassifier(**kwargs)
+    model.load_state_dict(state)
+    model.hparams.update({k: v for k, v in hparams.items() if k not in kwargs})
+    return model.to(device).eval()

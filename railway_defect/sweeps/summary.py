@@ -23,8 +23,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from railway_defect.callbacks.predictions import PREDICTIONS_FILE
 from railway_defect.errors import UserError
 from railway_defect.outputs import write_text_atomic
+from railway_defect.sweeps import oof
 
 DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
 # validation metrics of best.ckpt shown for every job, beside the optimised metric
@@ -83,6 +85,8 @@ class Summary:
     optimized_metric: str
     minimize: bool
     common_overrides: list[str]
+    # cross-validation configurations: pooled out-of-fold estimates
+    out_of_fold: list[oof.OutOfFold] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
@@ -220,7 +224,27 @@ def summarize(sweep_dir: str | Path, optimized_metric: str | None = None) -> Sum
     rows = sorted(rows, key=order)  # stable: ties and rows without a value keep the job order
     shared = set(rows[0].overrides).intersection(*(r.overrides for r in rows[1:]))
     common = [o for o in rows[0].overrides if o in shared]
-    return Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common)
+    return Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common, out_of_fold(rows))
+
+
+def _is_fold(row: JobRow) -> bool:
+    config = _read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}
+    return bool((config.get("data") or {}).get("num_folds"))
+
+
+def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
+    """Per configuration, the pooled validation predictions of its finished fold jobs."""
+    by_config: dict[tuple[str, ...], list[JobRow]] = {}
+    for row in rows:
+        if row.ok and (row.run_dir / PREDICTIONS_FILE).is_file() and _is_fold(row):
+            by_config.setdefault(_configuration(row), []).append(row)
+    results = []
+    for configuration, jobs in by_config.items():
+        files = [job.run_dir / PREDICTIONS_FILE for job in jobs]
+        pooled = oof.pool(list(configuration), files, [_value(job, "seed") or "" for job in jobs])
+        if pooled is not None:
+            results.append(oof.score(pooled))
+    return results
 
 
 # ---- rendering -------------------------------------------------------------------------------
@@ -365,6 +389,8 @@ def to_markdown(summary: Summary) -> str:
     lines += ["", *_md_table(*job_table(summary))]
     if summary.groups:
         lines += ["", "## Mean ± std per configuration (ok jobs)", "", *_md_table(*group_table(summary))]
+    if summary.out_of_fold:
+        lines += ["", *oof.markdown(summary.out_of_fold)]
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +408,10 @@ def write_summary(summary: Summary) -> list[Path]:
     write_text_atomic(paths[1], to_markdown(summary))
     if summary.groups:
         paths.append(summary.sweep_dir / "summary_groups.csv")
-        write_text_atomic(paths[2], groups_to_csv(summary))
+        write_text_atomic(paths[-1], groups_to_csv(summary))
+    if summary.out_of_fold:
+        oof.write(summary.sweep_dir, summary.out_of_fold)
+        paths += [summary.sweep_dir / oof.OOF_FILE, summary.sweep_dir / "oof.json"]
     return paths
 
 
@@ -421,11 +450,27 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         for cells in body:
             groups.add_row(*cells)
         console.print(groups)
+    for result in summary.out_of_fold:
+        _print_out_of_fold(console, result)
     best = next((row for row in summary.rows if row.ok and row.checkpoint), None)
     if best is not None:
         console.print(f"best job {best.job}: {best.checkpoint}", soft_wrap=True, markup=False)
     console.print(f"summary: {summary.sweep_dir / 'summary.md'}", soft_wrap=True, markup=False)
     console.print(f"review:  tensorboard --logdir {summary.sweep_dir}", soft_wrap=True, markup=False)
+
+
+def _print_out_of_fold(console: Console, result: oof.OutOfFold) -> None:
+    table = Table(
+        title=f"Out-of-fold ({result.jobs} jobs): {' '.join(result.configuration) or '(defaults)'}",
+        title_justify="left",
+    )
+    for name in ("stratum (n)", "at", *oof.SHOWN):
+        table.add_column(name)
+    for key, m in result.metrics.items():
+        stratum, at = key.split("@")
+        at = f"{result.threshold:.3f}" if at == "threshold" else at
+        table.add_row(f"{stratum} ({m['n']})", at, *(oof.format_metric(m[name]) for name in oof.SHOWN))
+    console.print(table)
 
 
 def summarize_and_write(

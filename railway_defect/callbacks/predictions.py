@@ -1,0 +1,63 @@
+"""ValidationPredictions: every validation image's score from the run's final weights, in
+`predictions_val.csv`. In a cross-validation sweep each image is scored by the one fold model that
+never trained on it, and by weights no validation metric selected: the out-of-fold predictions that
+the sweep summary pools into honest estimates (railway_defect/sweeps/oof.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from railway_defect.outputs import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions_val.csv"
+
+
+def probability_column(positive_class: str) -> str:
+    return f"p_{positive_class}"
+
+
+class ValidationPredictions(Callback):
+    def __init__(self, filename: str = PREDICTIONS_FILE) -> None:
+        self.filename = filename
+        self._scores: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._scores = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
+            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self._scores:
+            return
+        if trainer.world_size > 1:  # each process saw a part of the images, in sampler order
+            if trainer.current_epoch == 0:
+                log.info("Per-image validation predictions are not written under multi-process training.")
+            return
+        samples = trainer.datamodule.splits["val"]
+        scores = torch.cat(self._scores).tolist()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "label", probability_column(pl_module.hparams.positive_class), "epoch"])
+        # limit_val_batches may have scored only the first images
+        for sample, score in zip(samples, scores, strict=False):
+            writer.writerow([str(sample.path), sample.label, f"{score:.6f}", trainer.current_epoch])
+        write_text_atomic(Path(trainer.default_root_dir) / self.filename, buffer.getvalue())

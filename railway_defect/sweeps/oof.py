@@ -1,0 +1,205 @@
+"""Out-of-fold estimates for a cross-validation sweep: every image scored by the fold model that
+never trained on it (each job's predictions_val.csv, from its final weights), pooled per
+configuration, with intervals, per stratum of image size (the storage form that predicts the label
+in the sample data) and for the worst stratum. These are the numbers to select recipes by."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from railway_defect.evaluation.metrics import binary_metrics, choose_threshold
+from railway_defect.outputs import write_json_atomic, write_text_atomic
+
+OOF_FILE = "oof_predictions.csv"
+# a size shared by at least this fraction of the images is a stratum of its own
+STRATUM_MIN_FRACTION = 0.2
+OTHER_SIZES = "other sizes"
+TARGET_RECALL = 0.95
+# what the tables show, from binary_metrics
+SHOWN = ("balanced_accuracy", "recall", "specificity", "auroc")
+
+
+@dataclass
+class ImagePrediction:
+    path: str
+    label: str
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return float(np.mean(self.scores))
+
+
+@dataclass
+class OutOfFold:
+    """One configuration's pooled out-of-fold predictions and their metrics."""
+
+    configuration: list[str]
+    jobs: int
+    positive_class: str
+    images: list[ImagePrediction]
+    strata: dict[str, str]
+    repeat_balanced_accuracy: list[float]
+    threshold: float = 0.5
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def image_size_strata(paths: Sequence[str]) -> dict[str, str]:
+    """Each path's stratum: its WxH when at least STRATUM_MIN_FRACTION of the images share it."""
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = "{}x{}".format(*image.size)
+        except OSError:
+            sizes[path] = "unreadable"
+    counts = Counter(sizes.values())
+    common = {s for s, n in counts.items() if n >= STRATUM_MIN_FRACTION * len(paths)}
+    return {p: (s if s in common else OTHER_SIZES) for p, s in sizes.items()}
+
+
+def _read_predictions(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _positive_column(rows: list[dict[str, str]]) -> str:
+    return next(k for k in rows[0] if k.startswith("p_"))
+
+
+def pool(
+    configuration: list[str], prediction_files: Sequence[Path], seeds: Sequence[str]
+) -> OutOfFold | None:
+    """Pool the jobs' predictions: an image's score is its mean over repeats (seeds)."""
+    images: dict[str, ImagePrediction] = {}
+    per_repeat: dict[str, list[tuple[bool, float]]] = {}
+    positive = ""
+    for file, seed in zip(prediction_files, seeds, strict=True):
+        rows = _read_predictions(file)
+        if not rows:
+            continue
+        column = _positive_column(rows)
+        positive = column.removeprefix("p_")
+        for row in rows:
+            image = images.setdefault(row["path"], ImagePrediction(row["path"], row["label"]))
+            image.scores.append(float(row[column]))
+            per_repeat.setdefault(seed, []).append((row["label"] == positive, float(row[column])))
+    if not images:
+        return None
+    repeat_ba = []
+    for pairs in per_repeat.values():
+        is_pos = np.array([p for p, _ in pairs])
+        predicted = np.array([s >= 0.5 for _, s in pairs])
+        if is_pos.any() and not is_pos.all():
+            repeat_ba.append(float((predicted[is_pos].mean() + (~predicted[~is_pos]).mean()) / 2))
+    ordered = sorted(images.values(), key=lambda i: i.path)
+    strata = image_size_strata([i.path for i in ordered])
+    return OutOfFold(configuration, len(prediction_files), positive, ordered, strata, repeat_ba)
+
+
+def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: int = 1000) -> OutOfFold:
+    """Metrics at 0.5 and at the threshold reaching `target_recall` on these very predictions
+    (chosen in-sample: that threshold's recall is optimistic), overall and per stratum."""
+    is_pos = np.array([i.label == result.positive_class for i in result.images])
+    scores = np.array([i.score for i in result.images])
+    labels = sorted({i.label for i in result.images} - {result.positive_class})
+    negative = labels[0] if len(labels) == 1 else f"not {result.positive_class}"
+    result.threshold = choose_threshold(is_pos, scores, target_recall) if is_pos.any() else 0.5
+    strata = np.array([result.strata[i.path] for i in result.images])
+    for name, mask in [("all", np.ones_like(is_pos)), *((s, strata == s) for s in sorted(set(strata)))]:
+        for at, threshold in (("0.5", 0.5), ("threshold", result.threshold)):
+            result.metrics[f"{name}@{at}"] = binary_metrics(
+                is_pos[mask], scores[mask], threshold, result.positive_class, negative, resamples=resamples
+            )
+    return result
+
+
+def worst_stratum(result: OutOfFold) -> str | None:
+    """The stratum with the lowest balanced accuracy at the threshold."""
+    values = {
+        key.split("@")[0]: m["balanced_accuracy"]["value"]
+        for key, m in result.metrics.items()
+        if key.endswith("@threshold") and not key.startswith("all@")
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+    return min(values, key=values.__getitem__) if values else None
+
+
+def format_metric(metric: dict[str, Any]) -> str:
+    if metric.get("value") is None:
+        return "n/a"
+    return f"{metric['value']:.3f} [{metric['low']:.2f}, {metric['high']:.2f}]"
+
+
+def markdown(results: Sequence[OutOfFold]) -> list[str]:
+    """The out-of-fold section of summary.md."""
+    lines = [
+        "## Out-of-fold estimates (pooled over folds; an image's score is its mean over seeds)",
+        "",
+        "Each image is scored by the fold model that never trained on it, from its final weights "
+        "(no validation metric selected them). 95% intervals. The threshold reaches recall "
+        f">= {TARGET_RECALL} on these same predictions, so metrics at it are optimistic.",
+        "",
+        "| configuration | jobs | stratum (n) | at | " + " | ".join(SHOWN) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in SHOWN) + " |",
+    ]
+    for r in results:
+        config = " ".join(r.configuration) or "(defaults)"
+        spread = ""
+        if len(r.repeat_balanced_accuracy) > 1:
+            mean, std = (
+                statistics.mean(r.repeat_balanced_accuracy),
+                statistics.stdev(r.repeat_balanced_accuracy),
+            )
+            spread = f" (BA@0.5 per seed {mean:.3f} ± {std:.3f})"
+        for key, m in r.metrics.items():
+            stratum, at = key.split("@")
+            at = f"{r.threshold:.3f}" if at == "threshold" else at
+            cells = [format_metric(m[name]) for name in SHOWN]
+            lines.append(
+                f"| `{config}`{spread} | {r.jobs} | {stratum} ({m['n']}) | {at} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
+def to_csv(results: Sequence[OutOfFold]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["configuration", "path", "label", "score", "repeats", "stratum"])
+    for r in results:
+        config = " ".join(r.configuration)
+        for i in r.images:
+            writer.writerow([config, i.path, i.label, f"{i.score:.6f}", len(i.scores), r.strata[i.path]])
+    return buffer.getvalue()
+
+
+def to_json(results: Sequence[OutOfFold]) -> list[dict[str, Any]]:
+    return [
+        {
+            "configuration": r.configuration,
+            "jobs": r.jobs,
+            "images": len(r.images),
+            "positive_class": r.positive_class,
+            "threshold": r.threshold,
+            "threshold_target_recall": TARGET_RECALL,
+            "worst_stratum": worst_stratum(r),
+            "balanced_accuracy_per_seed": r.repeat_balanced_accuracy,
+            "metrics": r.metrics,
+        }
+        for r in results
+    ]
+
+
+def write(sweep_dir: Path, results: Sequence[OutOfFold]) -> None:
+    write_text_atomic(sweep_dir / OOF_FILE, to_csv(results))
+    write_json_atomic(sweep_dir / "oof.json", to_json(results))
