@@ -4,6 +4,7 @@ values Hydra cannot validate, and which checkpoint `ckpt_path` means and whether
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +41,69 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def is_readable_checkpoint(path: Path) -> bool:
+    """A whole checkpoint: torch.save's zip with its central directory, which sits at the end of the
+    file, so a file cut short by a kill or a full disk fails this check without being loaded."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    return sorted(set(paths), key=mtime, reverse=True)
+
+
+def _resolve_last(output_dir: Path, runs_root: Path) -> Path:
+    """This run dir's last.ckpt, else the newest last.ckpt under `runs_root`; when that one is cut short
+    (a kill or a full disk during an older, non-atomic write) the newest readable checkpoint instead."""
+    own = output_dir / "checkpoints" / "last.ckpt"
+    others = [p for p in runs_root.glob("*/**/checkpoints/last.ckpt") if output_dir not in p.parents]
+    if own.is_file():
+        chosen = own
+    elif others:
+        chosen = _newest_first(others)[0]
+    else:
+        raise UserError(
+            f"ckpt_path=last: no last.ckpt under {runs_root}; give the checkpoint's path instead."
+        )
+    if is_readable_checkpoint(chosen):
+        if chosen != own:
+            log.info("ckpt_path=last resolves to %s", chosen)
+        return chosen
+    # the run's own checkpoints first (best.ckpt of the same run), then the other runs' ones
+    own_dir = list((output_dir / "checkpoints").glob("*.ckpt"))
+    everywhere = [p for p in runs_root.glob("*/**/checkpoints/*.ckpt") if output_dir not in p.parents]
+    for candidate in [*_newest_first(own_dir), *_newest_first(everywhere)]:
+        if candidate != chosen and is_readable_checkpoint(candidate):
+            log.warning(
+                "ckpt_path=last: %s is not a readable checkpoint (cut short?); resuming from %s, "
+                "the newest readable one, instead.",
+                chosen,
+                candidate,
+            )
+            return candidate
+    raise UserError(
+        f"ckpt_path=last: {chosen} is not a readable checkpoint (cut short?) and no other checkpoint under "
+        f"{runs_root} is; give a checkpoint's path or start without ckpt_path."
+    )
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> Path | None:
     """`ckpt_path=last`: this run dir's last.ckpt if it has one, else the newest last.ckpt of any
-    run under `runs_root`; any other value must be an existing file."""
+    run under `runs_root` (an unreadable one falls back to the newest readable checkpoint, with a
+    warning); any other value must be an existing file."""
     if not ckpt_path:
         return None
     if str(ckpt_path) == "last":
-        own = output_dir / "checkpoints" / "last.ckpt"
-        if own.is_file():
-            return own
-        candidates = [p for p in runs_root.glob("*/**/checkpoints/last.ckpt") if output_dir not in p.parents]
-        if not candidates:
-            raise UserError(
-                f"ckpt_path=last: no last.ckpt under {runs_root}; give the checkpoint's path instead."
-            )
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        log.info("ckpt_path=last resolves to %s", newest)
-        return newest
+        return _resolve_last(output_dir, runs_root)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={path} does not exist; give an existing .ckpt file or ckpt_path=last.")

@@ -1,7 +1,9 @@
-"""One exception type for problems the user can fix: entry points print its message alone."""
+"""One exception type for problems the user can fix: entry points print its message alone. A disk
+that is full, read-only or not ours, or an output path that is a folder, is such a problem too."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -9,15 +11,37 @@ from typing import TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# the disk is full, read-only or not ours: the user must act, a traceback would not help
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM}
+DISK_HINT = "free space or write to another disk (earlier outputs are intact)"
+
 
 class UserError(Exception):
     """Bad input or configuration; the message says what to do."""
 
 
+def user_message(error: BaseException, hint: str = DISK_HINT) -> str | None:
+    """The one line to show for a problem the user can fix, or None for a bug (show the traceback)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        return f"cannot write {error.filename or 'an output file'}: {error.strerror}; {hint}."
+    if isinstance(error, OSError) and error.errno in PERMISSION_ERRORS:
+        return f"cannot access {error.filename or 'a file'}: {error.strerror}; check its permissions."
+    if isinstance(error, OSError) and error.errno == errno.EISDIR:
+        return f"cannot write {error.filename or 'an output file'}: it is a directory; give a file name."
+    return None
+
+
 def exit_on_user_error(run: Callable[[], T]) -> T:
-    """Run an entry point's work; a UserError ends the process with its message as the last line."""
+    """Run an entry point's work; a UserError (or a full or read-only disk) ends the process with its
+    message as the last line."""
     try:
         return run()
-    except UserError as e:
-        log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
+    except (UserError, OSError) as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        log.error("%s", message)
+        raise SystemExit(f"error: {message}") from None

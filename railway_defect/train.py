@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import signal
@@ -11,24 +10,11 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.errors import UserError
+from railway_defect.errors import user_message
 from railway_defect.sweeps import in_multirun
 
 log = logging.getLogger(__name__)
-# the disk is full, read-only or not ours: the user must act, a traceback would not help
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
-
-
-def user_message(error: BaseException) -> str | None:
-    """The one line to show for a problem the user can fix, or None for a bug (show the traceback)."""
-    if isinstance(error, UserError):
-        return str(error)
-    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        return (
-            f"cannot write {error.filename or 'an output file'}: {error.strerror}; free space or set "
-            "hydra.run.dir to another disk (existing checkpoints are intact)."
-        )
-    return None
+TRAIN_DISK_HINT = "free space or set hydra.run.dir to another disk (existing checkpoints are intact)"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -46,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None  # stopped, not finished: never exit 0
     except Exception as e:
-        message = user_message(e)
+        message = user_message(e, TRAIN_DISK_HINT)
         if multirun:
             log.error("Job failed: %s", message) if message else log.exception("Job failed: %s", e)
             return math.nan

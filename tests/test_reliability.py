@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import fsspec.implementations.local
 import numpy as np
 import pytest
 import torch
@@ -102,10 +101,10 @@ def test_a_manifest_label_without_training_images_is_refused(tmp_path: Path) -> 
     for i in range(6):
         write_image(tmp_path / f"{i}.png", label_index=i % 2, seed=i)
         rows.append(f"{i}.png,{('Defective', 'Non defective')[i % 2]},{'train' if i < 4 else 'val'}")
-    write_image(tmp_path / "typo.png", seed=9)
-    rows.append("typo.png,Defectve,val")
+    write_image(tmp_path / "cracked.png", seed=9)
+    rows.append("cracked.png,Cracked,val")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(UserError, match=r"\['Defectve'\] have no training images"):
+    with pytest.raises(UserError, match=r"\['Cracked'\] have no training images"):
         setup_datamodule(tmp_path)
 
 
@@ -192,13 +191,17 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoints(
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     before = {name: sha256(checkpoints / name) for name in ("best.ckpt", "last.ckpt")}
 
-    real_write = fsspec.implementations.local.LocalFileOpener.write
+    real_save = torch.save
 
-    def write_half_then_fail(self, data):  # the disk fills up in the middle of a checkpoint
-        real_write(self, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+    def save_half_then_fail(obj, f, *args, **kwargs):  # the disk fills up in the middle of a checkpoint
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        if hasattr(f, "write"):
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_fail)
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
     resumed = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=3", "ckpt_path=last")
     with pytest.raises(OSError, match="No space left"):
         run_training(resumed)

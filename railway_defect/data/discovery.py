@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
+import io
 import itertools
 import logging
 import os
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MANIFEST_NAME = "manifest.csv"
+# difflib ratio above which a rare manifest label is taken for a typo of a frequent one
+TYPO_SIMILARITY = 0.85
 # photos whose file-name timestamps are this close were taken in one burst at one spot
 BURST_SECONDS = 10
 _TIMESTAMP = re.compile(r"(20\d\d)(\d\d)(\d\d)[_-]?(\d\d)(\d\d)(\d\d)")
@@ -71,13 +75,31 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+def _subdirs(folder: Path, root: Path, ignored: list[dict[str, str]]) -> list[Path]:
+    """Visible sub-folders. A symlink to a folder inside the data root (`Train/loop -> Train`) would
+    count its images twice, under a made-up class: it is left out with a warning. A symlink to a
+    folder elsewhere (data on another disk) is followed, with a warning, once: not below it."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if _is_hidden(p.name) or not p.is_dir():
+            continue
+        if p.is_symlink():
+            target, real_root = p.resolve(), root.resolve()
+            if target.is_relative_to(real_root) or real_root.is_relative_to(target):
+                reason = f"symlink to {target}, a folder inside the data root (its images are already used)"
+                if target != real_root and real_root.is_relative_to(target):
+                    reason = f"symlink to {target}, a folder that contains the data root (a loop)"
+                log.warning("Ignoring %s: %s.", p, reason)
+                ignored.append({"path": str(p), "reason": reason})
+                continue
+            log.warning("Following the symlink %s -> %s (symlinks below it are not followed).", p, target)
+        found.append(p)
+    return found
 
 
-def _scan_class_folders(folder: Path, ignored: list[dict[str, str]]) -> list[tuple[Path, str]]:
+def _scan_class_folders(folder: Path, root: Path, ignored: list[dict[str, str]]) -> list[tuple[Path, str]]:
     samples = []
-    for class_dir in _subdirs(folder):
+    for class_dir in _subdirs(folder, root, ignored):
         found = 0
         for path in _walk_files(class_dir):
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -120,20 +142,82 @@ def _split_name(name: str, where: str) -> str:
     return SPLIT_ALIASES[key]
 
 
+def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
+    """The rows, keys lower-cased; a file that is not UTF-8 (Excel's Latin-1 export) is a one-line error."""
+    try:
+        text = manifest.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = manifest.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{manifest} is not UTF-8 (byte 0x{e.object[e.start]:02x} on line {line}); save it as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8 {manifest.name} > utf8.csv."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = {c.strip().lower() for c in reader.fieldnames or []}
+    if not {"path", "label"} <= columns:
+        raise UserError(
+            f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}."
+        )
+    return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+
+
+def _manifest_path(root: Path, value: str, where: str) -> Path:
+    """`value` relative to the root (or absolute); a relative path must not climb out of the root."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    if not Path(os.path.normpath(root / path)).is_relative_to(os.path.normpath(root)):
+        raise UserError(
+            f"{where}: path '{value}' points outside the data root {root}; move the file under it "
+            "or give an absolute path."
+        )
+    return root / path
+
+
+def _check_label_typos(labels: Counter[str], lines: dict[str, int], manifest: Path) -> None:
+    """A rare label that is a near-miss of a frequent one (`Defectve` beside `Defective`) is a typo, not
+    a new class. Pairs like `defective`/`non-defective` are further apart than TYPO_SIMILARITY."""
+    for label, count in labels.items():
+        frequent = [o for o in labels if o != label and count <= max(2, labels[o] // 4)]
+        close = [o for o in frequent if o.casefold() == label.casefold()] or difflib.get_close_matches(
+            label, frequent, n=1, cutoff=TYPO_SIMILARITY
+        )
+        if close:
+            raise UserError(
+                f"{manifest} line {lines[label]}: label '{label}' ({count} row(s)) looks like a typo of "
+                f"'{close[0]}' ({labels[close[0]]} rows); correct it, or rename one of the two classes."
+            )
+
+
+def _unlisted_images(root: Path, listed: set[Path], ignored: list[dict[str, str]]) -> None:
+    """Images under the root that the manifest does not name: not used, but counted and reported."""
+    unlisted = [
+        p
+        for p in _walk_files(root)
+        if p.suffix.lower() in IMAGE_SUFFIXES and Path(os.path.abspath(p)) not in listed
+    ]
+    if unlisted:
+        log.warning(
+            "%d image file(s) under %s are not listed in %s and not used (e.g. %s); see data_report.json.",
+            len(unlisted),
+            root,
+            MANIFEST_NAME,
+            ", ".join(str(p.relative_to(root)) for p in unlisted[:3]),
+        )
+    ignored.extend({"path": str(p), "reason": f"not listed in {MANIFEST_NAME}"} for p in unlisted)
+
+
 def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[Sample]]:
     manifest = root / MANIFEST_NAME
-    with manifest.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = {c.strip().lower() for c in reader.fieldnames or []}
-        if not {"path", "label"} <= columns:
-            raise UserError(
-                f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}."
-            )
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    rows = _manifest_rows(manifest)
     splits: dict[str, list[Sample]] = {}
+    # each file once: path -> (line, label, split) of its first row
+    first_row: dict[Path, tuple[int, str, str]] = {}
+    labels: Counter[str] = Counter()
+    label_lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
-        path = Path(row["path"])
-        path = path if path.is_absolute() else root / path
+        path = _manifest_path(root, row["path"], f"{manifest} line {line}")
+        key = Path(os.path.abspath(path))
         problem = None
         if not row["label"]:
             problem = f"{MANIFEST_NAME} line {line} has no label"
@@ -144,8 +228,24 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
             ignored.append({"path": str(path), "reason": problem})
             continue
         split = _split_name(row["split"], f"{manifest} line {line}") if row.get("split") else "train"
+        if key in first_row:
+            first, label, first_split = first_row[key]
+            if (label, first_split) != (row["label"], split):
+                raise UserError(
+                    f"{manifest}: {row['path']} is listed on line {first} as {label} ({first_split}) and on "
+                    f"line {line} as {row['label']} ({split}); one file can have one label and one split."
+                )
+            reason = f"listed twice in {MANIFEST_NAME} (lines {first} and {line}); used once"
+            log.warning("%s is %s.", path, reason)
+            ignored.append({"path": str(path), "reason": reason})
+            continue
+        first_row[key] = (line, row["label"], split)
+        labels[row["label"]] += 1
+        label_lines.setdefault(row["label"], line)
         group = row.get("group") or str(path)
         splits.setdefault(split, []).append(Sample(path, row["label"], group))
+    _check_label_typos(labels, label_lines, manifest)
+    _unlisted_images(root, set(first_row), ignored)
     return splits
 
 
@@ -219,7 +319,7 @@ def discover(
         layout, splits = "manifest", _read_manifest(root, ignored)
     else:
         split_dirs: dict[str, Path] = {}
-        for folder in _subdirs(root):
+        for folder in _subdirs(root, root, ignored):
             split = SPLIT_ALIASES.get(folder.name.lower())
             if split is None:
                 continue
@@ -232,11 +332,11 @@ def discover(
         if split_dirs:
             layout = "split_folders"
             splits = {
-                split: _to_samples(_scan_class_folders(folder, ignored))
+                split: _to_samples(_scan_class_folders(folder, root, ignored))
                 for split, folder in split_dirs.items()
             }
         else:
-            layout, splits = "class_folders", {"train": _to_samples(_scan_class_folders(root, ignored))}
+            layout, splits = "class_folders", {"train": _to_samples(_scan_class_folders(root, root, ignored))}
     splits = {split: samples for split, samples in splits.items() if samples}
     if not splits:
         raise UserError(

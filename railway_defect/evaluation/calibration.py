@@ -13,6 +13,8 @@ from scipy.optimize import minimize_scalar
 from torch.nn import functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from railway_defect.outputs import atomic_path
+
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
@@ -102,6 +104,6 @@ def plot_reliability(panels: dict[str, tuple[list[dict[str, Any]], float]], path
         )
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a full disk must not leave half a PNG
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

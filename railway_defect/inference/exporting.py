@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import asdict
 from datetime import datetime
@@ -20,6 +18,7 @@ from torch import nn
 
 from railway_defect.errors import UserError
 from railway_defect.inference.model import METADATA_KEY, CheckpointPredictor, load_predictor
+from railway_defect.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +104,11 @@ def export_model(
     size = predictor.info.input_size
     example = torch.randn(2, 3, size, size)
     metadata = export_metadata(predictor)
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(output) as tmp:
         if format == "onnx":
             _write_onnx(network, example, metadata, tmp, opset)
         else:
             _write_torchscript(network, example, metadata, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     result: dict[str, Any] = {"output": str(output), "format": format, "metadata": metadata}
     if check:
         result["max_abs_diff"] = check_parity(predictor, output, tolerance)

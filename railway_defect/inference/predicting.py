@@ -3,11 +3,11 @@ the positive class's probability, the label at the operating threshold, and a re
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from railway_defect.inference.inputs import (
     list_sources,
 )
 from railway_defect.inference.model import CheckpointPredictor, Predictor, load_predictor
+from railway_defect.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +126,44 @@ def flip_axes(tta: bool, flips: Sequence[str]) -> tuple[int, ...]:
 
 
 class CsvRowWriter:
-    """Rows are written (and flushed) as batches finish, to a temporary file renamed over `path` at
-    the end; an interrupted run leaves `<path>.partial` with the rows done so far."""
+    """Rows are written (and flushed) as batches finish, to a temporary file beside `path` renamed over
+    it at the end (railway_defect.outputs.atomic_path). An interrupted run leaves `<path>.partial`
+    with the rows done so far; a full or read-only disk leaves nothing (and `path` as it was)."""
 
     def __init__(self, path: Path, fieldnames: list[str]):
         self.path, self.fieldnames = path, fieldnames
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> CsvRowWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.file = os.fdopen(fd, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.fieldnames)
-        self.writer.writeheader()
+        with self._stack as stack:
+            self.tmp = stack.enter_context(atomic_path(self.path))
+            self.file = stack.enter_context(self.tmp.open("w", newline="", encoding="utf-8"))
+            self.writer = csv.DictWriter(self.file, fieldnames=self.fieldnames)
+            self.writer.writeheader()
+            self._stack = stack.pop_all()
         return self
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self.writer.writerows([{k: _csv_value(v) for k, v in row.items()} for row in rows])
         self.file.flush()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-            return
-        partial = self.path.with_name(self.path.name + ".partial")
-        os.replace(self.tmp, partial)
-        log.warning("Stopped early: the rows written so far are in %s.", partial)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None and not issubclass(exc_type, OSError):
+            with contextlib.suppress(OSError):
+                self.file.close()
+                partial = self.path.with_name(self.path.name + ".partial")
+                os.replace(self.tmp, partial)
+                log.warning("Stopped early: the rows written so far are in %s.", partial)
+        # closes the file, then renames it into place, or removes it when anything failed
+        return self._stack.__exit__(exc_type, exc, tb)
+
+
+def check_output_file(output: Path) -> None:
+    """Refused before any work: an output that is a folder (the rename would fail at the very end)."""
+    if output.is_dir():
+        raise UserError(
+            f"output={output} is a directory; give a file name such as {output / 'predictions.csv'}."
+        )
 
 
 def _csv_value(value: Any) -> Any:
@@ -194,9 +207,8 @@ def save_gradcams(
     for i, heatmap in zip(chosen, heatmaps, strict=True):
         image = items[i].image
         heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-        Image.fromarray(overlay(image, heatmap)).save(
-            folder / _gradcam_name(first_row + i, items[i]), quality=90
-        )
+        with atomic_path(folder / _gradcam_name(first_row + i, items[i])) as tmp:
+            Image.fromarray(overlay(image, heatmap)).save(tmp, format="JPEG", quality=90)
 
 
 @dataclass
@@ -239,13 +251,14 @@ def run_prediction(
     """Score every input of `input` and write one CSV row per image or video frame."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
+    output = Path(output)
+    check_output_file(output)
     sources = list_sources(input)
     predictor = load_predictor(model_path, device, threshold)
     if gradcam_dir and not isinstance(predictor, CheckpointPredictor):
         raise UserError("gradcam_dir needs the training checkpoint (ckpt_path=...), not an exported model.")
     decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
     flips = flip_axes(tta, tta_flips)
-    output = Path(output)
     summary = PredictionSummary(0, 0, 0, 0, output)
 
     with _progress(progress) as bar, CsvRowWriter(output, columns(predictor.info.positive_class)) as writer:

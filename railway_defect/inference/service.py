@@ -20,6 +20,8 @@ from railway_defect.inference.model import Predictor
 from railway_defect.inference.predicting import Decision, prediction_row, score
 
 MB = 1024 * 1024
+# the start of the messages of starlette.formparsers.MultiPartParser for its max_files/max_fields
+TOO_MANY_PARTS = ("Too many files", "Too many fields")
 
 
 class UploadProblem(Exception):
@@ -93,7 +95,13 @@ def create_app(
             return _error(413, f"request larger than {max_files} files of {max_upload_mb:g} MB")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return _error(415, "send images as multipart/form-data (e.g. curl -F files=@photo.jpg)")
-        form = await request.form(max_files=max_files, max_fields=max_files)
+        try:
+            form = await request.form(max_files=max_files, max_fields=max_files)
+        except HTTPException as e:
+            # Starlette answers 400 for every multipart limit; too many parts is a request too large
+            if str(e.detail).startswith(TOO_MANY_PARTS):
+                return _error(413, f"more than max_files={max_files} files in one request")
+            raise
         uploads = []
         try:
             for _, value in form.multi_items():
