@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -29,6 +30,12 @@ def user_message(error: BaseException) -> str | None:
             "hydra.run.dir to another disk (existing checkpoints are intact)."
         )
     return None
+
+
+def accept_logger_null(argv: list[str]) -> list[str]:
+    """`logger=null` means no logger, as `logger=[]` does; Hydra refuses null for a config group
+    (its own spelling is `~logger`), so it is rewritten before Hydra reads the command line."""
+    return ["logger=[]" if arg == "logger=null" else arg for arg in argv]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -61,4 +68,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = accept_logger_null(sys.argv)
     main()
