@@ -16,16 +16,20 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
 from railway_defect.paths import PROJECT_ROOT
-from tests.conftest import OFFLINE_ENV, REAL_DATA
+from tests.conftest import CONF_DIR, OFFLINE_ENV, REAL_DATA
 from tests.test_train import VAL_METRICS
 
 # the sample data: 79 training images (40 per process, one of them padded) and 28 validation images
@@ -96,6 +100,18 @@ def run_bounded(*args: str, log_dir: Path, timeout: float = 240) -> subprocess.C
         _kill_group(proc)  # a rank left behind
     stdout = (log_dir / "stdout.txt").read_text()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, _stderr(log_dir))
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_ddp_trainers_bound_the_wait_in_a_collective(trainer: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default = compose(config_name="train", overrides=[f"trainer={trainer}"])
+        changed = compose(
+            config_name="train", overrides=[f"trainer={trainer}", "trainer.strategy.timeout.seconds=42"]
+        )
+    assert instantiate(default.trainer.strategy)._timeout == timedelta(minutes=10)
+    strategy = instantiate(changed.trainer.strategy)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(seconds=42)
 
 
 @pytest.mark.slow
