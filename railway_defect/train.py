@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +16,12 @@ from railway_defect.sweeps import in_multirun
 
 log = logging.getLogger(__name__)
 TRAIN_DISK_HINT = "free space or set hydra.run.dir to another disk (existing checkpoints are intact)"
+
+
+def accept_logger_null(argv: list[str]) -> list[str]:
+    """`logger=null` means no logger, as `logger=[]` does; Hydra refuses null for a config group
+    (its own spelling is `~logger`), so it is rewritten before Hydra reads the command line."""
+    return ["logger=[]" if arg == "logger=null" else arg for arg in argv]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -47,4 +54,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = accept_logger_null(sys.argv)
     main()

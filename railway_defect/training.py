@@ -13,13 +13,15 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from railway_defect.callbacks.distributed import SyncEpochMetrics
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
+from railway_defect.callbacks.review import ReviewImages
 from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
 from railway_defect.data.datamodule import RailwayDataModule
@@ -28,6 +30,7 @@ from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
 from railway_defect.outputs import write_json_atomic
 from railway_defect.resources import configure_torch_threads, resolve_benchmark, resolve_precision
+from railway_defect.shutdown import Watchdog, sigterm_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,22 @@ def _instantiate(config: Any, **kwargs: Any) -> Any:
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [_instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+# callbacks that only write to a logger (Lightning refuses LearningRateMonitor without one)
+NEEDS_LOGGER = (LearningRateMonitor, ReviewImages)
+
+
+def _drop_logger_callbacks(callbacks: list[Callback], loggers: list[Logger]) -> list[Callback]:
+    """`logger=[]` / `logger=null` train without logging: the callbacks that have nothing to write
+    to are left out, said once, instead of failing the run."""
+    if loggers:
+        return callbacks
+    skipped = [c for c in callbacks if isinstance(c, NEEDS_LOGGER)]
+    if _is_global_zero():
+        names = ", ".join([type(c).__name__ for c in skipped] + ["HParams"])
+        log.info("No logger in this run: skipping %s.", names)
+    return [c for c in callbacks if not isinstance(c, NEEDS_LOGGER)]
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -146,7 +165,8 @@ def run_training(cfg: DictConfig) -> float | None:
         write_json_atomic(output_dir / "metrics.json", record)
     start = time.perf_counter()
     try:
-        record.update(_fit_and_test(cfg))
+        with sigterm_watchdog(float(cfg.get("shutdown_grace_s", 60))) as watchdog:
+            record.update(_fit_and_test(cfg, watchdog))
         diverged, interrupted = record.pop("diverged"), record.pop("interrupted")
         if diverged:
             record.update(status="diverged", error=diverged)
@@ -210,7 +230,7 @@ def resolve_hardware_defaults(cfg: DictConfig) -> None:
         trainer.benchmark = resolve_benchmark(trainer.get("benchmark"), trainer.get("deterministic"))
 
 
-def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
+def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str, Any]:
     if _is_global_zero():
         print_config_tree(cfg)
     check_config(cfg)
@@ -233,10 +253,13 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
 
     model = build_model(cfg, datamodule)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    # first: every process computes the epoch's metrics (a collective) before any other callback
+    callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _check_launcher_in_sweep(trainer)
+    if watchdog is not None:  # the processes Lightning starts for DDP stop with this one
+        watchdog.children = lambda: list(getattr(trainer.strategy.launcher, "procs", None) or [])
 
     diverged = None
     try:

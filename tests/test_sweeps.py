@@ -226,7 +226,7 @@ def test_launchers_and_searches_compose() -> None:
     try:
         slurm = _compose("hydra/launcher=submitit_slurm", "trainer=ddp", "hydra.launcher.tasks_per_node=4")
         assert get_class(slurm.hydra.launcher._target_).__name__ == "SlurmLauncher"
-        assert slurm.hydra.launcher.tasks_per_node == 4 and slurm.trainer.strategy == "ddp"
+        assert slurm.hydra.launcher.tasks_per_node == 4 and slurm.trainer.strategy.timeout.seconds == 600
         joblib = _compose("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
         assert get_class(joblib.hydra.launcher._target_).__name__ == "JoblibLauncher"
 
