@@ -49,7 +49,9 @@ def print_run_summary(record: dict[str, Any], monitor: str) -> None:
     # paths and commands are printed unwrapped and without markup, so they can be copied
     checkpoints = record.get("checkpoints") or {}
     if checkpoints.get("best"):
-        console.print(f"best checkpoint ({monitor}): {checkpoints['best']}", soft_wrap=True, markup=False)
+        console.print(f"best checkpoint: {checkpoints['best']}", soft_wrap=True, markup=False)
+    if record.get("selection"):
+        console.print(f"validation metrics: selection {record['selection']}", soft_wrap=True, markup=False)
     if not record.get("pretrained_loaded"):
         console.print(
             "note: the backbone started from random weights (no pretrained weights loaded)", style="yellow"

@@ -230,6 +230,26 @@ def resolve_hardware_defaults(cfg: DictConfig) -> None:
         trainer.benchmark = resolve_benchmark(trainer.get("benchmark"), trainer.get("deterministic"))
 
 
+def _model_checkpoint(callbacks: list[Any]) -> ModelCheckpoint | None:
+    """The callback that writes best.ckpt: the one that selects by a monitored metric, else the
+    first one (callbacks.model_checkpoint.monitor=null: no selection, the final epoch's weights)."""
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    return next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
+
+
+def _selection_note(monitor: str | None) -> str:
+    """What the `val` metrics of metrics.json are worth, said where they are read."""
+    if monitor is None:
+        return (
+            "none: best.ckpt holds the final epoch's weights, so its validation metrics are a hold-out "
+            "estimate (small: see the intervals of evaluate, and out-of-fold metrics of experiment=cv)"
+        )
+    return (
+        f"{monitor} on the validation split picked best.ckpt's epoch, so its validation metrics are "
+        "optimistic; use evaluate on a Test split or out-of-fold metrics (experiment=cv) to report"
+    )
+
+
 def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str, Any]:
     if _is_global_zero():
         print_config_tree(cfg)
@@ -267,14 +287,18 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
     except TrainingDiverged as e:  # keep what the epochs before the divergence produced
         diverged = str(e)
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    checkpoint = _model_checkpoint(callbacks)
+    selected = bool(checkpoint and checkpoint.monitor)
     last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
     best_path = checkpoint.best_model_path if checkpoint else ""
-    best_score = checkpoint.best_model_score if checkpoint else None
+    best_score = checkpoint.best_model_score if selected else None
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
     # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
     epochs = list(history.epochs)
-    best_row = history.best(cfg.monitor, float(best_score) if best_score is not None else None)
+    if selected:
+        best_row = history.best(cfg.monitor, float(best_score) if best_score is not None else None)
+    else:  # no selection: best.ckpt is the final epoch's weights
+        best_row = epochs[-1] if epochs and best_path else None
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
     test_metrics: dict[str, float] = {}
@@ -292,6 +316,7 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
             "epoch": best_row["epoch"] if best_row else None,
             cfg.monitor: float(best_score) if best_score is not None else None,
         },
+        "selection": _selection_note(cfg.monitor if selected else None),
         "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
         "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
         "test": test_metrics,

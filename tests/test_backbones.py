@@ -104,6 +104,8 @@ def test_efficientnet_lite_imagenet_weights_recognise_a_cat(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
-def test_efficientnet_lite_backbone_loads_the_shipped_weights_offline(offline_torch_home: Path, name: str) -> None:
+def test_efficientnet_lite_backbone_loads_the_shipped_weights_offline(
+    offline_torch_home: Path, name: str
+) -> None:
     backbone = create_backbone(name, pretrained=True, require_pretrained=True)
     assert backbone.pretrained_loaded is True

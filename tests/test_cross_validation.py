@@ -129,3 +129,21 @@ def test_experiment_cv_runs_every_fold_on_the_real_data(tmp_path: Path) -> None:
     assert float(group["val/f1_best_mean"]) == pytest.approx(sum(f1) / 3, abs=1e-4)
     assert "Mean ± std per configuration" in (sweep / "summary.md").read_text()
     assert "Mean ± std per configuration" in result.stdout
+
+    # out-of-fold: every image once, scored by the fold that validated it, pooled with intervals
+    with (sweep / "oof_predictions.csv").open() as f:
+        oof_rows = list(csv.DictReader(f))
+    assert len(oof_rows) == 107 and len({r["path"] for r in oof_rows}) == 107
+    fold_of = {
+        row["path"]: i
+        for i in range(3)
+        for row in csv.DictReader((sweep / str(i) / "predictions_val.csv").open())
+    }
+    assert len(fold_of) == 107
+    (pooled,) = json.loads((sweep / "oof.json").read_text())
+    overall = pooled["metrics"]["all@0.5"]
+    assert overall["n"] == 107
+    assert overall["balanced_accuracy"]["low"] <= overall["balanced_accuracy"]["value"]
+    assert {"all@0.5", "224x224@0.5", "other sizes@0.5"} <= set(pooled["metrics"])
+    assert pooled["worst_stratum"] in ("224x224", "other sizes")
+    assert "Out-of-fold estimates" in (sweep / "summary.md").read_text()

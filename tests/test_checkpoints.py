@@ -1,0 +1,113 @@
+"""Every option that changes what a checkpoint stores gives a checkpoint that every command can use:
+it loads with weights_only=True, and evaluate, predict, export and serve score with it applying the
+stored preprocessing (storage form included). Evaluate scores the run's own recorded split."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from railway_defect.data.images import decode_image
+from railway_defect.errors import UserError
+from railway_defect.evaluation.report import run_evaluation
+from railway_defect.inference.exporting import export_model
+from railway_defect.inference.model import load_predictor
+from railway_defect.inference.predicting import Decision, run_prediction
+from railway_defect.inference.service import create_app
+from railway_defect.training import run_training
+from tests.conftest import FAST, make_split_dataset, write_image
+
+OPTIONS = {
+    "balance_loss": ("data.balance=loss",),
+    "harmonize": ("data.harmonize=thumbnail",),
+    "nuisance_augmentation": ("augmentation=nuisance",),
+    "image_size": ("data.image_size=48", "data.cache_size=56"),
+    "label_smoothing": ("model.label_smoothing=0.1",),
+    "backbone_lr_and_warmup": ("model.backbone_lr_scale=0.1", "scheduler=warmup_cosine"),
+    "no_selection": ("callbacks.model_checkpoint.monitor=null",),
+}
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_path: Path, option: str) -> None:
+    data = make_split_dataset(tmp_path / "data", {"Train": 4, "Validation": 2})
+    cfg = compose_train(*FAST, "trainer.max_epochs=1", f"data.root={data}", *OPTIONS[option])
+    run_training(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    torch.load(ckpt, map_location="cpu", weights_only=True)  # plain values only
+
+    predictor = load_predictor(ckpt, device="cpu")
+    assert predictor.info.harmonize == cfg.data.harmonize
+    assert predictor.info.input_size == cfg.data.image_size
+
+    report = run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval"))
+    assert report["data"]["n"] == 4
+    predictions = _read(tmp_path / "eval" / "predictions_validation.csv")
+    assert len(predictions) == 4 and {r["predicted"] for r in predictions} <= {"Defective", "Non defective"}
+
+    summary = run_prediction(str(ckpt), str(data / "Validation"), tmp_path / "p.csv", progress=False)
+    assert summary.rows == 4 and summary.failed == 0
+    exported = export_model(str(ckpt), "onnx", tmp_path / "model.onnx")
+    assert exported["max_abs_diff"] < 1e-3
+    onnx = load_predictor(tmp_path / "model.onnx")
+    assert onnx.info.harmonize == cfg.data.harmonize
+
+    client = TestClient(create_app(onnx, Decision.from_config(0.5, 1.0, None)))
+    photo = next((data / "Validation" / "Defective").iterdir())
+    response = client.post("/predict", files=[("files", (photo.name, photo.read_bytes(), "image/png"))])
+    assert response.status_code == 200, response.text
+    (row,) = response.json()["predictions"]
+    (expected,) = [r for r in _read(tmp_path / "p.csv") if Path(r["path"]) == photo]
+    assert row["p_Defective"] == pytest.approx(float(expected["p_Defective"]), abs=1e-4)
+
+
+def test_harmonize_brings_every_photo_to_one_storage_form(tmp_path: Path) -> None:
+    big = write_image(tmp_path / "big.jpg", size=(640, 480))
+    thumb = write_image(tmp_path / "thumb.jpg", size=(224, 224))
+    for path in (big, thumb):
+        assert decode_image(path.read_bytes(), 256, mode="thumbnail").shape == (224, 224, 3)
+    assert decode_image(big.read_bytes(), 256).shape == (256, 341, 3)
+
+
+def test_evaluate_scores_the_runs_recorded_split_not_a_new_one(compose_train, tmp_path: Path) -> None:
+    """Class folders are split at training time with the run's seed; evaluate with another seed
+    must still score the run's validation images, and refuse changed or unrecorded ones."""
+    data = tmp_path / "data"
+    for i in range(24):
+        label = ("Defective", "Non defective")[i % 2]
+        write_image(data / label / f"{i}.png", label_index=i % 2, seed=i)
+    cfg = compose_train(*FAST, "trainer.max_epochs=1", f"data.root={data}", "seed=7")
+    run_training(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    recorded = {Path(r["path"]).name for r in _read(run_dir / "splits.csv") if r["split"] == "val"}
+
+    run_evaluation(str(ckpt), str(data), seed=42, bootstrap=20, output_dir=str(tmp_path / "eval"))
+    scored = {Path(r["path"]).name for r in _read(tmp_path / "eval" / "predictions_validation.csv")}
+    assert scored == recorded
+
+    changed = next(p for p in sorted(data.rglob("*.png")) if p.name in recorded)
+    backup = tmp_path / "backup.png"
+    shutil.copy(changed, backup)
+    write_image(changed, seed=999)
+    with pytest.raises(UserError, match="changed since the run recorded them"):
+        run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval2"))
+    shutil.copy(backup, changed)
+
+    (run_dir / "splits.csv").unlink()
+    with pytest.raises(UserError, match="splits=resplit"):
+        run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval3"))
+    report = run_evaluation(
+        str(ckpt), str(data), splits="resplit", bootstrap=20, output_dir=str(tmp_path / "eval4")
+    )
+    assert report["data"]["splits"] == "resplit"

@@ -1,0 +1,90 @@
+"""Pooled out-of-fold estimates from a sweep's per-job validation predictions: each image once per
+seed, its score the mean over seeds, metrics with intervals overall and per image-size stratum."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from railway_defect.sweeps.summary import summarize_and_write
+from tests.conftest import write_image
+
+
+def _job(sweep: Path, name: str, overrides: list[str], rows: list[tuple[Path, str, float]]) -> None:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"num_folds": 2}}))
+    (job / "metrics.json").write_text(json.dumps({"status": "finished", "val": {}, "duration_s": 1.0}))
+    with (job / "predictions_val.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "p_Defective", "epoch"])
+        writer.writerows([str(p), label, score, 1] for p, label, score in rows)
+
+
+def test_sweep_summary_pools_out_of_fold_predictions_per_configuration(tmp_path: Path) -> None:
+    # 12 images: the 6 thumbnails (32x32) are scored well, the 6 others badly
+    images = []
+    for i in range(12):
+        size = (32, 32) if i < 6 else (40 + i, 30)
+        label = "Defective" if i % 2 == 0 else "Non defective"
+        images.append((write_image(tmp_path / "img" / f"{i}.png", size=size, seed=i), label))
+    good = {p: (0.9 if label == "Defective" else 0.1) for p, label in images[:6]}
+    bad = {p: 0.5 for p, _ in images[6:]}
+    scores = {**good, **bad}
+    sweep = tmp_path / "sweep"
+    for seed in (1, 2):
+        for fold in (0, 1):
+            part = [(p, label, scores[p]) for i, (p, label) in enumerate(images) if i % 2 == fold]
+            _job(sweep, f"{seed}{fold}", [f"seed={seed}", f"data.fold={fold}", "optimizer.lr=0.1"], part)
+
+    summary = summarize_and_write(sweep, show=False)
+
+    (result,) = summary.out_of_fold
+    assert result.jobs == 4 and len(result.images) == 12
+    assert all(len(image.scores) == 2 for image in result.images)  # one score per seed
+    assert result.configuration == ["optimizer.lr=0.1"]
+    thumbnails = result.metrics["32x32@0.5"]
+    assert thumbnails["n"] == 6 and thumbnails["balanced_accuracy"]["value"] == pytest.approx(1.0)
+    assert result.metrics["other sizes@0.5"]["balanced_accuracy"]["value"] == pytest.approx(0.5)
+    assert result.metrics["all@0.5"]["n"] == 12
+    pooled = json.loads((sweep / "oof.json").read_text())[0]
+    assert pooled["worst_stratum"] == "other sizes"
+    assert pooled["balanced_accuracy_per_seed"] == pytest.approx([0.75, 0.75])
+    with (sweep / "oof_predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["repeats"] for r in rows} == {"2"}
+    markdown = (sweep / "summary.md").read_text()
+    assert "Out-of-fold estimates" in markdown and "32x32 (6)" in markdown
+
+
+def test_jobs_without_folds_have_no_out_of_fold_section(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    image = write_image(tmp_path / "a.png")
+    _job(sweep, "0", ["optimizer.lr=0.1"], [(image, "Defective", 0.7)])
+    (sweep / "0" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"num_folds": None}}))
+    summary = summarize_and_write(sweep, show=False)
+    assert summary.out_of_fold == []
+    assert not (sweep / "oof.json").exists()
+
+
+def test_vectorised_bootstrap_auroc_equals_weighted_auroc() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from railway_defect.evaluation.metrics import _resampled_auroc, _resampled_counts
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(60) < 0.4
+    scores = np.round(rng.random(60), 1)  # ties on purpose
+    w_pos = _resampled_counts(int(labels.sum()), 5, rng)
+    w_neg = _resampled_counts(int((~labels).sum()), 5, rng)
+    fast = _resampled_auroc(scores[labels], scores[~labels], w_pos, w_neg)
+    y = np.r_[np.ones(labels.sum()), np.zeros((~labels).sum())]
+    s = np.r_[scores[labels], scores[~labels]]
+    slow = [roc_auc_score(y, s, sample_weight=np.r_[wp, wn]) for wp, wn in zip(w_pos, w_neg, strict=True)]
+    np.testing.assert_allclose(fast, slow)
