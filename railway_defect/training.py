@@ -24,6 +24,7 @@ from railway_defect.callbacks.history import EpochHistory
 from railway_defect.callbacks.review import ReviewImages
 from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.errors import UserError
 from railway_defect.models.backbones import get_spec
@@ -278,6 +279,11 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
     callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _check_launcher_in_sweep(trainer)
+    for logger in loggers:  # the data's shortcut audit, in TensorBoard's Text tab from the start
+        if isinstance(logger, TensorBoardLogger) and datamodule.report.get("shortcut_audit"):
+            logger.experiment.add_text(
+                "data/shortcut_audit", audit_markdown(datamodule.report["shortcut_audit"])
+            )
     if watchdog is not None:  # the processes Lightning starts for DDP stop with this one
         watchdog.children = lambda: list(getattr(trainer.strategy.launcher, "procs", None) or [])
 

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.callbacks.reproducibility import epoch_seed
+from railway_defect.data.audit import audit_and_warn
 from railway_defect.data.discovery import DatasetIndex, Sample, discover
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
@@ -111,6 +112,7 @@ class RailwayDataModule(LightningDataModule):
         harmonize: str = "none",
         splits_path: str | Path | None = None,
         splits_from: str | Path | None = None,
+        audit: bool = True,
         train_transforms: Sequence[Any] = (),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -143,6 +145,7 @@ class RailwayDataModule(LightningDataModule):
         # where this run records its split membership, and a record to reuse instead of splitting
         self.splits_path = Path(splits_path) if splits_path else None
         self.splits_from = Path(splits_from) if splits_from else None
+        self.audit = audit
         self.train_transform = build_transform(list(train_transforms), image_size, mean, std, seed=seed)
         self.eval_transform = build_transform([], image_size, mean, std)
         self.index: DatasetIndex | None = None
@@ -248,6 +251,12 @@ class RailwayDataModule(LightningDataModule):
             "skipped": [{"path": str(p), "reason": r} for p, r in self.decoded.failures.items()],
             "ignored": self.index.ignored,
             "duplicates_across_splits": duplicates,
+            # can size, format, compression, folder... of the train + val files predict the label?
+            "shortcut_audit": audit_and_warn(
+                [*self.splits.get("train", []), *self.splits.get("val", [])], self.root
+            )
+            if self.audit
+            else None,
         }
         self.report = report
         if self.report_path is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import rich
 from rich.table import Table
 
+from railway_defect.data.audit import audit_and_warn, audit_summary
 from railway_defect.data.discovery import SPLIT_ALIASES, DatasetIndex, Sample, discover
 from railway_defect.data.images import decode_files
 from railway_defect.data.splits import SPLITS_FILE, check_unchanged, read_split_record
@@ -246,6 +247,7 @@ def run_evaluation(
         "figures": {"reliability": "reliability.png"},
         "predictions": str(predictions),
         "output_dir": str(out),
+        "shortcut_audit": audit_and_warn(samples, root),  # on the images scored here
     }
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", render_markdown(report))
@@ -309,6 +311,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- data: `{data['root']}`, {data['split']} split, {data['n']} images "
         f"({', '.join(f'{k}: {v}' for k, v in data['counts'].items())})"
         + (f", {len(data['skipped'])} unreadable skipped" if data["skipped"] else ""),
+        f"- {audit_summary(report.get('shortcut_audit'))}",
         f"- intervals: {level}% (Wilson for accuracy, precision, recall, specificity; "
         "stratified bootstrap for balanced accuracy, F1, AUROC)",
         "",
