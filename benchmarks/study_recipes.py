@@ -3,8 +3,9 @@ write STUDY.md: per recipe, the pooled out-of-fold balanced accuracy and defect 
 chosen threshold (overall and in each image-size stratum, with 95% intervals), AUROC, and the time
 one full training took. Recipes are selected by these numbers, never by the Validation folder.
 
-Each recipe is one CV sweep (`experiment=cv`, seeds x folds) in <out>/<recipe>/, summarised by the
-sweep summary (oof.json); recipes whose sweep already finished are read, not run again.
+Each recipe is one CV sweep (`data.fold=range(K)` x seeds, as `experiment=cv` runs it) in
+<out>/<recipe>/, summarised by the sweep summary (oof.json); recipes whose sweep already finished
+are read, not run again.
 
     python benchmarks/study_recipes.py [--recipes a,b] [--seeds 1,2] [--folds 5] [--n-jobs 2]
         [--parallel 1] [--out outputs/study] [--read-only] [--quick]
@@ -36,43 +37,52 @@ TUNED = (
     "optimizer.weight_decay=0.01",
     "data.balance=loss",
 )
+
+
+def _with(base: tuple[str, ...], *overrides: str) -> tuple[str, ...]:
+    """`base` with `overrides`, a key given again replacing its earlier value."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return (*(o for o in base if o.split("=", 1)[0] not in keys), *overrides)
+
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
     "tuned": TUNED,
-    "tuned_nuisance": (*TUNED, "augmentation=nuisance"),
-    "tuned_harmonize": (*TUNED, "data.harmonize=thumbnail"),
-    "tuned_harmonize_nuisance": (*TUNED, "data.harmonize=thumbnail", "augmentation=nuisance"),
-    "tuned_harmonize_nuisance_320": (
-        *TUNED,
+    "tuned_nuisance": _with(TUNED, "augmentation=nuisance"),
+    "tuned_harmonize": _with(TUNED, "data.harmonize=thumbnail"),
+    "tuned_harmonize_nuisance": _with(TUNED, "data.harmonize=thumbnail", "augmentation=nuisance"),
+    "tuned_harmonize_nuisance_320": _with(
+        TUNED,
         "data.harmonize=thumbnail",
         "augmentation=nuisance",
         "data.image_size=320",
         "data.cache_size=320",
     ),
-    "lite2_harmonize_nuisance": (
-        *TUNED,
+    # = experiment=offline_best (tests/test_study.py checks they compose alike)
+    "lite2_harmonize_nuisance": _with(
+        TUNED,
         "model=efficientnet_lite2",
         "data.harmonize=thumbnail",
         "augmentation=nuisance",
         "data.image_size=260",
         "data.cache_size=260",
     ),
-    "lite2_harmonize_nuisance_384": (
-        *TUNED,
+    "lite2_harmonize_nuisance_384": _with(
+        TUNED,
         "model=efficientnet_lite2",
         "data.harmonize=thumbnail",
         "augmentation=nuisance",
         "data.image_size=384",
         "data.cache_size=384",
     ),
-    "tuned_harmonize_nuisance_lr3e-4_full": (
-        *TUNED,
+    "tuned_harmonize_nuisance_lr3e-4_full": _with(
+        TUNED,
         "data.harmonize=thumbnail",
         "augmentation=nuisance",
         "optimizer.lr=0.0003",
         "model.backbone_lr_scale=1.0",
     ),
-    "tuned_harmonize_strong": (*TUNED, "data.harmonize=thumbnail", "augmentation=strong"),
+    "tuned_harmonize_strong": _with(TUNED, "data.harmonize=thumbnail", "augmentation=strong"),
 }
 QUICK = (
     "model=resnet18",
@@ -99,8 +109,8 @@ def run_sweep(name: str, overrides: tuple[str, ...], args: Any) -> dict[str, Any
             "-m",
             "railway_defect.train",
             "-m",
-            "experiment=cv",
             f"data.num_folds={args.folds}",
+            f"data.fold=range(0,{args.folds})",
             f"seed={args.seeds}",
             f"data.root={args.data}",
             "hydra/launcher=joblib",
