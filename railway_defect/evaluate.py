@@ -8,9 +8,10 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import exit_on_user_error
+from railway_defect.paths import CONFIG_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from railway_defect.evaluation.report import run_evaluation
 

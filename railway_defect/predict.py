@@ -11,12 +11,13 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import UserError, exit_on_user_error
+from railway_defect.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 EXIT_SOME_FAILED = 2
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     from railway_defect.inference.predicting import run_prediction
 

@@ -24,10 +24,11 @@ from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.errors import UserError
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
 from railway_defect.models.module import DefectClassifier, load_classifier
-from railway_defect.paths import PROJECT_ROOT
+from railway_defect.paths import PROJECT_ROOT, default_output_root, is_checkout
 from railway_defect.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 
-OUTPUTS = PROJECT_ROOT / "outputs" / "train"
+# a checkout reviews its own outputs/ (the notebook runs in notebooks/); $RAILWAY_OUTPUT_DIR wins
+OUTPUTS = Path(default_output_root(PROJECT_ROOT if is_checkout() else None)) / "train"
 # what the notebook reviews when its TARGET is None (before falling back to the newest run)
 REVIEW_DIR_ENV = "RAILWAY_REVIEW_DIR"
 SUMMARY_CSV = "summary.csv"

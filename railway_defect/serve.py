@@ -10,11 +10,12 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import exit_on_user_error
+from railway_defect.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     import uvicorn
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.errors import user_message
+from railway_defect.paths import CONFIG_DIR
 from railway_defect.sweeps import in_multirun
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def accept_logger_null(argv: list[str]) -> list[str]:
     return ["logger=[]" if arg == "logger=null" else arg for arg in argv]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """A single run fails with a one-line error (or a traceback for a bug). In a sweep a failing
     job must not stop the others: its metrics.json records why, and it returns NaN; the sweep
@@ -53,6 +54,11 @@ def main(cfg: DictConfig) -> float | None:
     return value
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `railway-train` command: the same command line as `python -m railway_defect.train`."""
     sys.argv = accept_logger_null(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from railway_defect import __version__
 from railway_defect.callbacks.distributed import SyncEpochMetrics
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
@@ -161,6 +162,7 @@ def run_training(cfg: DictConfig) -> float | None:
         "status": "running",
         "run_dir": str(output_dir),
         "started_at": datetime.now().isoformat(timespec="seconds"),
+        "railway_defect_version": __version__,
     }
     if _is_global_zero():
         write_json_atomic(output_dir / "metrics.json", record)

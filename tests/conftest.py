@@ -17,9 +17,9 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 import railway_defect  # noqa: F401  (registers resolvers)
-from railway_defect.paths import PROJECT_ROOT
+from railway_defect.paths import PROJECT_ROOT, config_dir
 
-CONF_DIR = PROJECT_ROOT / "conf"
+CONF_DIR = config_dir()
 REAL_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "railway-track-fault"
 CLASSES = ("Defective", "Non defective")
 # a proxy nobody listens on: any download attempt fails at once, so tests never use the network

@@ -22,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from railway_defect import __version__
 from railway_defect.errors import UserError
 from railway_defect.models.backbones import create_backbone
 
@@ -128,6 +129,7 @@ class DefectClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"] = plain(dict(checkpoint.get("hyper_parameters") or {}))
+        checkpoint["railway_defect_version"] = __version__  # which code wrote it (the wheel's version)
 
     @property
     def class_names(self) -> list[str]:
