@@ -5,9 +5,11 @@ stored preprocessing (storage form included). Evaluate scores the run's own reco
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -20,7 +22,7 @@ from railway_defect.inference.model import load_predictor
 from railway_defect.inference.predicting import Decision, run_prediction
 from railway_defect.inference.service import create_app
 from railway_defect.training import run_training
-from tests.conftest import FAST, make_split_dataset, write_image
+from tests.conftest import FAST, make_split_dataset, run_cli, write_image
 
 OPTIONS = {
     "balance_loss": ("data.balance=loss",),
@@ -111,3 +113,45 @@ def test_evaluate_scores_the_runs_recorded_split_not_a_new_one(compose_train, tm
         str(ckpt), str(data), splits="resplit", bootstrap=20, output_dir=str(tmp_path / "eval4")
     )
     assert report["data"]["splits"] == "resplit"
+
+
+def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) -> None:
+    """ckpt_path=<sweep dir>: the fold models' mean probability, its threshold chosen by evaluate on
+    the pooled out-of-fold predictions and stored in the sweep, one ONNX graph when exported."""
+    data = make_split_dataset(tmp_path / "data", {"Train": 4, "Validation": 2})
+    sweep = tmp_path / "cv"
+    result = run_cli(
+        "railway_defect.train",
+        "experiment=cv",
+        "data.num_folds=2",
+        *FAST,
+        "trainer.max_epochs=1",
+        f"data.root={data}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ensemble = load_predictor(sweep, device="cpu")
+    assert ensemble.kind == "ensemble" and len(ensemble.members) == 2
+
+    report = run_evaluation(str(sweep), str(data), bootstrap=20)
+    stored = json.loads((sweep / "calibration.json").read_text())
+    assert stored["threshold"] == pytest.approx(report["out_of_fold"]["threshold"])
+    assert report["out_of_fold"]["images"] == 12  # Train + Validation pooled, each image once
+    assert load_predictor(sweep, device="cpu").calibration.threshold == pytest.approx(stored["threshold"])
+
+    images = next((data / "Validation" / "Defective").iterdir())
+    batch = ensemble.preprocess([ensemble.decode(images.read_bytes())])
+    mean = np.mean([m.probabilities(batch) for m in ensemble.members], axis=0)
+    np.testing.assert_allclose(ensemble.probabilities(batch), mean, atol=1e-6)
+    exported = export_model(str(sweep), "onnx", tmp_path / "ensemble.onnx")
+    assert exported["max_abs_diff"] < 1e-4
+    summary = run_prediction(str(sweep), str(data / "Validation"), tmp_path / "p.csv", progress=False)
+    assert summary.rows == 4
+
+    other = tmp_path / "other"
+    shutil.copytree(sweep / "0", other / "a")
+    overrides = other / "a" / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- optimizer.lr=0.5\n")
+    shutil.copytree(sweep / "1", other / "b")
+    with pytest.raises(UserError, match="different recipes"):
+        load_predictor(other, device="cpu")

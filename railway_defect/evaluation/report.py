@@ -30,7 +30,13 @@ from railway_defect.evaluation.calibration import (
 )
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold
 from railway_defect.inference.inputs import batched
-from railway_defect.inference.model import Calibration, Predictor, load_predictor, write_calibration
+from railway_defect.inference.model import (
+    Calibration,
+    EnsemblePredictor,
+    Predictor,
+    load_predictor,
+    write_calibration,
+)
 from railway_defect.outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -130,6 +136,10 @@ def run_evaluation(
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
     predictor = load_predictor(ckpt_path, device)
+    if isinstance(predictor, EnsemblePredictor):
+        from railway_defect.evaluation.ensemble import evaluate_ensemble
+
+        return evaluate_ensemble(predictor, target_recall, output_dir, store_calibration, bootstrap)
     info = predictor.info
     root = Path(data_root).expanduser()
     if not root.is_dir():

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from railway_defect.errors import UserError
-from railway_defect.inference.model import METADATA_KEY, CheckpointPredictor, load_predictor
+from railway_defect.inference.model import (
+    METADATA_KEY,
+    CheckpointPredictor,
+    EnsemblePredictor,
+    Predictor,
+    load_predictor,
+)
 from railway_defect.outputs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -26,18 +32,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
-class ExportedNetwork(nn.Module):
-    """Backbone + head of a DefectClassifier as a plain module: normalised images -> logits."""
-
-    def __init__(self, predictor: CheckpointPredictor):
-        super().__init__()
-        self.backbone, self.head = predictor.model.backbone, predictor.model.head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
-
-
-def export_metadata(predictor: CheckpointPredictor) -> dict[str, Any]:
+def export_metadata(predictor: Predictor) -> dict[str, Any]:
     return {
         **asdict(predictor.info),
         "threshold": predictor.calibration.threshold,
@@ -96,11 +91,14 @@ def export_model(
     if format not in FORMATS:
         raise UserError(f"format={format} is not one of {', '.join(FORMATS)}.")
     predictor = load_predictor(ckpt_path, device="cpu")
-    if not isinstance(predictor, CheckpointPredictor):
-        raise UserError(f"{predictor.path} is already an export; give the training checkpoint (.ckpt).")
-    output = Path(output) if output else predictor.path.with_suffix(FORMATS[format])
+    if not isinstance(predictor, (CheckpointPredictor, EnsemblePredictor)):
+        raise UserError(
+            f"{predictor.path} is already an export; give the training checkpoint (.ckpt), run or sweep."
+        )
+    default = predictor.path / "ensemble" if predictor.path.is_dir() else predictor.path
+    output = Path(output) if output else default.with_suffix(FORMATS[format])
     output.parent.mkdir(parents=True, exist_ok=True)
-    network = ExportedNetwork(predictor).eval()
+    network = predictor.network()
     size = predictor.info.input_size
     example = torch.randn(2, 3, size, size)
     metadata = export_metadata(predictor)
@@ -116,7 +114,7 @@ def export_model(
     return result
 
 
-def check_parity(reference: CheckpointPredictor, exported: Path, tolerance: float, batch: int = 3) -> float:
+def check_parity(reference: Predictor, exported: Path, tolerance: float, batch: int = 3) -> float:
     """Largest difference of class probabilities between the checkpoint and the export, on a random
     batch whose size differs from the one traced (so the dynamic batch axis is exercised)."""
     size = reference.info.input_size

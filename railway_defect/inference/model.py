@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
@@ -72,8 +73,11 @@ class Calibration:
 
 
 def calibration_path(model_path: str | Path) -> Path:
-    """The sidecar beside a model file: checkpoints/best.ckpt -> checkpoints/best.ckpt.calibration.json."""
+    """The sidecar beside a model file (checkpoints/best.ckpt -> checkpoints/best.ckpt.calibration.json),
+    or inside an ensemble's sweep directory (<sweep>/calibration.json)."""
     model_path = Path(model_path)
+    if model_path.is_dir():
+        return model_path / "calibration.json"
     return model_path.with_name(f"{model_path.name}.calibration.json")
 
 
@@ -176,6 +180,49 @@ class CheckpointPredictor(Predictor):
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
 
+    def network(self) -> nn.Module:
+        """Normalised images -> logits as a plain module, for export."""
+        return nn.Sequential(self.model.backbone, self.model.head).eval()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+class AveragedProbabilities(nn.Module):
+    """Several networks as one: the log of their mean class probabilities, so that a softmax of
+    the output is exactly the ensemble's probabilities (one graph when exported)."""
+
+    def __init__(self, networks: list[nn.Module]):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([net(images).softmax(dim=1) for net in self.networks]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
+class EnsemblePredictor(Predictor):
+    """The models of a cross-validation sweep (one per fold and seed): probabilities averaged.
+    Each saw a different part of the data, so their mean is steadier than any one of them."""
+
+    def __init__(self, path: Path, members: list[CheckpointPredictor]):
+        infos = {json.dumps(asdict(m.info), sort_keys=True) for m in members}
+        if len(infos) > 1:
+            raise UserError(f"The models in {path} differ in classes or preprocessing; pass one run instead.")
+        self.members = members
+        sha256 = hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest()
+        super().__init__(path, sha256, members[0].info, Calibration(), "ensemble")
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        probs = np.mean(
+            [torch.softmax(torch.from_numpy(m.logits(batch)), 1).numpy() for m in self.members], 0
+        )
+        return np.log(np.clip(probs, 1e-12, None))
+
+    def network(self) -> nn.Module:
+        return AveragedProbabilities([m.network() for m in self.members]).eval()
+
 
 class OnnxPredictor(Predictor):
     def __init__(self, path: Path, sha256: str):
@@ -228,19 +275,54 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith(f"extra/{METADATA_KEY}.json") for name in archive.namelist())
 
 
+def model_checkpoints(folder: Path) -> list[Path]:
+    """The model of a run directory (its best.ckpt), or of a cross-validation sweep directory (the
+    best.ckpt of every finished job, which must all be one recipe: they differ in fold or seed only)."""
+    from railway_defect.sweeps.summary import job_dirs, read_job, recipe_key
+
+    if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
+        checkpoint = folder / "checkpoints" / "best.ckpt"
+        if not checkpoint.is_file():
+            raise UserError(f"{folder} has no checkpoints/best.ckpt; pass a checkpoint file instead.")
+        return [checkpoint]
+    jobs = [read_job(d) for d in job_dirs(folder)] if any(folder.iterdir()) else []
+    finished = [j for j in jobs if j.ok and j.checkpoint and Path(j.checkpoint).is_file()]
+    if not finished:
+        raise UserError(
+            f"{folder} is neither a run directory nor a sweep with finished jobs; pass a checkpoint, "
+            "a run directory or a cross-validation sweep directory."
+        )
+    recipes = {recipe_key(j) for j in finished}
+    if len(recipes) > 1:
+        raise UserError(
+            f"{folder} holds {len(recipes)} different recipes; an ensemble is the folds (and seeds) of one "
+            "recipe: pass a sweep of one recipe, or one job's run directory."
+        )
+    return [Path(j.checkpoint) for j in finished]
+
+
 def load_predictor(
     path: str | Path | None, device: str = "auto", threshold: float | None = None
 ) -> Predictor:
-    """A checkpoint (.ckpt), ONNX (.onnx) or TorchScript file exported by this project, with its
-    calibration: the sidecar beside the file if it was fitted on this very file, else what the file
-    carries (exports), else threshold 0.5 and temperature 1. `threshold` overrides."""
+    """A checkpoint (.ckpt), ONNX (.onnx) or TorchScript file exported by this project, a run
+    directory (its best.ckpt) or a cross-validation sweep directory (the ensemble of its fold
+    models), with its calibration: the sidecar beside the file (inside the sweep directory) if it
+    was fitted on this very model, else what the file carries (exports), else threshold 0.5 and
+    temperature 1. `threshold` overrides."""
     if not path:
         raise UserError("Give the model: ckpt_path=PATH/checkpoints/best.ckpt (or model_path=model.onnx).")
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        checkpoints = model_checkpoints(path)
+        if len(checkpoints) == 1:
+            path = checkpoints[0]
+    if not path.exists():
         raise UserError(f"Model file {path} does not exist.")
-    sha256 = file_sha256(path)
-    if path.suffix.lower() == ".onnx":
+    if path.is_dir():
+        members = [CheckpointPredictor(p, file_sha256(p), device) for p in checkpoints]
+        predictor: Predictor = EnsemblePredictor(path, members)
+        sha256 = predictor.sha256
+    elif (sha256 := file_sha256(path)) and path.suffix.lower() == ".onnx":
         predictor: Predictor = OnnxPredictor(path, sha256)
     elif _is_torchscript(path):
         predictor = TorchScriptPredictor(path, sha256, device)

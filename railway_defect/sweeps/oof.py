@@ -51,6 +51,7 @@ class OutOfFold:
     strata: dict[str, str]
     repeat_balanced_accuracy: list[float]
     threshold: float = 0.5
+    target_recall: float = TARGET_RECALL
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -114,6 +115,7 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
     scores = np.array([i.score for i in result.images])
     labels = sorted({i.label for i in result.images} - {result.positive_class})
     negative = labels[0] if len(labels) == 1 else f"not {result.positive_class}"
+    result.target_recall = target_recall
     result.threshold = choose_threshold(is_pos, scores, target_recall) if is_pos.any() else 0.5
     strata = np.array([result.strata[i.path] for i in result.images])
     for name, mask in [("all", np.ones_like(is_pos)), *((s, strata == s) for s in sorted(set(strata)))]:
@@ -148,7 +150,8 @@ def markdown(results: Sequence[OutOfFold]) -> list[str]:
         "",
         "Each image is scored by the fold model that never trained on it, from its final weights "
         "(no validation metric selected them). 95% intervals. The threshold reaches recall "
-        f">= {TARGET_RECALL} on these same predictions, so metrics at it are optimistic.",
+        f">= {results[0].target_recall if results else TARGET_RECALL} on these same predictions, so metrics "
+        "at it are optimistic.",
         "",
         "| configuration | jobs | stratum (n) | at | " + " | ".join(SHOWN) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in SHOWN) + " |",
@@ -191,7 +194,7 @@ def to_json(results: Sequence[OutOfFold]) -> list[dict[str, Any]]:
             "images": len(r.images),
             "positive_class": r.positive_class,
             "threshold": r.threshold,
-            "threshold_target_recall": TARGET_RECALL,
+            "threshold_target_recall": r.target_recall,
             "worst_stratum": worst_stratum(r),
             "balanced_accuracy_per_seed": r.repeat_balanced_accuracy,
             "metrics": r.metrics,

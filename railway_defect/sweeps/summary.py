@@ -162,7 +162,7 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _configuration(row: JobRow) -> tuple[str, ...]:
+def recipe_key(row: JobRow) -> tuple[str, ...]:
     return tuple(sorted(o for o in row.overrides if _key(o) not in REPEAT_KEYS))
 
 
@@ -170,7 +170,7 @@ def group_jobs(rows: Sequence[JobRow]) -> list[GroupRow]:
     """Configurations run more than once (several seeds and/or folds)."""
     by_config: dict[tuple[str, ...], list[JobRow]] = {}
     for row in rows:
-        by_config.setdefault(_configuration(row), []).append(row)
+        by_config.setdefault(recipe_key(row), []).append(row)
     groups = []
     for configuration, jobs in by_config.items():
         if len(jobs) < 2:
@@ -237,7 +237,7 @@ def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
     by_config: dict[tuple[str, ...], list[JobRow]] = {}
     for row in rows:
         if row.ok and (row.run_dir / PREDICTIONS_FILE).is_file() and _is_fold(row):
-            by_config.setdefault(_configuration(row), []).append(row)
+            by_config.setdefault(recipe_key(row), []).append(row)
     results = []
     for configuration, jobs in by_config.items():
         files = [job.run_dir / PREDICTIONS_FILE for job in jobs]
