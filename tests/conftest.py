@@ -3,6 +3,8 @@ composed with Hydra's compose API and shrunk to run in seconds on a CPU."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import subprocess
 import sys
@@ -67,18 +69,35 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3, "Test": 2})
 
 
+def train_config(output_dir: Path, *overrides: str) -> DictConfig:
+    """The real train config composed with `overrides`, writing to `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def save_half_then_fail(real_save: Callable[..., None]) -> Callable[..., None]:
+    """A torch.save that writes half of the file, then fails as a full disk does."""
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        if hasattr(f, "write"):
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return save
+
+
 @pytest.fixture
 def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """compose_train(*overrides) -> the real train config, output in tmp_path/run."""
-
-    def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=list(overrides))
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-        return cfg
-
-    yield _compose
+    yield lambda *overrides: train_config(tmp_path / "run", *overrides)
     GlobalHydra.instance().clear()
 
 

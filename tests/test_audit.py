@@ -10,9 +10,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 from PIL import Image, ImageFile
 
 from railway_defect.data.audit import (
@@ -24,7 +21,7 @@ from railway_defect.data.audit import (
 )
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import Sample, discover
-from tests.conftest import CLASSES, CONF_DIR, FAST, REAL_DATA, write_image
+from tests.conftest import CLASSES, FAST, REAL_DATA, train_config, write_image
 
 # sizes each class can have; in the shortcut set Defective photos are large originals, sound ones thumbnails
 SIZES = [(48, 40), (40, 48), (56, 56)]
@@ -166,21 +163,15 @@ def test_training_logs_the_audit_to_tensorboard_and_evaluate_repeats_it(tmp_path
     from railway_defect.training import run_training
 
     data = make_dataset(tmp_path / "data", {"Train": 6, "Validation": 5}, size_by_class=True)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *FAST,
-                f"data.root={data}",
-                "data.image_size=32",
-                "data.cache_size=40",
-                "trainer.max_epochs=1",
-                "logger=tensorboard",
-            ],
-        )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
+    cfg = train_config(
+        tmp_path / "run",
+        *FAST,
+        f"data.root={data}",
+        "data.image_size=32",
+        "data.cache_size=40",
+        "trainer.max_epochs=1",
+        "logger=tensorboard",
+    )
     run_training(cfg)
     run = tmp_path / "run"
     assert "image_size" in json.loads((run / "data_report.json").read_text())["shortcut_audit"]["flagged"]

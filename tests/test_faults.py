@@ -4,7 +4,6 @@ disks in every command, data that was silently misread, an offline start and ser
 from __future__ import annotations
 
 import errno
-import io
 import logging
 import os
 import subprocess
@@ -25,7 +24,17 @@ from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import discover
 from railway_defect.errors import UserError, exit_on_user_error
 from railway_defect.training import resolve_hardware_defaults, run_training
-from tests.conftest import CLASSES, CONF_DIR, FAST, OFFLINE_ENV, PROJECT_ROOT, make_split_dataset, write_image
+from tests.conftest import (
+    CLASSES,
+    CONF_DIR,
+    FAST,
+    OFFLINE_ENV,
+    PROJECT_ROOT,
+    make_split_dataset,
+    save_half_then_fail,
+    train_config,
+    write_image,
+)
 
 # ---- data that was silently misread -------------------------------------------------------------------
 
@@ -203,17 +212,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_file(
     checkpoint_io = configured_trainer.strategy.checkpoint_io
     checkpoint_io.save_checkpoint({"w": torch.zeros(3)}, destination / "last.ckpt")
     before = (destination / "last.ckpt").read_bytes()
-    real_save = torch.save
-
-    def save_half_then_fail(obj, f, *args, **kwargs):
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        if hasattr(f, "write"):
-            f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    monkeypatch.setattr(torch, "save", save_half_then_fail(torch.save))
     for name in ("last.ckpt", "best.ckpt"):  # an earlier file, and a first one
         with pytest.raises(OSError, match="No space left"):
             checkpoint_io.save_checkpoint({"w": torch.ones(3)}, destination / name)
@@ -254,22 +253,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(best.ckpt of a one-epoch run at 32 px, its data)."""
     tmp = tmp_path_factory.mktemp("faults")
     data = make_split_dataset(tmp / "data", {"Train": 4, "Validation": 2})
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *FAST,
-                f"data.root={data}",
-                "data.image_size=32",
-                "data.cache_size=40",
-                "trainer.max_epochs=1",
-                "logger=[]",
-                "callbacks.learning_rate_monitor=null",
-            ],
-        )
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "run")
+    cfg = train_config(
+        tmp / "run",
+        *FAST,
+        f"data.root={data}",
+        "data.image_size=32",
+        "data.cache_size=40",
+        "trainer.max_epochs=1",
+        "logger=[]",
+        "callbacks.learning_rate_monitor=null",
+    )
     run_training(cfg)
     return tmp / "run" / "checkpoints" / "best.ckpt", data
 

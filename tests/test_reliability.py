@@ -25,7 +25,15 @@ from railway_defect.callbacks.interrupt import SaveOnInterrupt
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.errors import UserError
 from railway_defect.training import run_training
-from tests.conftest import FAST, OFFLINE_ENV, PROJECT_ROOT, make_split_dataset, run_cli, write_image
+from tests.conftest import (
+    FAST,
+    OFFLINE_ENV,
+    PROJECT_ROOT,
+    make_split_dataset,
+    run_cli,
+    save_half_then_fail,
+    write_image,
+)
 
 # ---- bad data -----------------------------------------------------------------------------------
 
@@ -191,17 +199,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoints(
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     before = {name: sha256(checkpoints / name) for name in ("best.ckpt", "last.ckpt")}
 
-    real_save = torch.save
-
-    def save_half_then_fail(obj, f, *args, **kwargs):  # the disk fills up in the middle of a checkpoint
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        if hasattr(f, "write"):
-            f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    monkeypatch.setattr(torch, "save", save_half_then_fail(torch.save))
     resumed = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=3", "ckpt_path=last")
     with pytest.raises(OSError, match="No space left"):
         run_training(resumed)
