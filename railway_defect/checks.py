@@ -35,6 +35,12 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(
             f"trainer.max_epochs={max_epochs} trains nothing; use 1 or more (or -1 with trainer.max_steps)."
         )
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} (trainer=gpu/ddp) needs a CUDA GPU, and torch sees none on "
+            "this machine; use trainer=default (picks what is there) or trainer=cpu."
+        )
     if cfg.trainer.get("gradient_clip_val") is not None and cfg.trainer.gradient_clip_val < 0:
         raise UserError(
             f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} must be >= 0 (0 = no clipping)."

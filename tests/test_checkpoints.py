@@ -32,6 +32,8 @@ OPTIONS = {
     "label_smoothing": ("model.label_smoothing=0.1",),
     "backbone_lr_and_warmup": ("model.backbone_lr_scale=0.1", "scheduler=warmup_cosine"),
     "no_selection": ("callbacks.model_checkpoint.monitor=null",),
+    "ema": ("callbacks=ema",),
+    "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
 }
 
 
@@ -43,7 +45,7 @@ def _read(path: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_path: Path, option: str) -> None:
     data = make_split_dataset(tmp_path / "data", {"Train": 4, "Validation": 2})
-    cfg = compose_train(*FAST, "trainer.max_epochs=1", f"data.root={data}", *OPTIONS[option])
+    cfg = compose_train(*FAST, "trainer.max_epochs=2", f"data.root={data}", *OPTIONS[option])
     run_training(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     torch.load(ckpt, map_location="cpu", weights_only=True)  # plain values only

@@ -140,6 +140,11 @@ def test_identical_files_across_splits_are_reported_as_leakage(tmp_path: Path, c
         ("ckpt_path=nowhere.ckpt", "ckpt_path=nowhere.ckpt does not exist"),
         ("ckpt_path=last", "ckpt_path=last: no last.ckpt"),
         ("monitor=val/los", "monitor=val/los is not a metric to maximise"),
+        pytest.param(
+            "trainer.accelerator=gpu",
+            "needs a CUDA GPU, and torch sees none",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_config_mistakes_fail_before_any_heavy_work(

@@ -1,0 +1,47 @@
+"""Training levers of the offline recipe: the backbone's own learning rate and warmup + cosine."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from railway_defect.errors import UserError
+from railway_defect.models.module import DefectClassifier
+from railway_defect.models.schedules import warmup_cosine
+
+
+def _model(**kwargs: object) -> DefectClassifier:
+    return DefectClassifier(
+        "resnet18",
+        ["Defective", "Non defective"],
+        "Defective",
+        pretrained=False,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        **kwargs,
+    )
+
+
+def test_backbone_learns_at_its_scale_of_the_heads_lr() -> None:
+    optimizer = _model(backbone_lr_scale=0.1).configure_optimizers()
+    head, backbone = optimizer.param_groups
+    assert head["lr"] == pytest.approx(1e-3) and backbone["lr"] == pytest.approx(1e-4)
+    model = _model()
+    (group,) = model.configure_optimizers().param_groups
+    assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(UserError, match="backbone_lr_scale=0 must be positive"):
+        _model(backbone_lr_scale=0)
+
+
+def test_warmup_then_cosine_to_zero() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, warmup_epochs=2, max_epochs=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lrs[3] < lrs[2] and lrs[5] < lrs[4] < lrs[3]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
