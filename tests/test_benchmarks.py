@@ -67,3 +67,31 @@ def test_benchmark_quick_mode_runs_and_prints_its_ratio(
         values = {k: float(v) for k, v in (part.split("=") for part in ratio.split(": ", 1)[1].split()[:3])}
         assert set(values) == {"min", "median", "max"}
         assert 0 < values["min"] <= values["median"] <= values["max"]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_and_prints_one_table(tmp_path) -> None:
+    """QUICK=1 runs every step tiny on whatever device there is (the CPU here): the parts of the GPU
+    check that do not need a GPU, and the table it prints."""
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "QUICK": "1",
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FAILED" not in result.stdout, result.stdout[-3000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| training run (default callbacks) | finished" in table
+    for label in ("framework / plain loop (training)", "predict / raw forward", "ONNX export parity"):
+        (row,) = [line for line in table.splitlines() if label in line]
+        assert "n/a" not in row, row

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU path in one script (issue 13), about 8 minutes on one GPU; prints one table at the end.
+#   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger
+#   2. the framework / plain-loop ratio and ResNet-50 training images/s at batch 128 (16-mixed,
+#      channels_last) through both
+#   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last)
+#   4. predict images/s (files -> CSV) against the raw forward
+#   5. ONNX export of the run's model, its parity check, and ONNX Runtime's providers
+#
+#   bash benchmarks/gpu_check.sh                # on a CUDA machine
+#   QUICK=1 bash benchmarks/gpu_check.sh        # tiny sizes on whatever device there is (the tests)
+# Logs and the table (gpu_check.md) go to $GPU_CHECK_DIR (default outputs/gpu_check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${GPU_CHECK_DIR:-outputs/gpu_check}
+mkdir -p "$OUT"
+if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  ACCEL=gpu; TRAINER=gpu
+else
+  ACCEL=cpu; TRAINER=default
+  echo "no CUDA GPU here: every step runs on the CPU (only QUICK=1 makes sense)"
+fi
+if [ -n "${QUICK:-}" ]; then
+  TRAIN=(model=resnet18 model.pretrained=false data.image_size=32 data.cache_size=40 trainer.max_epochs=1)
+  OVERHEAD=(--quick --accelerator "$ACCEL")
+  BACKBONES=(--quick)
+  PREDICT=(--quick)
+else
+  TRAIN=(model=efficientnet_lite0 trainer.max_epochs=3)
+  OVERHEAD=(--accelerator "$ACCEL" --backbone resnet50 --batch-size 128 --synthetic 1024 --epochs 3
+            --repeats 2 --num-workers 8)
+  BACKBONES=(--backbones resnet50 --batch-size 128 --steps 10 --repeats 2)
+  PREDICT=(--repeats 2 --batch-size 64)
+fi
+
+step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note failures
+  local name=$1; shift
+  echo "== $name: $*"
+  if ! "$@" > "$OUT/$name.log" 2>&1; then
+    echo "$name FAILED (see $OUT/$name.log)"; tail -5 "$OUT/$name.log"
+  fi
+}
+
+step train $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" "hydra.run.dir=$OUT/train"
+step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
+step backbones $PY benchmarks/bench_backbones.py "${BACKBONES[@]}"
+step predict $PY benchmarks/bench_predict.py "${PREDICT[@]}"
+step export $PY -m railway_defect.export "ckpt_path=$OUT/train" format=onnx "output=$OUT/model.onnx"
+$PY -c "import onnxruntime as ort; print('providers:', ort.get_available_providers())" >> "$OUT/export.log" 2>&1
+$PY benchmarks/gpu_check_table.py "$OUT" | tee "$OUT/gpu_check.md"

@@ -1,0 +1,66 @@
+"""The table of benchmarks/gpu_check.sh: one row per check, read from the logs it left in a folder.
+
+python benchmarks/gpu_check_table.py outputs/gpu_check
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+# (log, label, the line's prefix): the median of each matching `ratio ...` or `<side>: ...` line
+LINES = (
+    ("overhead", "framework / plain loop (training)", "ratio overhead"),
+    ("overhead", "framework training img/s", "framework:"),
+    ("overhead", "plain loop training img/s", "hand-written:"),
+    ("backbones", "raw ResNet train, inference img/s (16-mixed channels_last)", "16-mixed channels_last:"),
+    ("backbones", "raw ResNet train, inference img/s (fp32 channels_last)", "channels_last:"),
+    ("predict", "predict files -> CSV img/s", "files -> CSV:"),
+    ("predict", "predict / raw forward", "ratio predict"),
+)
+
+
+def medians(log: Path, prefix: str) -> list[str]:
+    if not log.is_file():
+        return []
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = re.search(r"median=([0-9.]+)", line)
+        if line.startswith(prefix) and match:
+            found.append(match.group(1))
+    return found
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rows = [("machine", machine_line(out / "overhead.log"))]
+    metrics = out / "train" / "metrics.json"
+    if metrics.is_file():
+        record = json.loads(metrics.read_text())
+        rows.append(
+            ("training run (default callbacks)", f"{record['status']}, precision {record.get('precision')}")
+        )
+    else:
+        rows.append(("training run (default callbacks)", "no metrics.json: see train.log"))
+    for log, label, prefix in LINES:
+        rows.append((label, ", ".join(medians(out / f"{log}.log", prefix)) or "n/a"))
+    export = (out / "export.log").read_text(errors="replace") if (out / "export.log").is_file() else ""
+    parity = re.search(r"max \|Δp\| = ([0-9.e+-]+)", export)
+    providers = re.search(r"providers: (.*)", export)
+    rows.append(("ONNX export parity max |Δp|", parity.group(1) if parity else "n/a (see export.log)"))
+    rows.append(("ONNX Runtime providers", providers.group(1) if providers else "n/a"))
+    print("| check | result |\n| --- | --- |")
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+
+
+def machine_line(log: Path) -> str:
+    """The `machine:` line a benchmark printed first."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return next((line.removeprefix("machine: ") for line in lines if line.startswith("machine:")), "n/a")
+
+
+if __name__ == "__main__":
+    main()
