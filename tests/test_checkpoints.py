@@ -33,6 +33,7 @@ OPTIONS = {
     "backbone_lr_and_warmup": ("model.backbone_lr_scale=0.1", "scheduler=warmup_cosine"),
     "no_selection": ("callbacks.model_checkpoint.monitor=null",),
     "ema": ("callbacks=ema",),
+    "mixup_cutmix": ("model.mixup_alpha=0.2", "model.cutmix_alpha=1.0"),
     "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
 }
 

@@ -45,3 +45,19 @@ def test_warmup_then_cosine_to_zero() -> None:
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert lrs[3] < lrs[2] and lrs[5] < lrs[4] < lrs[3]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mixup_mixes_pairs_into_soft_targets_and_keeps_an_odd_last_image() -> None:
+    from railway_defect.models.module import _batch_mixer, _mix
+
+    assert _batch_mixer(0.0, 0.0, 2) is None
+    with pytest.raises(UserError, match="cutmix_alpha=0.0 must be >= 0"):
+        _batch_mixer(-1.0, 0.0, 2)
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(5)])
+    targets = torch.tensor([0, 1, 0, 1, 1])
+    mixed, soft = _mix(_batch_mixer(0.4, 0.0, 2), images, targets)
+    assert mixed.shape == images.shape and soft.shape == (5, 2)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(5))
+    torch.testing.assert_close(mixed[4], images[4])  # the odd one out is not mixed
+    torch.testing.assert_close(soft[4], torch.tensor([0.0, 1.0]))
+    assert not torch.equal(mixed[:4], images[:4])  # the pairs are

@@ -46,6 +46,32 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Any:
+    """timm's Mixup/CutMix for training batches (soft targets), or None when both alphas are 0."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise UserError(
+            f"model.mixup_alpha={mixup_alpha} and model.cutmix_alpha={cutmix_alpha} must be >= 0."
+        )
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return None
+    from timm.data import Mixup
+
+    # label smoothing stays the loss's (model.label_smoothing), not applied twice
+    return Mixup(
+        mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=0.0, num_classes=num_classes
+    )
+
+
+def _mix(mixer: Any, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed images and soft targets; timm mixes pairs, so an odd last image stays as it is."""
+    even = len(images) - len(images) % 2
+    soft = nn.functional.one_hot(targets, mixer.num_classes).to(images.dtype)
+    if even == 0:
+        return images, soft
+    mixed, mixed_soft = mixer(images[:even].clone(), targets[:even])
+    return torch.cat([mixed, images[even:]]), torch.cat([mixed_soft.to(images.dtype), soft[even:]])
+
+
 def stage_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(
         {
@@ -71,6 +97,8 @@ class DefectClassifier(LightningModule):
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
         backbone_lr_scale: float = 1.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool = True,
         compile: bool = False,
@@ -107,6 +135,7 @@ class DefectClassifier(LightningModule):
         self.positive_index = class_names.index(positive_class)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.mixup = _batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
@@ -149,7 +178,13 @@ class DefectClassifier(LightningModule):
 
     # ---- train --------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits, targets = self._shared_step(batch)
+        if self.mixup is not None:
+            images, targets = batch
+            mixed, soft = _mix(self.mixup, images, targets)
+            logits = self(mixed)
+            loss = self.criterion(logits, soft)
+        else:
+            loss, logits, targets = self._shared_step(batch)
         self.train_loss(loss)
         self.train_acc(logits, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
