@@ -26,12 +26,13 @@ from railway_defect.models.gradcam import gradcam_heatmaps, overlay
 from railway_defect.models.module import DefectClassifier, load_classifier
 from railway_defect.paths import PROJECT_ROOT, default_output_root, is_checkout
 from railway_defect.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
+from railway_defect.sweeps.summary import METRICS as SUMMARY_METRICS
+from railway_defect.sweeps.summary import JobRow, ranks_smallest_first, read_job
 
 # a checkout reviews its own outputs/ (the notebook runs in notebooks/); $RAILWAY_OUTPUT_DIR wins
 OUTPUTS = Path(default_output_root(PROJECT_ROOT if is_checkout() else None)) / "train"
 # what the notebook reviews when its TARGET is None (before falling back to the newest run)
 REVIEW_DIR_ENV = "RAILWAY_REVIEW_DIR"
-SUMMARY_CSV = "summary.csv"
 DEFAULT_SORT = "val/balanced_acc"
 # timm's import of tqdm.auto asks for ipywidgets in notebooks; nothing here shows progress bars
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -148,35 +149,31 @@ def plot_curves(
 
 
 # ---- the runs of a sweep ----------------------------------------------------------------------
-def _overrides(run_dir: Path) -> str:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return ""
-    return " ".join(str(o) for o in OmegaConf.to_container(OmegaConf.load(path)) or [])
-
-
-def _run_row(run_dir: Path) -> dict[str, Any]:
-    metrics = read_metrics(run_dir)
-    val, history = metrics.get("val") or {}, metrics.get("history") or []
-    if metrics.get("optimized_metric_name") == "val/f1_best" and metrics.get("optimized_metric") is not None:
-        f1_best = metrics["optimized_metric"]
-    else:
-        f1_best = max((row["val/f1"] for row in history if "val/f1" in row), default=None)
-    checkpoint = run_dir / "checkpoints" / "best.ckpt"
-    return {
-        "run": run_dir.name,
-        "overrides": _overrides(run_dir),
-        "status": metrics.get("status"),
-        "val/f1_best": f1_best,
-        "val/balanced_acc": val.get("val/balanced_acc"),
-        "val/auroc": val.get("val/auroc"),
-        "val/recall": val.get("val/recall"),
-        "val/precision": val.get("val/precision"),
-        "best_epoch": (metrics.get("best") or {}).get("epoch"),
-        "epochs": metrics.get("epochs_completed"),
-        "duration_s": metrics.get("duration_s"),
-        "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
-    }
+def _runs_frame(runs: Sequence[Path]) -> tuple[pd.DataFrame, list[JobRow]]:
+    """One row per run, read by the sweep summary's reader (`read_job`), so this table and the
+    sweep's summary.md/csv agree on statuses and values: the optimised metric, the summary's
+    metrics, then any other metric; the checkpoint only when it is on disk here."""
+    jobs = [read_job(run) for run in runs]
+    optimized = [job.optimized_metric for job in jobs if job.optimized_metric]
+    leading = list(dict.fromkeys([*optimized, *SUMMARY_METRICS]))
+    others = sorted({name for job in jobs for name in job.metrics} - set(leading))
+    rows = []
+    for job in jobs:
+        checkpoint = job.run_dir / "checkpoints" / "best.ckpt"
+        rows.append(
+            {
+                "run": job.job,
+                "overrides": " ".join(job.overrides),
+                "status": job.status,
+                "error": job.error,
+                **{name: job.value(name) for name in [*leading, *others]},
+                "best_epoch": job.best_epoch,
+                "duration_s": job.duration_s,
+                "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
+                "path": job.run_dir,
+            }
+        )
+    return pd.DataFrame(rows), jobs
 
 
 def _column(table: pd.DataFrame, name: str) -> str | None:
@@ -188,33 +185,34 @@ def _column(table: pd.DataFrame, name: str) -> str | None:
     return next((c for c in table.columns if key(c) == key(name)), None)
 
 
+def _ranked(table: pd.DataFrame, jobs: list[JobRow], column: str) -> pd.DataFrame:
+    """Best first, in the summary's order: smallest first for a loss (or a minimised optimum)."""
+    smallest_first = ranks_smallest_first(jobs, column)
+    return table.sort_values(column, ascending=smallest_first, na_position="last", kind="stable")
+
+
 def runs_table(target: ReviewTarget, sort_by: str = DEFAULT_SORT) -> pd.DataFrame:
-    """The sweep's summary.csv when it has one, else a row per run from its metrics.json; best first."""
-    summary = target.path / SUMMARY_CSV
-    if target.kind == "sweep" and summary.is_file():
-        table = pd.read_csv(summary)
-    else:
-        table = pd.DataFrame([_run_row(run) for run in target.runs])
+    """A row per run (see `_runs_frame`), best first by `sort_by`."""
+    table, jobs = _runs_frame(target.runs)
     column = _column(table, sort_by)
     if column is None:
         raise UserError(
             f"Cannot sort by {sort_by!r}: the table's columns are {', '.join(map(str, table.columns))}."
         )
-    return table.sort_values(column, ascending=False, na_position="last", kind="stable").reset_index(
-        drop=True
-    )
+    return _ranked(table, jobs, column).drop(columns="path").reset_index(drop=True)
 
 
 def best_run(target: ReviewTarget, sort_by: str = DEFAULT_SORT) -> Path:
     """The run whose best.ckpt ranks first by `sort_by` (the run itself for a run dir)."""
-    rows = pd.DataFrame([{**_run_row(run), "path": run} for run in target.runs])
-    rows = rows[rows["checkpoint"].notna()]
-    if rows.empty:
+    table, jobs = _runs_frame(target.runs)
+    table = table[table["checkpoint"].notna()]
+    if table.empty:
         raise UserError(f"No run in {target.path} has a checkpoints/best.ckpt to evaluate.")
-    column = _column(rows, sort_by)
-    if column is None:
-        raise UserError(f"Cannot rank runs by {sort_by!r}; use one of {', '.join(rows.columns[3:-2])}.")
-    return Path(rows.sort_values(column, ascending=False, na_position="last", kind="stable").iloc[0]["path"])
+    column = _column(table, sort_by)
+    metrics = [c for c in table.columns if "/" in str(c)]
+    if column is None or column not in metrics:
+        raise UserError(f"Cannot rank runs by {sort_by!r}; use one of {', '.join(metrics)}.")
+    return Path(_ranked(table, jobs, column).iloc[0]["path"])
 
 
 # ---- a checkpoint on the validation split -----------------------------------------------------
@@ -442,9 +440,10 @@ def next_steps(target: ReviewTarget, evaluation: Evaluation | None = None) -> st
                 f"{1 / len(ev.targets):.1%}: differences between runs smaller than that are noise."
             )
     if target.kind == "sweep" and len(target.runs) > 1:
-        table = pd.DataFrame([_run_row(r) for r in target.runs])
-        spread = table[DEFAULT_SORT].max() - table[DEFAULT_SORT].min()
-        notes.append(f"Across the {len(table)} runs `{DEFAULT_SORT}` spans {spread:.3f}.")
+        table, _ = _runs_frame(target.runs)
+        if DEFAULT_SORT in table and table[DEFAULT_SORT].notna().any():
+            spread = table[DEFAULT_SORT].max() - table[DEFAULT_SORT].min()
+            notes.append(f"Across the {len(table)} runs `{DEFAULT_SORT}` spans {spread:.3f}.")
     notes.append(
         "In the Grad-CAM images: heat on the rail, weld or fastener is what you want; heat on ballast, "
         "sleepers' edges or the sky means the model learned a shortcut: collect more varied photos or crop."

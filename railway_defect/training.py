@@ -33,6 +33,7 @@ from railway_defect.models.module import DefectClassifier
 from railway_defect.outputs import write_json_atomic
 from railway_defect.resources import configure_torch_threads, resolve_benchmark, resolve_precision
 from railway_defect.shutdown import Watchdog, sigterm_watchdog
+from railway_defect.warning_filters import quiet_known_noise
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def _hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _quiet_expected_noise(num_workers: int) -> None:
+    quiet_known_noise()
     if num_workers == 0:  # chosen on purpose for small CPUs, see default_num_workers
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # under DDP the epoch metrics are torchmetrics results, already gathered from every process

@@ -177,3 +177,25 @@ def test_data_url_downloads_and_extracts_a_zip(tmp_path: Path) -> None:
         server.shutdown()
     assert (tmp_path / "downloaded" / "Train" / "Defective").is_dir()
     assert dm.report["counts"]["train"] == {"Defective": 3, "Non defective": 3}
+
+
+def test_archive_is_hashed_in_chunks_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data set's zip can be larger than the memory: its SHA-256 is computed chunk by chunk."""
+    from railway_defect.data import download
+
+    source = make_split_dataset(tmp_path / "src" / "railway", {"Train": 2})
+    archive = Path(shutil.make_archive(str(tmp_path / "railway"), "zip", root_dir=source.parent))
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(download, "CHUNK_BYTES", 1000)
+    reads: list[int] = []
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        reads.append(1)
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    download.download_and_extract(archive.as_uri(), tmp_path / "downloaded", sha256=sha256)
+    assert not reads
+    assert (tmp_path / "downloaded" / "Train" / "Defective").is_dir()
+    assert download.archive_sha256(archive) == sha256 and archive.stat().st_size > 1000

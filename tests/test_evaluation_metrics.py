@@ -99,3 +99,15 @@ def test_reliability_bins_cover_every_sample() -> None:
     for r in rows:
         if r["count"]:
             assert r["low"] <= r["confidence"] <= r["high"]
+
+
+def test_ece_is_the_gap_the_reliability_bins_show() -> None:
+    # confidences on a bin edge (0.6) and just above it: the diagram puts 0.6 in (0.5, 0.6]
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.65, 0.35], [0.65, 0.35]])
+    targets = np.array([0, 0, 1, 1])
+    rows = reliability_bins(probs, targets, bins=10)
+    filled = [r for r in rows if r["count"]]
+    assert [(r["high"], r["count"]) for r in filled] == [(pytest.approx(0.6), 2), (pytest.approx(0.7), 2)]
+    gap = sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in filled) / len(targets)
+    assert gap == pytest.approx(0.5 * 0.4 + 0.5 * 0.65)
+    assert expected_calibration_error(probs, targets, bins=10) == pytest.approx(gap)

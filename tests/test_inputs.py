@@ -4,6 +4,8 @@ inputs become items with their error; rows are written as they come and only ren
 from __future__ import annotations
 
 import csv
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -96,6 +98,36 @@ def test_video_sampling_interval_and_unreadable_video(tmp_path: Path) -> None:
         list(iter_inputs([video], decode, MIN_SIDE, every_s=0))
 
 
+def write_variable_rate_video(path: Path, times_ms: list[int], size: tuple[int, int] = (96, 64)) -> Path:
+    """An MP4 whose frames carry the given timestamps (a phone video that pauses and bursts)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), i * 20, np.uint8), "rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_variable_rate_video_frames_are_timed_by_their_timestamps(tmp_path: Path) -> None:
+    times_ms = [0, 100, 200, 300, 400, 1400, 1500, 2600, 2700]
+    video = write_variable_rate_video(tmp_path / "phone.mp4", times_ms)
+    capture = cv2.VideoCapture(str(video))
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    assert abs(5 / fps - 1.4) > 0.1  # index / fps would put frame 5 elsewhere
+    frames = list(iter_inputs([video], decode, MIN_SIDE, every_s=1.0))
+    assert [(f.frame, f.time_s) for f in frames] == [(0, 0.0), (5, 1.4), (7, 2.6)]
+    # every frame, each at its own time
+    frames = list(iter_inputs([video], decode, MIN_SIDE, every_s=0.01))
+    assert [f.time_s for f in frames] == [t / 1000 for t in times_ms]
+    assert all(f.image is not None and not f.error for f in frames)
+
+
 def test_batched_keeps_order_and_remainder() -> None:
     assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
 
@@ -133,3 +165,28 @@ def test_decision_labels_and_review_band() -> None:
 def test_input_item_defaults() -> None:
     item = InputItem("x.jpg", error="empty file")
     assert item.image is None and item.frame is None and item.time_s is None
+
+
+def test_decoding_threads_follow_the_cpus_this_process_may_use(
+    tmp_path: Path, make_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.cpu_count() counts the whole machine (128 on a node where SLURM gave the job 3 CPUs)."""
+    from railway_defect import resources
+    from railway_defect.data import images
+    from railway_defect.inference import inputs
+
+    monkeypatch.setattr(resources.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(resources, "_usable_cpu_ids", lambda: {0, 1, 2})
+    pools: list[int] = []
+
+    class RecordingPool(ThreadPoolExecutor):
+        def __init__(self, max_workers: int | None = None) -> None:
+            pools.append(max_workers)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(images, "ThreadPoolExecutor", RecordingPool)
+    monkeypatch.setattr(inputs, "ThreadPoolExecutor", RecordingPool)
+    photo = make_image(tmp_path / "a.png")
+    assert len(images.decode_files([photo], MIN_SIDE).images) == 1
+    assert len(list(iter_inputs([photo], decode, MIN_SIDE))) == 1
+    assert pools == [3, 3]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -26,6 +27,7 @@ from railway_defect.errors import UserError
 from railway_defect.models.module import DefectClassifier
 from railway_defect.paths import PROJECT_ROOT
 from railway_defect.plots import WRONG
+from railway_defect.sweeps.summary import summarize
 from railway_defect.tensorboard_server import TensorBoard, serve_tensorboard
 from tests.conftest import FAST, make_split_dataset, run_cli
 
@@ -243,17 +245,19 @@ def test_checkpoint_evaluation_matches_the_run(trained_run: Path) -> None:
 
 
 def make_sweep(trained_run: Path, root: Path) -> Path:
-    """A sweep dir of two jobs: copies of the run, the second one scoring higher."""
+    """A sweep dir of two jobs: copies of the run, the second one scoring higher and with a
+    higher (worse) validation loss."""
     for job, shift in (("0", 0.0), ("1", 0.25)):
         shutil.copytree(trained_run, root / "sweep" / job)
         path = root / "sweep" / job / "metrics.json"
         metrics = json.loads(path.read_text())
         metrics["val"]["val/balanced_acc"] = 0.5 + shift
+        metrics["val"]["val/loss"] = 0.4 + shift
         path.write_text(json.dumps(metrics))
     return root / "sweep"
 
 
-def test_sweep_table_ranks_runs_and_prefers_the_summary_csv(trained_run: Path, tmp_path: Path) -> None:
+def test_sweep_table_ranks_runs_as_the_sweep_summary_does(trained_run: Path, tmp_path: Path) -> None:
     sweep = make_sweep(trained_run, tmp_path)
     # a job that failed before its first epoch: listed last, without curves
     (sweep / "10").mkdir()
@@ -262,14 +266,27 @@ def test_sweep_table_ranks_runs_and_prefers_the_summary_csv(trained_run: Path, t
     assert target.kind == "sweep" and [r.name for r in target.runs] == ["0", "1", "10"]
     table = review.runs_table(target)
     assert list(table["run"]) == ["1", "0", "10"]
-    assert list(table["status"]) == ["finished", "finished", "failed"]
+    assert list(table["status"]) == ["ok", "ok", "failed"]  # the summary's words
     assert list(table["val/balanced_acc"])[:2] == [0.75, 0.5]
     assert review.best_run(target).name == "1"
     loss_panel = review.plot_curves(target).get_axes()[0]
     assert {line.get_label() for line in loss_panel.get_lines()} >= {"0 train", "0 val", "1 train", "1 val"}
 
-    (target.path / "summary.csv").write_text("job,val/balanced_acc,status\n0,0.4,finished\n1,0.9,finished\n")
-    assert list(review.runs_table(target)["job"]) == [1, 0]
+    # a loss ranks smallest first, as in the summary
+    assert list(review.runs_table(target, sort_by="val/loss")["run"]) == ["0", "1", "10"]
+    assert review.best_run(target, sort_by="val/loss").name == "0"
+    summary = summarize(sweep)
+    by_optimum = review.runs_table(target, sort_by=summary.optimized_metric)
+    assert list(by_optimum["run"]) == [row.job for row in summary.rows]
+    for row in summary.rows:
+        (mine,) = table[table["run"] == row.job].to_dict("records")
+        assert mine["status"] == row.status
+        for metric in summary.columns:
+            assert (row.value(metric) is None and pd.isna(mine[metric])) or mine[metric] == row.value(metric)
+
+    # a stale summary.csv does not override what the jobs left on disk
+    (target.path / "summary.csv").write_text("job,val/balanced_acc,status\n0,0.9,finished\n1,0.4,finished\n")
+    assert list(review.runs_table(target)["run"]) == ["1", "0", "10"]
     with pytest.raises(UserError, match="Cannot sort by 'val/nothing'"):
         review.runs_table(target, sort_by="val/nothing")
     with pytest.raises(UserError, match="Cannot rank runs by 'val/nothing'"):

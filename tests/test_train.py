@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training import run_training
-from tests.conftest import FAST, REAL_DATA, run_cli
+from tests.conftest import FAST, REAL_DATA, make_split_dataset, run_cli
 
 VAL_METRICS = (
     "val/loss",
@@ -137,3 +137,24 @@ def test_efficientnet_lite0_learns_the_real_data(tmp_path: Path) -> None:
         == "efficientnet_lite0"
     )
     assert f"tensorboard --logdir {tmp_path}/tensorboard" in result.stdout
+
+
+def test_a_normal_run_prints_no_warning_a_user_cannot_act_on(tmp_path: Path) -> None:
+    """No Lightning-internal deprecation, no AUROC notice from the sanity check's two one-class
+    batches, no `Total FLOPs: 0` in the model summary."""
+    data = make_split_dataset(tmp_path / "data", {"Train": 4, "Validation": 4})
+    fast = [o for o in FAST if not o.startswith("callbacks.rich_model_summary")]
+    result = run_cli(
+        "railway_defect.train",
+        *fast,
+        "trainer.max_epochs=1",
+        "data.batch_size=2",
+        "logger=csv",
+        f"data.root={data}",
+        f"hydra.run.dir={tmp_path}/run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Trainable params" in result.stdout  # the model summary is shown
+    assert "FLOPs" not in result.stdout
+    noise = [line for line in result.stderr.splitlines() if "Warning" in line or "deprecated" in line]
+    assert not noise, "\n".join(noise)

@@ -13,6 +13,16 @@ from pathlib import Path
 from railway_defect.errors import UserError
 
 log = logging.getLogger(__name__)
+CHUNK_BYTES = 1 << 20
+
+
+def archive_sha256(path: Path) -> str:
+    """SHA-256 of a file read 1 MiB at a time: a data set's zip may be larger than the memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def download_and_extract(url: str, root: Path, sha256: str | None = None, timeout: float = 60.0) -> None:
@@ -33,7 +43,7 @@ def download_and_extract(url: str, root: Path, sha256: str | None = None, timeou
                 f"Could not download data.url={url}: {e}. Check the URL or set data.root to a local folder."
             ) from e
         if sha256:
-            digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+            digest = archive_sha256(archive)
             if digest.lower() != sha256.lower():
                 raise UserError(
                     f"data.url {url} has SHA-256 {digest}, expected {sha256}: re-download or fix data.sha256."

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from railway_defect.resources import available_cpus
+
 log = logging.getLogger(__name__)
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -182,7 +184,7 @@ def decode_files(
         except DecodeError as e:
             return path, None, str(e)
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
         for path, image, info in pool.map(load, paths):
             if image is None:
                 result.failures[path] = info

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from torch.nn import functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from railway_defect.outputs import atomic_path
 
@@ -36,16 +35,16 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
-    """Top-label ECE: the sample-weighted gap between confidence and accuracy over confidence bins."""
-    return float(
-        multiclass_calibration_error(
-            torch.as_tensor(probs, dtype=torch.float32),
-            torch.as_tensor(targets, dtype=torch.long),
-            num_classes=probs.shape[1],
-            n_bins=bins,
-            norm="l1",
-        )
-    )
+    """Top-label ECE: the sample-weighted gap between confidence and accuracy over the very bins that
+    `reliability_bins` returns, so the number in the diagram's title is the one its bars show."""
+    return ece_from_bins(reliability_bins(probs, targets, bins))
+
+
+def ece_from_bins(rows: list[dict[str, Any]]) -> float:
+    total = sum(r["count"] for r in rows)
+    if not total:
+        return 0.0
+    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / total)
 
 
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:

@@ -1,12 +1,13 @@
-"""Export a checkpoint as ONNX (dynamic batch axis) or TorchScript. The file carries what predict
-needs besides the weights: classes, input size, cache size, mean/std, threshold and temperature
-(ONNX metadata, or an extra file inside the TorchScript archive)."""
+"""Export a checkpoint as ONNX (dynamic batch axis) or TorchScript. ONNX goes through torch's
+maintained exporter, `torch.onnx.export(dynamo=True)` (torch.export + onnxscript); TorchScript is
+deprecated by torch and stays only while torch supports it. The file carries what predict needs
+besides the weights: classes, input size, cache size, mean/std, threshold and temperature (ONNX
+metadata, or an extra file inside the TorchScript archive)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -25,11 +26,14 @@ from railway_defect.inference.model import (
     load_predictor,
 )
 from railway_defect.outputs import atomic_path
+from railway_defect.warning_filters import torchscript_deprecation_silenced
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# the lowest opset torch.onnx.export(dynamo=True) writes without a (lossy) version conversion
+MIN_OPSET = 18
 
 
 def export_metadata(predictor: Predictor) -> dict[str, Any]:
@@ -49,32 +53,52 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
 
 def _write_onnx(
     network: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path, opset: int
-) -> None:
+) -> int:
+    """Export with torch's maintained exporter (torch.export + onnxscript); returns the opset
+    written, which is lower than `opset` only where the exporter could not convert its graph."""
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-        torch.onnx.export(
-            network,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
+    if opset < MIN_OPSET:
+        raise UserError(
+            f"opset={opset}: the ONNX exporter (torch.export based) writes opset {MIN_OPSET} or newer, "
+            f"which onnxruntime reads from 1.14 on; use opset={MIN_OPSET} or higher."
         )
+    try:
+        import onnxscript  # noqa: F401  (the exporter's ONNX builder; named here for a clear error)
+    except ImportError as e:
+        raise UserError(f"format=onnx needs the onnxscript package ({e}): pip install onnxscript.") from e
+    torch.onnx.export(
+        network,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        # the example has 2 images; min=1 so that a single image is a valid batch too
+        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+        opset_version=opset,
+        external_data=False,  # one self-contained file, as predict and serve expect
+        verbose=False,
+    )
     model = onnx.load(str(path))
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if written != opset:
+        log.warning(
+            "The exporter could not convert the graph to opset %d; it wrote opset %d.", opset, written
+        )
+    metadata = {**metadata, "opset": written}
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    return written
 
 
 def _write_torchscript(
     network: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path
 ) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript announces its deprecation
+    """TorchScript is deprecated in torch (its calls say so on every use) but still supported; it
+    stays for users whose runtime is libtorch, and goes when torch removes it."""
+    with torchscript_deprecation_silenced():
         traced = torch.jit.trace(network, example)
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
 
@@ -83,7 +107,7 @@ def export_model(
     ckpt_path: str | None,
     format: str = "onnx",
     output: str | Path | None = None,
-    opset: int = 17,
+    opset: int = MIN_OPSET,
     check: bool = True,
     tolerance: float = 1e-4,
 ) -> dict[str, Any]:
@@ -102,12 +126,12 @@ def export_model(
     size = predictor.info.input_size
     example = torch.randn(2, 3, size, size)
     metadata = export_metadata(predictor)
+    result: dict[str, Any] = {"output": str(output), "format": format, "metadata": metadata}
     with atomic_path(output) as tmp:
         if format == "onnx":
-            _write_onnx(network, example, metadata, tmp, opset)
+            result["opset"] = _write_onnx(network, example, metadata, tmp, opset)
         else:
             _write_torchscript(network, example, metadata, tmp)
-    result: dict[str, Any] = {"output": str(output), "format": format, "metadata": metadata}
     if check:
         result["max_abs_diff"] = check_parity(predictor, output, tolerance)
     log.info("Exported %s to %s.", predictor.path, output)

@@ -5,6 +5,7 @@ flat however many files there are; an unreadable input becomes an item with its 
 from __future__ import annotations
 
 import glob
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -12,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -20,6 +21,7 @@ from PIL import Image
 from railway_defect.data.discovery import IMAGE_SUFFIXES
 from railway_defect.data.images import DecodeError, prepare
 from railway_defect.errors import UserError
+from railway_defect.resources import available_cpus
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 _GLOB_CHARS = set("*?[")
@@ -90,9 +92,21 @@ def _read_image(path: Path, decode: Callable[[bytes], np.ndarray]) -> InputItem:
         return InputItem(str(path), error=str(e))
 
 
+def _frame_time(capture: Any, index: int, fps: float, previous: float) -> float:
+    """Seconds from the start of the video to the frame just grabbed, from the container's
+    timestamp: phone videos often have a variable frame rate, where `index / fps` drifts by
+    seconds. `index / fps` only where the backend gives no timestamp (none, or not increasing)."""
+    import cv2
+
+    ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+    if np.isfinite(ms) and ms >= 0 and (index == 0 or ms / 1000 > previous):
+        return ms / 1000
+    return index / fps
+
+
 def video_frames(path: Path, every_s: float, min_side: int, mode: str = "none") -> Iterator[InputItem]:
-    """Frames at 0, every_s, 2*every_s, ... seconds, shrunk like decoded images; one error item if
-    the video cannot be opened."""
+    """Frames at 0, every_s, 2*every_s, ... seconds (by their timestamps), shrunk like decoded
+    images; one error item if the video cannot be opened."""
     import cv2
 
     capture = cv2.VideoCapture(str(path))
@@ -101,10 +115,10 @@ def video_frames(path: Path, every_s: float, min_side: int, mode: str = "none") 
         if not fps or fps <= 0 or not np.isfinite(fps):
             yield InputItem(str(path), error="cannot open video (unknown format or no frame rate)")
             return
-        index, next_time, produced = 0, 0.0, 0
+        index, next_time, produced, time_s = 0, 0.0, 0, -math.inf
         while capture.grab():
-            time_s = index / fps
-            # a half-frame tolerance, so 1.0 s is not missed at 29.97 fps
+            time_s = _frame_time(capture, index, fps, time_s)
+            # a half-frame tolerance (at the average rate), so 1.0 s is not missed at 29.97 fps
             if time_s + 0.5 / fps >= next_time:
                 ok, frame = capture.retrieve()
                 if ok:
@@ -116,7 +130,10 @@ def video_frames(path: Path, every_s: float, min_side: int, mode: str = "none") 
                         str(path), error="cannot decode frame", frame=index, time_s=round(time_s, 3)
                     )
                 produced += 1
-                next_time += every_s
+                # past every sample time this frame stands for: after a gap in a variable-rate
+                # video, the frames that follow it are not all taken to catch up
+                while next_time <= time_s + 0.5 / fps:
+                    next_time += every_s
             index += 1
         if produced == 0:
             yield InputItem(str(path), error="cannot read any frame of the video")
@@ -153,7 +170,7 @@ def iter_inputs(
     brought to storage form `mode` (data.harmonize) like decoded images."""
     if every_s <= 0:
         raise UserError(f"every_s={every_s} must be positive.")
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
 
         def submit(group: list[Path]) -> tuple[list[Path], dict[Path, Future[InputItem]]]:
             return group, {p: pool.submit(_read_image, p, decode) for p in group if not is_video(p)}

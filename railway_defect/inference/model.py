@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
 from railway_defect.errors import UserError
 from railway_defect.outputs import write_json_atomic
+from railway_defect.warning_filters import torchscript_deprecation_silenced
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,7 @@ class TorchScriptPredictor(Predictor):
     def __init__(self, path: Path, sha256: str, device: str = "auto"):
         self.device = _torch_device(device)
         extra = {f"{METADATA_KEY}.json": ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript announces its deprecation
+        with torchscript_deprecation_silenced():
             self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
         metadata = json.loads(extra[f"{METADATA_KEY}.json"])
         super().__init__(

@@ -4,6 +4,7 @@ Everything else (checkpoints, images for review, summaries) lives in callbacks."
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,8 @@ SchedulerFactory = Callable[..., Any]
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
 MONITORABLE = tuple(f"val/{name}" for name in ("balanced_acc", "f1", "auroc", "acc", "recall", "precision"))
+# torchmetrics' notice that a batch holds one class only (its ROC/AUROC is then undefined)
+SINGLE_CLASS_WARNING = r"No (positive|negative) samples in targets"
 
 
 def plain(value: Any) -> Any:
@@ -218,7 +221,10 @@ class DefectClassifier(LightningModule):
         return result
 
     def on_validation_epoch_end(self) -> None:
-        values = self._epoch_metrics("val", self.val_loss, self.val_metrics)
+        with warnings.catch_warnings():
+            if self.trainer.sanity_checking:  # its two batches may hold one class: AUROC says so
+                warnings.filterwarnings("ignore", message=SINGLE_CLASS_WARNING, category=UserWarning)
+            values = self._epoch_metrics("val", self.val_loss, self.val_metrics)
         self.log_dict(values, prog_bar=False)
         if self.trainer.sanity_checking:
             return

@@ -196,7 +196,19 @@ def _sweep_settings(rows: Sequence[JobRow], optimized_metric: str | None) -> tup
         or DEFAULT_OPTIMIZED_METRIC
     )
     direction = str(((hydra or {}).get("hydra") or {}).get("sweeper", {}).get("direction", ""))
-    return metric, "minimize" in direction or (not direction and "loss" in metric)
+    return metric, "minimize" in direction or (not direction and lower_is_better(metric))
+
+
+def lower_is_better(metric: str) -> bool:
+    """A loss ranks smallest first; the classification metrics logged here rank largest first."""
+    return "loss" in metric
+
+
+def ranks_smallest_first(rows: Sequence[JobRow], metric: str) -> bool:
+    """The order the summary would rank `metric` in: the sweep's optimised metric by its optuna
+    direction, any other by `lower_is_better` (the review notebook sorts with this too)."""
+    optimized, minimize = _sweep_settings(rows, None)
+    return minimize if metric == optimized else lower_is_better(metric)
 
 
 def summarize(sweep_dir: str | Path, optimized_metric: str | None = None) -> Summary:
