@@ -75,7 +75,8 @@ def _write_onnx(
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
         # the example has 2 images; min=1 so that a single image is a valid batch too
-        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+        # by position: the network's own argument name does not matter
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
         opset_version=opset,
         external_data=False,  # one self-contained file, as predict and serve expect
         verbose=False,
