@@ -15,11 +15,13 @@ from railway_defect.sweeps.summary import summarize_and_write
 from tests.conftest import write_image
 
 
-def _job(sweep: Path, name: str, overrides: list[str], rows: list[tuple[Path, str, float]]) -> None:
+def _job(
+    sweep: Path, name: str, overrides: list[str], rows: list[tuple[Path, str, float]], fold: int = 0
+) -> None:
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"num_folds": 2}}))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"num_folds": 2, "fold": fold}}))
     (job / "metrics.json").write_text(json.dumps({"status": "finished", "val": {}, "duration_s": 1.0}))
     with (job / "predictions_val.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -41,7 +43,8 @@ def test_sweep_summary_pools_out_of_fold_predictions_per_configuration(tmp_path:
     for seed in (1, 2):
         for fold in (0, 1):
             part = [(p, label, scores[p]) for i, (p, label) in enumerate(images) if i % 2 == fold]
-            _job(sweep, f"{seed}{fold}", [f"seed={seed}", f"data.fold={fold}", "optimizer.lr=0.1"], part)
+            overrides = [f"seed={seed}", f"data.fold={fold}", "optimizer.lr=0.1"]
+            _job(sweep, f"{seed}{fold}", overrides, part, fold)
 
     summary = summarize_and_write(sweep, show=False)
 
@@ -88,3 +91,11 @@ def test_vectorised_bootstrap_auroc_equals_weighted_auroc() -> None:
     s = np.r_[scores[labels], scores[~labels]]
     slow = [roc_auc_score(y, s, sample_weight=np.r_[wp, wn]) for wp, wn in zip(w_pos, w_neg, strict=True)]
     np.testing.assert_allclose(fast, slow)
+
+
+def test_a_configuration_missing_folds_has_no_out_of_fold_estimate(tmp_path: Path) -> None:
+    """One fold of two covers half of the images: not an estimate for the data set."""
+    sweep = tmp_path / "sweep"
+    image = write_image(tmp_path / "a.png")
+    _job(sweep, "0", ["data.fold=0"], [(image, "Defective", 0.7)], fold=0)
+    assert summarize_and_write(sweep, show=False).out_of_fold == []

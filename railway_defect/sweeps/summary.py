@@ -239,21 +239,33 @@ def summarize(sweep_dir: str | Path, optimized_metric: str | None = None) -> Sum
     return Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common, out_of_fold(rows))
 
 
-def _is_fold(row: JobRow) -> bool:
-    config = _read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}
-    return bool((config.get("data") or {}).get("num_folds"))
+def _fold(row: JobRow) -> tuple[int, int] | None:
+    """(data.num_folds, data.fold) of a cross-validation job, else None."""
+    data = (_read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}).get("data") or {}
+    return (int(data["num_folds"]), int(data.get("fold") or 0)) if data.get("num_folds") else None
 
 
 def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
-    """Per configuration, the pooled validation predictions of its finished fold jobs."""
+    """Per configuration, the pooled validation predictions of its finished fold jobs, when they
+    cover every fold of some seed (a part of the folds would be an estimate on a part of the data)."""
     by_config: dict[tuple[str, ...], list[JobRow]] = {}
+    folds: dict[str, tuple[int, int] | None] = {}
     for row in rows:
-        if row.ok and (row.run_dir / PREDICTIONS_FILE).is_file() and _is_fold(row):
+        folds[row.job] = _fold(row)
+        if row.ok and (row.run_dir / PREDICTIONS_FILE).is_file() and folds[row.job]:
             by_config.setdefault(recipe_key(row), []).append(row)
     results = []
     for configuration, jobs in by_config.items():
-        files = [job.run_dir / PREDICTIONS_FILE for job in jobs]
-        pooled = oof.pool(list(configuration), files, [_value(job, "seed") or "" for job in jobs])
+        seeds = [_value(job, "seed") or "" for job in jobs]
+        covered: dict[str, set[int]] = {}
+        for job, seed in zip(jobs, seeds, strict=True):
+            covered.setdefault(seed, set()).add(folds[job.job][1])
+        complete = [s for s, got in covered.items() if len(got) == folds[jobs[0].job][0]]
+        kept = [(job, seed) for job, seed in zip(jobs, seeds, strict=True) if seed in complete]
+        if not kept:
+            continue
+        files = [job.run_dir / PREDICTIONS_FILE for job, _ in kept]
+        pooled = oof.pool(list(configuration), files, [seed for _, seed in kept])
         if pooled is not None:
             results.append(oof.score(pooled))
     return results
