@@ -14,6 +14,7 @@ stuck outside a collective never does).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.process
 import os
 import signal
 import subprocess
@@ -21,11 +22,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-ChildProcesses = Callable[[], list[subprocess.Popen]]
+# Lightning's subprocess launcher starts Popen objects, the spawn launcher multiprocessing ones
+Child = subprocess.Popen | multiprocessing.process.BaseProcess
+ChildProcesses = Callable[[], list[Child]]
 
 
-def _no_children() -> list[subprocess.Popen]:
+def _no_children() -> list[Child]:
     return []
+
+
+def _alive(proc: Child) -> bool:
+    return proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
 
 
 class Watchdog:
@@ -35,9 +42,9 @@ class Watchdog:
 
     def signal_children(self, signum: int) -> None:
         for proc in self.children():
-            if proc.poll() is None:
+            if _alive(proc) and proc.pid is not None:
                 with contextlib.suppress(OSError):
-                    proc.send_signal(signum)
+                    os.kill(proc.pid, signum)
 
     def run(self) -> None:
         try:

@@ -28,6 +28,7 @@ from railway_defect.console import print_config_tree, print_run_summary
 from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.errors import UserError
+from railway_defect.launching import spawn_in_sweep
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
 from railway_defect.outputs import write_json_atomic
@@ -131,23 +132,6 @@ def _quiet_expected_noise(num_workers: int) -> None:
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
     if logging.getLogger().handlers:  # Hydra's handlers print and file Lightning's messages already
         logging.getLogger("lightning").handlers.clear()
-
-
-def _check_launcher_in_sweep(trainer: L.Trainer) -> None:
-    """Lightning's own DDP launcher starts the other processes by re-running the command line,
-    which in a sweep is the whole sweep, and it can do so once per process only."""
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-
-    from railway_defect.sweeps import in_multirun
-
-    if in_multirun() and isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher):
-        launcher = trainer.strategy.launcher
-        if not launcher.cluster_environment.creates_processes_externally:
-            raise UserError(
-                "Multi-process trainers (trainer=ddp, trainer=ddp_cpu) cannot run inside a sweep started "
-                "on this machine; run each configuration as a single run, or let SLURM start the processes "
-                "(hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node = trainer.devices)."
-            )
 
 
 def _is_global_zero() -> bool:
@@ -282,7 +266,8 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
     # first: every process computes the epoch's metrics (a collective) before any other callback
     callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    _check_launcher_in_sweep(trainer)
+    if spawn_in_sweep(trainer):  # re-running the command line would re-run the whole sweep
+        log.info("Inside a sweep: starting the %d training processes with spawn.", trainer.num_devices)
     for logger in loggers:  # the data's shortcut audit, in TensorBoard's Text tab from the start
         if isinstance(logger, TensorBoardLogger) and datamodule.report.get("shortcut_audit"):
             logger.experiment.add_text(

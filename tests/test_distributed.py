@@ -10,6 +10,7 @@ blocking CI."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
@@ -244,3 +246,80 @@ def test_sigterm_ends_a_run_that_waits_in_a_collective(tmp_path: Path) -> None:
         assert not _group_alive_for(proc.pid, 10), "rank 1 outlived the run"
     finally:
         _kill_group(proc)
+
+
+def _summary_rows(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@needs_data
+def test_ddp_cpu_inside_a_sweep_spawns_its_processes(tmp_path: Path) -> None:
+    """lightning-hydra-template's test_hydra_sweep_ddp_sim, with the default callbacks: each job's
+    two ranks are spawned (re-running the command line would re-run the sweep), rank 0's results
+    come back to the job's process, and the summary and out-of-fold files are whole."""
+    sweep = tmp_path / "sweep"
+    result = run_bounded(
+        *TINY_DDP[:1],
+        "-m",
+        *TINY_DDP[1:],
+        "optimizer.lr=0.005,0.01",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        f"hydra.sweep.dir={sweep}",
+        log_dir=tmp_path / "logs",
+        timeout=480,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _summary_rows(sweep)
+    assert sorted(r["job"] for r in rows) == ["0", "1"] and {r["status"] for r in rows} == {"ok"}
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["status"] == "finished" and metrics["world_size"] == 2
+        assert metrics["epochs_completed"] == 1 and len(metrics["history"]) == 1
+        assert metrics["best"]["epoch"] == 0 and metrics["val"]["val/f1"] == metrics["history"][0]["val/f1"]
+        assert sorted(p.name for p in (sweep / job / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        assert "`Trainer.fit` stopped" in (sweep / job / "train.log").read_text()  # rank 0's log lines
+    assert not list(sweep.glob("**/version_*"))
+
+    # both ranks' scores, gathered in the validation split's order, from the final weights
+    with open(sweep / "0" / "predictions_val.csv", newline="") as f:
+        predicted = list(csv.DictReader(f))
+    model = DefectClassifier.load_from_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt", pretrained=False)
+    dm = RailwayDataModule(root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    assert [r["path"] for r in predicted] == [str(s.path) for s in dm.splits["val"]]
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.cat(
+            [model(x).softmax(-1)[:, model.positive_index] for x, _ in dm.val_dataloader()]
+        )
+    column = f"p_{model.hparams.positive_class}"
+    assert [float(r[column]) for r in predicted] == pytest.approx(probabilities.tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_optuna_search_with_ddp_cpu_trials(tmp_path: Path, tiny_dataset: Path) -> None:
+    import optuna
+
+    sweep = tmp_path / "study"
+    result = run_bounded(
+        "railway_defect.train",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY_DDP[1:],
+        "trainer.max_epochs=1",
+        "test=false",
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+        log_dir=tmp_path / "logs",
+        timeout=480,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="railway_defect", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    rows = _summary_rows(sweep)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["world_size"] == 2

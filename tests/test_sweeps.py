@@ -8,20 +8,18 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
-from omegaconf import open_dict
+from hydra.utils import get_class, instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from railway_defect.errors import UserError
 from railway_defect.resources import physical_cores
-from railway_defect.training import run_training
-from tests.conftest import CONF_DIR, FAST, run_cli
+from tests.conftest import CONF_DIR, run_cli
 
 # the smallest runs that still train, validate and test: seconds per job on a CPU
 TINY = (
@@ -255,19 +253,28 @@ def test_launchers_and_searches_compose() -> None:
         GlobalHydra.instance().clear()
 
 
-def test_self_launched_ddp_is_refused_inside_a_sweep(tmp_path: Path, tiny_dataset: Path) -> None:
-    """Lightning would re-run the sweep's command line in its second process: a sweep of sweeps."""
-    full = _compose(*FAST, f"data.root={tiny_dataset}", "trainer=ddp_cpu", "hydra.mode=MULTIRUN")
-    GlobalHydra.instance().clear()
-    cfg = full.copy()
-    with open_dict(cfg):  # what a job gets: its config without the hydra node
-        del cfg["hydra"]
-        cfg.paths.output_dir = str(tmp_path / "job")
-    HydraConfig.instance().set_config(full)
+def test_ddp_inside_a_sweep_spawns_its_processes_with_the_same_backend_and_timeout() -> None:
+    """Lightning's launcher would re-run the sweep's command line in its second process (a sweep of
+    sweeps); a single run keeps it."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from railway_defect.launching import SpawnLauncher, spawn_in_sweep
+
+    def trainer_in(*mode: str) -> Any:
+        overrides = ("trainer=ddp_cpu", "trainer.strategy.timeout.seconds=42", "trainer.benchmark=false")
+        full = _compose(*overrides, "trainer.precision=32-true", *mode)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().set_config(full)
+        return instantiate(full.trainer, callbacks=[], logger=False)
+
     try:
-        with pytest.raises(UserError, match="cannot run inside a sweep"):
-            run_training(cfg)
+        single = trainer_in()
+        assert not spawn_in_sweep(single) and isinstance(single.strategy.launcher, _SubprocessScriptLauncher)
+        trainer = trainer_in("hydra.mode=MULTIRUN")
+        assert spawn_in_sweep(trainer)
     finally:
         HydraConfig.instance().cfg = None
-    assert json.loads((tmp_path / "job" / "metrics.json").read_text())["status"] == "failed"
+    strategy = trainer.strategy
+    assert isinstance(strategy.launcher, SpawnLauncher) and strategy.launcher._start_method == "spawn"
+    assert strategy.process_group_backend == "gloo" and strategy._timeout.total_seconds() == 42
     assert "LOCAL_RANK" not in os.environ

@@ -20,6 +20,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from railway_defect.launching import SpawnLauncher
+
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +68,9 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.sanity_checking:
             return
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, SpawnLauncher) and not launcher.in_worker:
+            return  # the process that waits for spawned ranks holds no training state: they save it
         checkpoint_callback = trainer.checkpoint_callback
         if checkpoint_callback is None or not getattr(checkpoint_callback, "dirpath", None):
             return

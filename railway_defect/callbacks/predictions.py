@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,20 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from railway_defect.outputs import write_text_atomic
 
-log = logging.getLogger(__name__)
-
 PREDICTIONS_FILE = "predictions_val.csv"
 
 
 def probability_column(positive_class: str) -> str:
     return f"p_{positive_class}"
+
+
+def _in_sample_order(trainer: Trainer, scores: torch.Tensor) -> torch.Tensor:
+    """Every rank's scores, in the validation split's order. Lightning's validation sampler (a
+    DistributedSampler without shuffling) gives rank r the images r, r + W, r + 2W, ... and pads
+    the list so that all ranks score as many (the padding repeats the first images, and falls off
+    the end here). A collective: every rank calls it at the same hook."""
+    gathered = trainer.strategy.all_gather(scores)  # (world_size, images per rank)
+    return gathered.transpose(0, 1).reshape(-1).cpu()
 
 
 class ValidationPredictions(Callback):
@@ -48,12 +54,13 @@ class ValidationPredictions(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not self._scores:
             return
-        if trainer.world_size > 1:  # each process saw a part of the images, in sampler order
-            if trainer.current_epoch == 0:
-                log.info("Per-image validation predictions are not written under multi-process training.")
+        scores = torch.cat(self._scores)
+        if trainer.world_size > 1:
+            scores = _in_sample_order(trainer, scores.to(pl_module.device))
+        if not trainer.is_global_zero:
             return
         samples = trainer.datamodule.splits["val"]
-        scores = torch.cat(self._scores).tolist()
+        scores = scores.tolist()
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["path", "label", probability_column(pl_module.hparams.positive_class), "epoch"])
