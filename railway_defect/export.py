@@ -1,5 +1,5 @@
-"""`python -m railway_defect.export ckpt_path=... format=onnx|torchscript output=...`: a model file
-that carries its classes, preprocessing, threshold and temperature (conf/export.yaml)."""
+"""`python -m railway_defect.export ckpt_path=... format=onnx|torchscript output=... [quantize=int8]`:
+a model file that carries its classes, preprocessing, threshold and temperature (conf/export.yaml)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,29 @@ def main(cfg: DictConfig) -> None:
     from railway_defect.inference.exporting import export_model
 
     result = exit_on_user_error(
-        lambda: export_model(cfg.ckpt_path, cfg.format, cfg.output, cfg.opset, cfg.check, cfg.tolerance)
+        lambda: export_model(
+            cfg.ckpt_path,
+            cfg.format,
+            cfg.output,
+            cfg.opset,
+            cfg.check,
+            cfg.tolerance,
+            cfg.quantize,
+            cfg.calibration_data,
+            cfg.calibration_images,
+        )
     )
     console = rich.get_console()
     console.print(f"exported: {result['output']} ({result['format']})", soft_wrap=True, markup=False)
+    if "fp32_max_abs_diff" in result:
+        console.print(
+            f"fp32 parity with the checkpoint: max |Δp| = {result['fp32_max_abs_diff']:.2e}", markup=False
+        )
     if "max_abs_diff" in result:
-        console.print(f"parity with the checkpoint: max |Δp| = {result['max_abs_diff']:.2e}", markup=False)
+        label = f"{result['quantize']} " if result.get("quantize") else ""
+        console.print(
+            f"{label}parity with the checkpoint: max |Δp| = {result['max_abs_diff']:.2e}", markup=False
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ BENCHMARKS = PROJECT_ROOT / "benchmarks"
 SCRIPTS = {
     "bench_overhead.py": ("ratio overhead (framework / hand-written)",),
     "bench_data.py": ("ratio cache (later epochs / naive PIL decode)",),
-    "bench_predict.py": ("ratio predict (files -> CSV / raw forward)",),
+    "bench_predict.py": (
+        "ratio predict (files -> CSV / raw forward)",
+        "ratio onnx fp32 (fp32 onnxruntime / fp32 pytorch)",
+        "ratio int8 (int8 onnxruntime / fp32 pytorch)",
+    ),
     "bench_startup.py": ("ratio startup (train --help / import torch)",),
     "bench_backbones.py": (
         "ratio resnet18 train (channels_last / fp32 contiguous)",
@@ -24,6 +28,14 @@ SCRIPTS = {
     ),
 }
 EXTRA_ARGS = {"bench_backbones.py": ["--compile"]}
+# other lines a script must print (the accuracy side of its goal)
+EXPECTED_LINES = {
+    "bench_predict.py": (
+        "accuracy fp32 pytorch: auroc=",
+        "accuracy fp32 onnxruntime: auroc=",
+        "accuracy int8 onnxruntime: auroc=",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +79,8 @@ def test_benchmark_quick_mode_runs_and_prints_its_ratio(
         values = {k: float(v) for k, v in (part.split("=") for part in ratio.split(": ", 1)[1].split()[:3])}
         assert set(values) == {"min", "median", "max"}
         assert 0 < values["min"] <= values["median"] <= values["max"]
+    for prefix in EXPECTED_LINES.get(script, ()):
+        assert any(line.startswith(prefix) for line in lines), stdout
 
 
 @pytest.mark.slow
