@@ -91,6 +91,22 @@ def default_num_workers() -> int:
 
 
 class RailwayDataModule(LightningDataModule):
+    """The labelled photos under `root` (split folders, class folders or a manifest), decoded once.
+
+    Args:
+        root / url / sha256: the data folder, and a zip to fetch when it is missing.
+        positive_class: the class metrics refer to.
+        val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
+            or which cross-validation fold validates.
+        image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
+            size, decompression guard, on-disk cache) and the model's input size.
+        batch_size, num_workers, balance: the loaders and class balancing (none|sampler|loss).
+        report_path, splits_path: where data_report.json and splits.csv go; splits_from: a run's
+            splits.csv to reuse instead of splitting (evaluation of that run).
+        audit: run the shortcut audit on the train + validation images.
+        train_transforms, mean, std: the training augmentations and the backbone's normalisation.
+    """
+
     def __init__(
         self,
         root: str | Path,

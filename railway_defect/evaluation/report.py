@@ -133,6 +133,21 @@ def run_evaluation(
     store_calibration: bool = True,
     device: str = "auto",
 ) -> dict[str, Any]:
+    """Score a model on a split of its run's data: metrics with intervals, an operating threshold for
+    `target_recall` and a temperature fitted on Validation, figures and per-image scores, written
+    to `output_dir` (default `<run>/evaluation/<model>_<split>/`); the threshold and temperature are
+    stored beside the model unless `store_calibration` is false.
+
+    Args:
+        ckpt_path: a checkpoint, run directory, CV sweep directory (ensemble: evaluated on its
+            pooled out-of-fold predictions), or an ONNX/TorchScript export.
+        data_root: the folder the run was trained on (its splits.csv paths are relative to it).
+        split: Validation or Test (default: Test when there is one).
+        splits: `run` (the run's splits.csv), `resplit`, or a splits.csv path.
+        val_fraction, seed: used by `splits=resplit` only.
+        cache_dir, batch_size, device: decoding cache, batch size and device for scoring.
+        bins, confidence, bootstrap: calibration bins, interval level and bootstrap resamples.
+    """
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
     predictor = load_predictor(ckpt_path, device)

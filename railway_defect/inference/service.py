@@ -41,6 +41,15 @@ def create_app(
     max_upload_mb: float = 20,
     max_files: int = 32,
 ) -> FastAPI:
+    """The scoring service: GET /health (model, classes, threshold), POST /predict (multipart
+    `files`: images scored like `predict` does, one row each).
+
+    Args:
+        predictor: the model (checkpoint, ensemble, ONNX or TorchScript) from `load_predictor`.
+        decision: the threshold and review band that label a score.
+        flips: test-time flips averaged into each score (image axes: -1 horizontal, -2 vertical).
+        max_upload_mb, max_files: per-request limits; beyond them the answer is 413.
+    """
     app = FastAPI(title="railway_defect", version=__version__)
     max_bytes = int(max_upload_mb * MB)
     # one forward pass at a time: the threads of the pool would only compete for the same cores

@@ -89,6 +89,24 @@ def stage_metrics(num_classes: int) -> MetricCollection:
 
 
 class DefectClassifier(LightningModule):
+    """An ImageNet backbone from the factory with a dropout + linear head, trained with
+    cross-entropy; every constructor argument is saved in the checkpoint (load it with
+    `load_classifier`).
+
+    Args:
+        backbone: a name from `models.backbones.BACKBONES` (e.g. `efficientnet_lite2`).
+        class_names: the classes, in the order of the logits.
+        positive_class: the class that precision, recall, F1 and AUROC refer to.
+        pretrained / require_pretrained / weights_path: where the backbone's weights come from.
+        dropout, label_smoothing: regularisation of the head and the loss.
+        backbone_lr_scale: the backbone's learning rate relative to the head's.
+        mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
+        class_weights: loss weights per class (data.balance=loss), or None.
+        channels_last, compile: speed settings that do not change results.
+        monitor: the validation metric tracked as `<monitor>_best`.
+        optimizer, scheduler: factories (Hydra partials) called in `configure_optimizers`.
+    """
+
     def __init__(
         self,
         backbone: str,
