@@ -109,6 +109,11 @@ def test_evaluate_scores_the_runs_recorded_split_not_a_new_one(compose_train, tm
         run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval2"))
     shutil.copy(backup, changed)
 
+    from railway_defect.review import evaluate_checkpoint
+
+    reviewed = evaluate_checkpoint(run_dir, data_root=data)  # the notebook's path: the same images
+    assert {p.name for p in reviewed.paths} == recorded
+
     (run_dir / "splits.csv").unlink()
     with pytest.raises(UserError, match="splits=resplit"):
         run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval3"))
