@@ -16,6 +16,7 @@ BENCHMARKS = PROJECT_ROOT / "benchmarks"
 SCRIPTS = {
     "bench_overhead.py": ("ratio overhead (framework / hand-written)",),
     "bench_data.py": ("ratio cache (later epochs / naive PIL decode)",),
+    "bench_scale.py": ("ratio stream (stream later epoch / memory later epoch)",),
     "bench_predict.py": ("ratio predict (files -> CSV / raw forward)",),
     "bench_startup.py": ("ratio startup (train --help / import torch)",),
     "bench_backbones.py": (

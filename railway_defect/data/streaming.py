@@ -147,7 +147,7 @@ def storage_order(key: str, count: int) -> np.ndarray:
 
 
 def _decode_item(
-    item: tuple[int, str, int], min_side: int, max_pixels: int, mode: str, failure_dir: str
+    item: list[Any], min_side: int, max_pixels: int, mode: str, failure_dir: str
 ) -> dict[str, Any]:
     """One optimize input -> one stored item; a file that fails to decode becomes an empty
     placeholder (positions must not shift) and its reason is written to `failure_dir`."""
@@ -239,7 +239,8 @@ def build_split(
         workers = max(1, min(num_workers or available_cpus(), len(paths)))
         log.info("Building the optimized data %s: %d images on %d workers.", location, len(paths), workers)
         start = time.perf_counter()
-        optimize(
+        build = functools.partial(
+            optimize,
             fn=functools.partial(
                 _decode_item,
                 min_side=min_side,
@@ -247,7 +248,8 @@ def build_split(
                 mode=mode,
                 failure_dir=str(failure_dir),
             ),
-            inputs=[(int(i), str(paths[i]), int(targets[i])) for i in storage_order(key, len(paths))],
+            # lists, not tuples: a resumed build compares them with its checkpoint's JSON
+            inputs=[[int(i), str(paths[i]), int(targets[i])] for i in storage_order(key, len(paths))],
             output_dir=location,
             num_workers=workers,
             chunk_bytes=CHUNK_BYTES,
@@ -258,6 +260,15 @@ def build_split(
             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
             verbose=True,
         )
+        try:
+            build()
+        except ValueError as e:  # checkpoints of an interrupted build on another number of CPUs
+            if "checkpoint" not in str(e).lower() or is_remote(location):
+                raise
+            log.warning("Cannot resume the interrupted build of %s (%s): building it again.", location, e)
+            shutil.rmtree(location)
+            failure_dir.mkdir(parents=True)
+            build()
         failures = {int(f.stem): f.read_text() for f in failure_dir.glob("*.txt")}
         meta = {"key": key, "count": len(paths), "failures": {str(k): v for k, v in sorted(failures.items())}}
         _write_meta(location, meta)
