@@ -58,9 +58,10 @@ def write_manifest(root: Path, pool: list[Path], n: int) -> Path:
     return root
 
 
-def train_peak(root: Path, storage: str, stream_dir: Path, run_dir: Path) -> dict[str, float]:
-    """Peak RSS (MB) and wall time of `train debug=fdr` in a child process; the build time when it
-    built the optimized form."""
+def start_training(
+    root: Path, storage: str, stream_dir: Path, run_dir: Path
+) -> tuple[subprocess.Popen, float]:
+    """`train debug=fdr` in a child process (its output in run_dir.log)."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     args = [
         sys.executable,
@@ -81,13 +82,20 @@ def train_peak(root: Path, storage: str, stream_dir: Path, run_dir: Path) -> dic
         "callbacks.review=null",
         f"hydra.run.dir={run_dir}",
     ]
-    start = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output = process.stdout.read() if process.stdout else ""
+    log = run_dir.with_suffix(".log")
+    with log.open("w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return process, time.perf_counter()
+
+
+def finish_training(process: subprocess.Popen, started: float, log: Path) -> dict[str, float]:
+    """Peak RSS (MB, the child's high-water mark from wait4) and wall time of a started training
+    run; the build time when it built the optimized form."""
     _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - started
+    output = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"train ({storage}, {root}) failed:\n{output[-4000:]}")
+        raise RuntimeError(f"train ({log.stem}) failed:\n{output[-4000:]}")
     built = [float(x) for x in re.findall(r"Built \S+ in ([0-9.]+) s", output)]
     # ru_maxrss: kilobytes on Linux
     return {"peak_mb": usage.ru_maxrss / 1024, "wall_s": wall, "build_s": sum(built)}
@@ -118,10 +126,19 @@ def main() -> None:
         rows = []
         for n in sizes:
             root = write_manifest(tmp_path / f"data_{n}", pool, n)
-            row = {"images": n}
+            row: dict = {"images": n}
+            runs = {}
             for storage in ("memory", "stream"):
-                result = train_peak(root, storage, stream_dir, tmp_path / f"run_{n}_{storage}")
-                row[storage] = result
+                run_dir = tmp_path / f"run_{n}_{storage}"
+                runs[storage] = (
+                    *start_training(root, storage, stream_dir, run_dir),
+                    run_dir.with_suffix(".log"),
+                )
+                if not args.quick:  # --quick: both at once (peaks are per process; wall times mean nothing)
+                    row[storage] = finish_training(*runs[storage])
+            for storage in ("memory", "stream"):
+                if args.quick:
+                    row[storage] = finish_training(*runs[storage])
             rows.append(row)
             print(
                 f"images={n}: peak memory={row['memory']['peak_mb']:.0f} MB "

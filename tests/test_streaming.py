@@ -156,3 +156,19 @@ def test_balanced_sampling_reads_the_chunks_by_position(tiny_dataset: Path, tmp_
     loader = dm.train_dataloader()
     assert type(loader).__name__ == "DataLoader"
     assert sum(len(y) for _, y in loader) == 12
+
+
+def test_data_report_lists_counts_and_the_first_problems(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from railway_defect.data import datamodule as datamodule_module
+
+    monkeypatch.setattr(datamodule_module, "REPORT_LIMIT", 2)
+    for i in range(5):
+        (tiny_dataset / "Train" / "Defective" / f"bad{i}.jpg").write_bytes(b"not an image")
+        (tiny_dataset / "Train" / "Defective" / f"notes{i}.txt").write_text("x")
+    dm = datamodule(tiny_dataset, storage="memory", audit=False)
+    dm.setup("fit")
+    assert dm.report["skipped_count"] == 5 and len(dm.report["skipped"]) == 2
+    assert dm.report["ignored_count"] == 5 and len(dm.report["ignored"]) == 2
+    assert dm.report["ignored_reasons"] == {"not an image file extension": 5}
