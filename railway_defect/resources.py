@@ -7,7 +7,8 @@
   slower on a CPU without native bf16);
 - `trainer.benchmark: auto`: cuDNN autotuning on, unless `trainer.deterministic` asks otherwise.
 
-DataLoader workers and pinned memory are decided by the DataModule (`default_num_workers`)."""
+DataLoader workers and pinned memory are decided by the DataModule (`default_num_workers`); whether
+decoded images are kept in memory by `available_memory` (`data.storage: auto`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 SYS_CPU = Path("/sys/devices/system/cpu")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PROC_MEMINFO = Path("/proc/meminfo")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 reports "no limit" as a huge number (2**63 rounded down to pages)
+_CGROUP_V1_UNLIMITED = 2**60
 
 
 def _usable_cpu_ids() -> set[int]:
@@ -44,6 +50,61 @@ def _cgroup_cpu_limit() -> int | None:
         return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
     except (OSError, ValueError):
         return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text in ("", "max") else int(text) if text.isdigit() else None
+
+
+def _cgroup_memory_headroom() -> int | None:
+    """Bytes the process's memory cgroup still allows (limit - usage), v2 or v1; None if unlimited.
+    A container's limit is often far below the host's free memory, which /proc/meminfo reports."""
+    try:
+        lines = PROC_SELF_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    headroom = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy: the limit may sit on any ancestor
+            folder = CGROUP_ROOT / path.lstrip("/")
+            candidates = [(folder, "memory.max", "memory.current")]
+            candidates += [(parent, "memory.max", "memory.current") for parent in folder.parents]
+        elif "memory" in controllers.split(","):
+            base = CGROUP_ROOT / "memory"
+            candidates = [
+                (base / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                (base, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+            ]
+        else:
+            continue
+        for folder, limit_name, usage_name in candidates:
+            if not folder.is_relative_to(CGROUP_ROOT):
+                continue
+            limit = _read_int(folder / limit_name)
+            if limit is not None and limit < _CGROUP_V1_UNLIMITED:
+                headroom.append(max(0, limit - (_read_int(folder / usage_name) or 0)))
+    return min(headroom) if headroom else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping or being killed: the smaller of the
+    machine's MemAvailable and the memory cgroup's headroom; None when neither can be read."""
+    found = []
+    try:
+        for line in PROC_MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    cgroup = _cgroup_memory_headroom()
+    if cgroup is not None:
+        found.append(cgroup)
+    return min(found) if found else None
 
 
 def physical_cores() -> int:

@@ -328,7 +328,7 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
         "data": {
             "root": str(datamodule.root),
             "counts": datamodule.report["counts"],
-            "skipped": len(datamodule.report["skipped"]),
+            "skipped": datamodule.report["skipped_count"],
         },
         "epochs_completed": trainer.current_epoch,
         "torch_threads": torch_threads,

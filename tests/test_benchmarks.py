@@ -21,6 +21,7 @@ SCRIPTS = {
         "ratio onnx fp32 (fp32 onnxruntime / fp32 pytorch)",
         "ratio int8 (int8 onnxruntime / fp32 pytorch)",
     ),
+    "bench_scale.py": ("ratio stream (stream later epoch / memory later epoch)",),
     "bench_startup.py": ("ratio startup (train --help / import torch)",),
     "bench_backbones.py": (
         "ratio resnet18 train (channels_last / fp32 contiguous)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from railway_defect.data.discovery import discover, infer_groups
@@ -97,3 +98,23 @@ def test_burst_photos_share_a_group_by_file_name_timestamp() -> None:
     groups = infer_groups(paths)
     assert groups[0] == groups[1]
     assert len({groups[0], groups[2], groups[3]}) == 3
+
+
+def test_large_data_sets_get_fast_stratified_group_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FAST_FOLDS_ABOVE groups, folds come from an O(n log k) assignment: every image in
+    exactly one fold, whole groups only, each fold's class mix close to the whole."""
+    from railway_defect.data import discovery
+
+    monkeypatch.setattr(discovery, "FAST_FOLDS_ABOVE", 0)
+    labels = ["a" if i % 10 < 7 else "b" for i in range(1000)]
+    groups = [f"g{i // 4}" if i < 200 else f"s{i}" for i in range(1000)]
+    folds = discovery._group_folds(labels, groups, 5, seed=3)
+    tests = np.concatenate([test for _, test in folds])
+    assert sorted(tests.tolist()) == list(range(1000))
+    for train, test in folds:
+        assert not {groups[i] for i in train} & {groups[i] for i in test}
+        share = sum(labels[i] == "a" for i in test) / len(test)
+        assert 0.65 <= share <= 0.75 and 190 <= len(test) <= 210
+    assert [t.tolist() for _, t in folds] == [
+        t.tolist() for _, t in discovery._group_folds(labels, groups, 5, 3)
+    ]

@@ -1,13 +1,15 @@
-"""RailwayDataModule: discovers the data, decodes every image once into a cache, reports what it
-skipped, and serves augmented training batches and deterministic evaluation batches."""
+"""RailwayDataModule: discovers the data, decodes every image once (into memory, or for data that
+outgrow memory into LitData chunks on disk: data.storage), reports what it skipped, and serves
+augmented training batches and deterministic evaluation batches."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,8 +28,14 @@ from railway_defect.outputs import write_json_atomic
 from railway_defect.paths import DATA_DIR_ENV, data_root_candidates
 from railway_defect.resources import available_cpus
 
+if TYPE_CHECKING:
+    from torch.utils.data import IterableDataset
+
 log = logging.getLogger(__name__)
 
+STORAGE_MODES = ("auto", "memory", "stream")
+# the data report and the log list this many problems of each kind, then a count
+REPORT_LIMIT = 100
 BALANCE_MODES = ("none", "sampler", "loss")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +54,9 @@ class DecodedImageDataset(Dataset):
         transform: Callable[..., dict],
         seed: int = 0,
     ):
-        self.images, self.targets, self.transform, self.seed = list(images), list(targets), transform, seed
+        # a list of arrays (memory), or a lazy sequence that reads them from disk (stream)
+        self.images = images if isinstance(images, Sequence) else list(images)
+        self.targets, self.transform, self.seed = list(targets), transform, seed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,12 +142,16 @@ class RailwayDataModule(LightningDataModule):
         train_transforms: Sequence[Any] = (),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        storage: str = "auto",
+        stream_dir: str | Path | None = None,
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
             raise UserError(f"data.balance={balance!r} is not one of {', '.join(BALANCE_MODES)}.")
         if batch_size < 1:
             raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
+        if storage not in STORAGE_MODES:
+            raise UserError(f"data.storage={storage!r} is not one of {', '.join(STORAGE_MODES)}.")
         if cache_size < image_size:
             raise UserError(
                 f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size})."
@@ -166,6 +180,12 @@ class RailwayDataModule(LightningDataModule):
         self.eval_transform = build_transform([], image_size, mean, std)
         self.index: DatasetIndex | None = None
         self.decoded: DecodedImages | None = None
+        self.storage = storage
+        # local folder or s3:// URL of the optimized splits (data.storage=stream)
+        self.stream_dir = str(stream_dir) if stream_dir else str(Path.home() / ".cache" / "railway_stream")
+        # the storage in use once set up, and per split the optimized folder and the positions used
+        self.storage_used: str | None = None
+        self.streams: dict[str, tuple[str, list[int]]] = {}
         self.splits: dict[str, list[Sample]] = {}
         self._epochs_iterated = 0
 
@@ -194,6 +214,28 @@ class RailwayDataModule(LightningDataModule):
         else:
             index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
         all_samples = [s for samples in index.splits.values() for s in samples]
+        self.storage_used = self.storage
+        if self.storage != "memory":
+            from railway_defect.data.streaming import choose_storage
+
+            self.storage_used = choose_storage(
+                self.storage, [s.path for s in all_samples], self.cache_size, self.harmonize
+            )
+        if self.storage_used == "stream":
+            decoded = self._setup_stream(index, expected)
+        else:
+            decoded = self._setup_memory(index, all_samples, expected)
+        self._log_skipped(decoded.failures)
+        self.index, self.decoded = index, decoded
+        if self.splits_path is not None:
+            write_split_record(self.splits_path, self.root, self.splits, decoded.digests)
+        self._write_report()
+        self._check_splits()
+
+    def _setup_memory(
+        self, index: DatasetIndex, all_samples: list[Sample], expected: dict[Path, str]
+    ) -> DecodedImages:
+        """Every image decoded into RAM: the fastest form while it fits."""
         decoded = decode_files(
             [s.path for s in all_samples],
             self.cache_size,
@@ -203,16 +245,63 @@ class RailwayDataModule(LightningDataModule):
         )
         if self.splits_from is not None:
             check_unchanged(self.splits_from, expected, decoded.digests)
-        for path, reason in decoded.failures.items():
-            log.warning("Skipping %s: %s", path, reason)
         self.splits = {
             split: [s for s in samples if s.path in decoded.images] for split, samples in index.splits.items()
         }
-        self.index, self.decoded = index, decoded
-        if self.splits_path is not None:
-            write_split_record(self.splits_path, self.root, self.splits, decoded.digests)
-        self._write_report()
-        self._check_splits()
+        return decoded
+
+    def _setup_stream(self, index: DatasetIndex, expected: dict[Path, str]) -> DecodedImages:
+        """Each split decoded once into its optimized folder (reused when its key matches); only
+        content digests stay in memory."""
+        from railway_defect.data.streaming import build_split, digest_files, split_key, storage_order
+
+        all_paths = [s.path for samples in index.splits.values() for s in samples]
+        digests, failures = digest_files(all_paths)
+        if self.splits_from is not None:
+            check_unchanged(self.splits_from, expected, digests)
+        classes = sorted({s.label for samples in index.splits.values() for s in samples if s.path in digests})
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+        for split, samples in index.splits.items():
+            readable = [s for s in samples if s.path in digests]
+            targets = [class_to_idx[s.label] for s in readable]
+            key = split_key(
+                [(digests[s.path], t) for s, t in zip(readable, targets, strict=True)],
+                classes,
+                self.cache_size,
+                self.harmonize,
+                self.max_pixels,
+            )
+            location, meta = build_split(
+                self.stream_dir,
+                [s.path for s in readable],
+                targets,
+                key,
+                self.cache_size,
+                self.max_pixels,
+                self.harmonize,
+            )
+            bad = {int(position): reason for position, reason in meta["failures"].items()}
+            for position, reason in bad.items():
+                failures[readable[position].path] = reason
+            kept = [i for i in range(len(readable)) if i not in bad]
+            stored_at = np.argsort(storage_order(key, len(readable)))
+            self.splits[split] = [readable[i] for i in kept]
+            self.streams[split] = (location, [int(stored_at[i]) for i in kept])
+        if self.classes != classes:  # the stored targets index the classes of the key
+            raise UserError(
+                f"Classes {sorted(set(classes) - set(self.classes))} have no readable images in {self.root}."
+            )
+        return DecodedImages(
+            failures=failures, digests={p: d for p, d in digests.items() if p not in failures}
+        )
+
+    @staticmethod
+    def _log_skipped(failures: dict[Path, str]) -> None:
+        """One warning per skipped file up to REPORT_LIMIT, then a count (data_report.json lists them)."""
+        for path, reason in itertools.islice(failures.items(), REPORT_LIMIT):
+            log.warning("Skipping %s: %s", path, reason)
+        if len(failures) > REPORT_LIMIT:
+            log.warning("... and %d more unreadable files.", len(failures) - REPORT_LIMIT)
 
     def _check_splits(self) -> None:
         classes = self.classes
@@ -250,7 +339,7 @@ class RailwayDataModule(LightningDataModule):
             for entries in by_digest.values()
             if len({split for split, _ in entries}) > 1
         ]
-        for entries in duplicates:
+        for entries in duplicates[:REPORT_LIMIT]:
             log.warning(
                 "Identical files in different splits (leakage): %s", ", ".join(e["path"] for e in entries)
             )
@@ -264,9 +353,18 @@ class RailwayDataModule(LightningDataModule):
                 split: dict(sorted(Counter(s.label for s in samples).items()))
                 for split, samples in self.splits.items()
             },
-            "skipped": [{"path": str(p), "reason": r} for p, r in self.decoded.failures.items()],
-            "ignored": self.index.ignored,
-            "duplicates_across_splits": duplicates,
+            "storage": self.storage_used,
+            # counts, then the first REPORT_LIMIT of each kind: readable for 200,000 files
+            "skipped_count": len(self.decoded.failures),
+            "skipped": [
+                {"path": str(p), "reason": r}
+                for p, r in itertools.islice(self.decoded.failures.items(), REPORT_LIMIT)
+            ],
+            "ignored_count": len(self.index.ignored),
+            "ignored_reasons": dict(Counter(entry["reason"] for entry in self.index.ignored).most_common()),
+            "ignored": self.index.ignored[:REPORT_LIMIT],
+            "duplicates_across_splits_count": len(duplicates),
+            "duplicates_across_splits": duplicates[:REPORT_LIMIT],
             # can size, format, compression, folder... of the train + val files predict the label?
             "shortcut_audit": audit_and_warn(
                 [*self.splits.get("train", []), *self.splits.get("val", [])], self.root
@@ -297,14 +395,18 @@ class RailwayDataModule(LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------
     def _dataset(self, split: str, transform: Callable[..., dict]) -> DecodedImageDataset:
+        """The split by position: decoded arrays in memory, or read on demand from its optimized
+        folder (random access, in split order: evaluation order and DDP sharding as in memory)."""
         assert self.decoded is not None, "call setup() first"
         samples = self.splits[split]
         class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        return DecodedImageDataset(
-            [self.decoded.images[s.path] for s in samples],
-            [class_to_idx[s.label] for s in samples],
-            transform,
-        )
+        if self.storage_used == "stream":
+            from railway_defect.data.streaming import StreamedImages
+
+            images: Sequence[np.ndarray] = StreamedImages(*self.streams[split])
+        else:
+            images = [self.decoded.images[s.path] for s in samples]
+        return DecodedImageDataset(images, [class_to_idx[s.label] for s in samples], transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Any = None) -> DataLoader:
         return DataLoader(
@@ -332,12 +434,32 @@ class RailwayDataModule(LightningDataModule):
         return trainer.current_epoch if trainer is not None else self._epochs_iterated
 
     def train_dataloader(self) -> DataLoader:
+        if self.storage_used == "stream" and self.balance != "sampler":
+            return self._streaming_train_loader()
         dataset = self._dataset("train", self.train_transform)
         weights = None
         if self.balance == "sampler":
             counts = Counter(dataset.targets)
             weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
         return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, self._next_epoch, weights))
+
+    def _streaming_train_loader(self) -> DataLoader:
+        """LitData's StreamingDataLoader over the training chunks: reads stay sequential within a
+        chunk (fast from a disk or object storage) and each DDP rank streams its own chunks. Order
+        comes from LitData's shuffle seeded by (seed, trainer epoch); augmentation is seeded per
+        (seed, epoch, image) as in memory mode. A class-balanced sampler needs random access, so
+        balance=sampler reads the chunks through EpochSampler instead (train_dataloader)."""
+        from railway_defect.data.streaming import AugmentedStream, TrainerEpochLoader
+
+        location, _ = self.streams["train"]
+        dataset: IterableDataset = AugmentedStream(location, self.train_transform, self.seed)
+        return TrainerEpochLoader(
+            dataset,
+            self._next_epoch,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self._pin_memory(),
+        )
 
     def _next_epoch(self) -> int:
         """The trainer's epoch; outside a trainer, each new iteration is the next epoch."""
