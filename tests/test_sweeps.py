@@ -278,3 +278,28 @@ def test_ddp_inside_a_sweep_spawns_its_processes_with_the_same_backend_and_timeo
     assert isinstance(strategy.launcher, SpawnLauncher) and strategy.launcher._start_method == "spawn"
     assert strategy.process_group_backend == "gloo" and strategy._timeout.total_seconds() == 42
     assert "LOCAL_RANK" not in os.environ
+
+
+@pytest.mark.slow
+def test_every_experiment_runs_in_one_sweep(tmp_path: Path, tiny_dataset: Path) -> None:
+    """lightning-hydra-template's test_experiments: each experiment config, one fast_dev_run job."""
+    experiments = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "railway_defect.train",
+        "-m",
+        "experiment=glob(*)",
+        "debug=fdr",
+        "model.pretrained=false",
+        "data.image_size=32",
+        "data.cache_size=40",
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(sweep)
+    chosen = sorted(
+        o for row in rows.values() for o in row["overrides"].split() if o.startswith("experiment=")
+    )
+    assert chosen == [f"experiment={e}" for e in experiments]
+    assert {row["status"] for row in rows.values()} == {"ok"}

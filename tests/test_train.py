@@ -158,3 +158,14 @@ def test_a_normal_run_prints_no_warning_a_user_cannot_act_on(tmp_path: Path) -> 
     assert "FLOPs" not in result.stdout
     noise = [line for line in result.stderr.splitlines() if "Warning" in line or "deprecated" in line]
     assert not noise, "\n".join(noise)
+
+
+def test_validation_twice_per_epoch(compose_train, tiny_dataset: Path) -> None:
+    """lightning-hydra-template's double validation loop: val_check_interval=0.5."""
+    cfg = compose_train(
+        *FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1", "+trainer.val_check_interval=0.5"
+    )
+    run_training(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs_completed"] == 1
+    assert set(VAL_METRICS) <= set(metrics["val"])
