@@ -8,6 +8,7 @@ import csv
 import io
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -155,129 +156,216 @@ def run_evaluation(
         from railway_defect.evaluation.ensemble import evaluate_ensemble
 
         return evaluate_ensemble(predictor, target_recall, output_dir, store_calibration, bootstrap)
-    info = predictor.info
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
+    scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
+    fitted = fit_calibration(scored, predictor.info.positive_index, target_recall)
+    out = (
+        Path(output_dir)
+        if output_dir
+        else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{scored.split_key}"
+    )
+    written = write_outputs(predictor, root, scored, fitted, target_recall, bins, out, store_calibration)
+    common = _metric_settings(predictor.info, confidence, bootstrap, seed)
+    report = build_report(predictor, root, scored, fitted, target_recall, bins, common, written)
+    write_json_atomic(out / "evaluation.json", report)
+    write_text_atomic(out / "evaluation.md", render_markdown(report))
+    print_summary(report)
+    return report
+
+
+@dataclass
+class Scored:
+    """The logits and class indices of the Validation split and of the split under test."""
+
+    index: DatasetIndex
+    record: Path | None
+    split_key: str
+    val_logits: np.ndarray
+    val_targets: np.ndarray
+    logits: np.ndarray
+    targets: np.ndarray
+    samples: list[Sample]
+    skipped: list[dict[str, str]]
+
+
+@dataclass
+class Fitted:
+    """Temperature and threshold fitted on Validation, and the probabilities they give."""
+
+    temperature: float
+    threshold: float
+    val_probs: np.ndarray
+    probs_before: np.ndarray
+    probs: np.ndarray
+
+
+def score_splits(
+    predictor: Predictor,
+    root: Path,
+    split: str | None,
+    splits: str,
+    val_fraction: float,
+    seed: int,
+    cache_dir: str | None,
+    batch_size: int,
+) -> Scored:
+    """Score the Validation split (to fit on) and the split under test (to report)."""
     index, digests, record = evaluation_splits(splits, predictor.path, root, val_fraction, seed)
     split_key = _split_key(split, index.splits)
     if not index.splits.get("val"):
         raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")
     checked = (record, digests) if record is not None else None
-
     val_logits, val_targets, skipped, val_samples = _score_split(
         predictor, index.splits["val"], cache_dir, batch_size, checked
     )
-    if split_key == "val":
-        logits, targets, samples = val_logits, val_targets, val_samples
-    else:
+    logits, targets, samples = val_logits, val_targets, val_samples
+    if split_key != "val":
         logits, targets, more, samples = _score_split(
             predictor, index.splits[split_key], cache_dir, batch_size, checked
         )
         skipped += more
-    pos = info.positive_index
     if targets.size == 0:
         raise UserError(f"No readable image in the {SPLIT_TITLES[split_key]} split of {root}.")
-    if not np.any(val_targets == pos):
+    info = predictor.info
+    if not np.any(val_targets == info.positive_index):
         raise UserError(
             f"The Validation split has no {info.positive_class!r} image to choose a threshold with."
         )
+    return Scored(index, record, split_key, val_logits, val_targets, logits, targets, samples, skipped)
 
-    temperature = fit_temperature(val_logits, val_targets)
-    val_probs, probs_before, probs = (
-        softmax(val_logits, temperature),
-        softmax(logits, 1.0),
-        softmax(logits, temperature),
+
+def fit_calibration(scored: Scored, pos: int, target_recall: float) -> Fitted:
+    """Temperature (NLL) and the threshold reaching `target_recall`, both on Validation."""
+    temperature = fit_temperature(scored.val_logits, scored.val_targets)
+    val_probs = softmax(scored.val_logits, temperature)
+    threshold = choose_threshold(scored.val_targets == pos, val_probs[:, pos], target_recall)
+    return Fitted(
+        temperature,
+        threshold,
+        val_probs,
+        softmax(scored.logits, 1.0),
+        softmax(scored.logits, temperature),
     )
-    threshold = choose_threshold(val_targets == pos, val_probs[:, pos], target_recall)
 
+
+def _metric_settings(info: Any, confidence: float, bootstrap: int, seed: int) -> dict[str, Any]:
     others = [c for c in info.class_names if c != info.positive_class]
-    negative = others[0] if len(others) == 1 else f"not {info.positive_class}"
-    common = {
+    return {
         "positive_class": info.positive_class,
-        "negative_label": negative,
+        "negative_label": others[0] if len(others) == 1 else f"not {info.positive_class}",
         "confidence": confidence,
         "resamples": bootstrap,
         "seed": seed,
     }
-    is_positive = targets == pos
-    metrics = {
-        "at_0.5": binary_metrics(is_positive, probs[:, pos], 0.5, **common),
-        "at_threshold": binary_metrics(is_positive, probs[:, pos], threshold, **common),
-    }
-    ece_before = expected_calibration_error(probs_before, targets, bins)
-    ece_after = expected_calibration_error(probs, targets, bins)
 
-    out = (
-        Path(output_dir)
-        if output_dir
-        else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{split_key}"
-    )
+
+def write_outputs(
+    predictor: Predictor,
+    root: Path,
+    scored: Scored,
+    fitted: Fitted,
+    target_recall: float,
+    bins: int,
+    out: Path,
+    store_calibration: bool,
+) -> dict[str, Any]:
+    """The reliability diagram, the per-image scores, and the calibration beside the model."""
+    targets, pos = scored.targets, predictor.info.positive_index
+    ece_before = expected_calibration_error(fitted.probs_before, targets, bins)
+    ece_after = expected_calibration_error(fitted.probs, targets, bins)
     plot_reliability(
         {
-            "before temperature scaling": (reliability_bins(probs_before, targets, bins), ece_before),
-            f"after (T = {temperature:.2f})": (reliability_bins(probs, targets, bins), ece_after),
+            "before temperature scaling": (reliability_bins(fitted.probs_before, targets, bins), ece_before),
+            f"after (T = {fitted.temperature:.2f})": (
+                reliability_bins(fitted.probs, targets, bins),
+                ece_after,
+            ),
         },
         out / "reliability.png",
     )
     calibration = Calibration(
-        threshold=threshold,
-        temperature=temperature,
+        threshold=fitted.threshold,
+        temperature=fitted.temperature,
         details={
             "fitted_on": "Validation",
             "data_root": str(root),
             "target_recall": target_recall,
-            "validation_images": int(val_targets.size),
+            "validation_images": int(scored.val_targets.size),
             "fitted_at": datetime.now().isoformat(timespec="seconds"),
         },
     )
     sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+    name = f"predictions_{SPLIT_TITLES[scored.split_key].lower()}.csv"
     predictions = write_predictions(
-        out / f"predictions_{SPLIT_TITLES[split_key].lower()}.csv", samples, probs[:, pos], threshold, info
+        out / name, scored.samples, fitted.probs[:, pos], fitted.threshold, predictor.info
     )
+    return {
+        "ece_before": ece_before,
+        "ece_after": ece_after,
+        "calibration_file": str(sidecar) if sidecar else None,
+        "predictions": str(predictions),
+        "output_dir": str(out),
+    }
 
-    report = {
+
+def build_report(
+    predictor: Predictor,
+    root: Path,
+    scored: Scored,
+    fitted: Fitted,
+    target_recall: float,
+    bins: int,
+    common: dict[str, Any],
+    written: dict[str, Any],
+) -> dict[str, Any]:
+    """evaluation.json: what was scored, the threshold, calibration and metrics with intervals."""
+    info, targets, pos = predictor.info, scored.targets, predictor.info.positive_index
+    is_positive, scores = targets == pos, fitted.probs[:, pos]
+    return {
         "model": {**predictor.describe(), "sha256": predictor.sha256, "backbone": info.backbone},
         "data": {
             "root": str(root),
-            "layout": index.layout,
-            "splits": str(record) if record else "resplit",
-            "split": SPLIT_TITLES[split_key],
+            "layout": scored.index.layout,
+            "splits": str(scored.record) if scored.record else "resplit",
+            "split": SPLIT_TITLES[scored.split_key],
             "n": int(targets.size),
             "counts": {info.class_names[k]: v for k, v in sorted(Counter(targets.tolist()).items())},
-            "validation_n": int(val_targets.size),
-            "skipped": skipped,
+            "validation_n": int(scored.val_targets.size),
+            "skipped": scored.skipped,
         },
-        "confidence": confidence,
+        "confidence": common["confidence"],
         "threshold": {
-            "value": threshold,
+            "value": fitted.threshold,
             "target_recall": target_recall,
             "chosen_on": "Validation",
-            "validation": binary_metrics(val_targets == pos, val_probs[:, pos], threshold, **common),
+            "validation": binary_metrics(
+                scored.val_targets == pos, fitted.val_probs[:, pos], fitted.threshold, **common
+            ),
         },
         "calibration": {
-            "temperature": temperature,
+            "temperature": fitted.temperature,
             "fitted_on": "Validation",
             "bins": bins,
-            "ece_before": ece_before,
-            "ece_after": ece_after,
-            "in_sample": split_key == "val",
+            "ece_before": written["ece_before"],
+            "ece_after": written["ece_after"],
+            "in_sample": scored.split_key == "val",
             "reliability": {
-                "before": reliability_bins(probs_before, targets, bins),
-                "after": reliability_bins(probs, targets, bins),
+                "before": reliability_bins(fitted.probs_before, targets, bins),
+                "after": reliability_bins(fitted.probs, targets, bins),
             },
         },
-        "metrics": metrics,
-        "calibration_file": str(sidecar) if sidecar else None,
+        "metrics": {
+            "at_0.5": binary_metrics(is_positive, scores, 0.5, **common),
+            "at_threshold": binary_metrics(is_positive, scores, fitted.threshold, **common),
+        },
+        "calibration_file": written["calibration_file"],
         "figures": {"reliability": "reliability.png"},
-        "predictions": str(predictions),
-        "output_dir": str(out),
-        "shortcut_audit": audit_and_warn(samples, root),  # on the images scored here
+        "predictions": written["predictions"],
+        "output_dir": written["output_dir"],
+        "shortcut_audit": audit_and_warn(scored.samples, root),  # on the images scored here
     }
-    write_json_atomic(out / "evaluation.json", report)
-    write_text_atomic(out / "evaluation.md", render_markdown(report))
-    print_summary(report)
-    return report
 
 
 def write_predictions(
