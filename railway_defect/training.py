@@ -239,6 +239,56 @@ def _selection_note(monitor: str | None) -> str:
     )
 
 
+def build_trainer(
+    cfg: DictConfig, datamodule: RailwayDataModule, watchdog: Watchdog | None = None
+) -> tuple[L.Trainer, list[Callback], list[Logger]]:
+    """The configured trainer with its callbacks and loggers, ready for this machine and sweep."""
+    loggers = _instantiate_all(cfg.get("logger"))
+    # first: every process computes the epoch's metrics (a collective) before any other callback
+    callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
+    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if spawn_in_sweep(trainer):  # re-running the command line would re-run the whole sweep
+        log.info("Inside a sweep: starting the %d training processes with spawn.", trainer.num_devices)
+    for logger in loggers:  # the data's shortcut audit, in TensorBoard's Text tab from the start
+        if isinstance(logger, TensorBoardLogger) and datamodule.report.get("shortcut_audit"):
+            logger.experiment.add_text(
+                "data/shortcut_audit", audit_markdown(datamodule.report["shortcut_audit"])
+            )
+    if watchdog is not None:  # the processes Lightning starts for DDP stop with this one
+        watchdog.children = lambda: list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    return trainer, callbacks, loggers
+
+
+def _checkpoint_outcome(monitor: str, callbacks: list[Any]) -> dict[str, Any]:
+    """Which epoch best.ckpt holds, its validation metrics and what they are worth, the epoch
+    history, and the checkpoint paths: the run record's part about the model it produced."""
+    checkpoint = _model_checkpoint(callbacks)
+    selected = bool(checkpoint and checkpoint.monitor)
+    last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    best_score = checkpoint.best_model_score if selected else None
+    history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
+    epochs = list(history.epochs)
+    if selected:
+        best_row = history.best(monitor, float(best_score) if best_score is not None else None)
+    else:  # no selection: best.ckpt is the final epoch's weights
+        best_row = epochs[-1] if epochs and best_path else None
+    return {
+        "best": {
+            "epoch": best_row["epoch"] if best_row else None,
+            monitor: float(best_score) if best_score is not None else None,
+        },
+        "selection": _selection_note(monitor if selected else None),
+        "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
+        "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
+        "history": epochs,
+        "checkpoints": {
+            "best": best_path or None,
+            "last": str(last_path) if last_path and last_path.is_file() else None,
+        },
+    }
+
+
 def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str, Any]:
     if _is_global_zero():
         print_config_tree(cfg)
@@ -262,19 +312,7 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
         check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
 
     model = build_model(cfg, datamodule)
-    loggers = _instantiate_all(cfg.get("logger"))
-    # first: every process computes the epoch's metrics (a collective) before any other callback
-    callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
-    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if spawn_in_sweep(trainer):  # re-running the command line would re-run the whole sweep
-        log.info("Inside a sweep: starting the %d training processes with spawn.", trainer.num_devices)
-    for logger in loggers:  # the data's shortcut audit, in TensorBoard's Text tab from the start
-        if isinstance(logger, TensorBoardLogger) and datamodule.report.get("shortcut_audit"):
-            logger.experiment.add_text(
-                "data/shortcut_audit", audit_markdown(datamodule.report["shortcut_audit"])
-            )
-    if watchdog is not None:  # the processes Lightning starts for DDP stop with this one
-        watchdog.children = lambda: list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    trainer, callbacks, loggers = build_trainer(cfg, datamodule, watchdog)
 
     diverged = None
     try:
@@ -282,23 +320,14 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
     except TrainingDiverged as e:  # keep what the epochs before the divergence produced
         diverged = str(e)
 
-    checkpoint = _model_checkpoint(callbacks)
-    selected = bool(checkpoint and checkpoint.monitor)
-    last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
-    best_path = checkpoint.best_model_path if checkpoint else ""
-    best_score = checkpoint.best_model_score if selected else None
-    history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
     # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
-    epochs = list(history.epochs)
-    if selected:
-        best_row = history.best(cfg.monitor, float(best_score) if best_score is not None else None)
-    else:  # no selection: best.ckpt is the final epoch's weights
-        best_row = epochs[-1] if epochs and best_path else None
+    outcome = _checkpoint_outcome(cfg.monitor, callbacks)
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
     test_metrics: dict[str, float] = {}
     if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted and not diverged:
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=False)
+        best = outcome["checkpoints"]["best"]
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     result = {
@@ -307,18 +336,8 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
         "optimized_metric": float(optimized) if optimized is not None else None,
-        "best": {
-            "epoch": best_row["epoch"] if best_row else None,
-            cfg.monitor: float(best_score) if best_score is not None else None,
-        },
-        "selection": _selection_note(cfg.monitor if selected else None),
-        "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
-        "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
+        **outcome,
         "test": test_metrics,
-        "checkpoints": {
-            "best": best_path or None,
-            "last": str(last_path) if last_path and last_path.is_file() else None,
-        },
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "pretrained_loaded": bool(model.hparams.pretrained_loaded),
         "weights_source": model.hparams.weights_source,
@@ -334,7 +353,6 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
         "torch_threads": torch_threads,
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
-        "history": epochs,
         "tensorboard_dir": None,
     }
     for logger in loggers:
