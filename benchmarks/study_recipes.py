@@ -23,6 +23,8 @@ from typing import Any
 
 from _common import PROJECT_ROOT, SAMPLE_DATA, machine_info, parser
 
+from railway_defect.sweeps.oof import format_metric
+
 # shared by every recipe: no review images (figures cost time and change no number)
 # and no loader workers (images are decoded once; several jobs share the machine's cores)
 COMMON = ("callbacks.review=null", "model.pretrained=true", "data.num_workers=0")
@@ -138,12 +140,6 @@ def run_sweep(name: str, overrides: tuple[str, ...], args: Any) -> dict[str, Any
     }
 
 
-def _cell(metric: dict[str, Any]) -> str:
-    if metric.get("value") is None:
-        return "n/a"
-    return f"{metric['value']:.3f} [{metric['low']:.2f}, {metric['high']:.2f}]"
-
-
 def study_markdown(results: list[dict[str, Any]], args: Any) -> str:
     lines = [
         "# Recipe study: repeated group-aware cross-validation on the sample data",
@@ -169,11 +165,17 @@ def study_markdown(results: list[dict[str, Any]], args: Any) -> str:
         strata = [k.split("@")[0] for k in oof["metrics"] if k.endswith("@0.5")]
         for stratum in strata:
             at05, at = oof["metrics"][f"{stratum}@0.5"], oof["metrics"][f"{stratum}@threshold"]
+            cells = [
+                at05["balanced_accuracy"],
+                at["balanced_accuracy"],
+                at["recall"],
+                at["specificity"],
+                at["auroc"],
+            ]
             lines.append(
                 f"| {r['recipe']} | {stratum} ({at['n']}) | {oof['threshold']:.3f} | "
-                f"{_cell(at05['balanced_accuracy'])} | {_cell(at['balanced_accuracy'])} | "
-                f"{_cell(at['recall'])} | {_cell(at['specificity'])} | {_cell(at['auroc'])} | "
-                f"{r['mean_job_s']:.0f} |"
+                + " | ".join(format_metric(m) for m in cells)
+                + f" | {r['mean_job_s']:.0f} |"
             )
     lines += ["", "## Recipes", ""]
     lines += [f"- `{r['recipe']}`: `{' '.join(r['overrides'])}`" for r in results]
@@ -209,8 +211,8 @@ def main() -> None:
             continue
         overall = r["oof"]["metrics"]
         print(
-            f"{r['recipe']}: out-of-fold BA@0.5 {_cell(overall['all@0.5']['balanced_accuracy'])} "
-            f"AUROC {_cell(overall['all@0.5']['auroc'])} worst stratum {r['oof']['worst_stratum']}",
+            f"{r['recipe']}: out-of-fold BA@0.5 {format_metric(overall['all@0.5']['balanced_accuracy'])} "
+            f"AUROC {format_metric(overall['all@0.5']['auroc'])} worst stratum {r['oof']['worst_stratum']}",
             flush=True,
         )
     report = Path(args.report) if args.report else Path(args.out) / "STUDY.md"

@@ -107,8 +107,6 @@ def test_experiment_cv_runs_every_fold_on_the_real_data(tmp_path: Path) -> None:
         "data.image_size=32",
         "data.cache_size=40",
         "trainer.accelerator=cpu",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.rich_model_summary=null",
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

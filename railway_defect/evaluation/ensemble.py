@@ -57,7 +57,7 @@ def evaluate_ensemble(
         "predictions (chosen on them, so metrics at it are optimistic). The ensemble averages models that "
         "each saw more data than any single fold model; out-of-fold numbers estimate one fold model.",
         "",
-        *oof.markdown([pooled])[4:],
+        *oof.markdown_table([pooled]),
         "",
     ]
     write_json_atomic(out / "evaluation.json", report)

@@ -104,6 +104,12 @@ def _bootstrap(
     return result
 
 
+def negative_label(class_names: list[str] | set[str], positive_class: str) -> str:
+    """The name of `not positive`: the other class when there are two, else `not <positive>`."""
+    others = sorted(set(class_names) - {positive_class})
+    return others[0] if len(others) == 1 else f"not {positive_class}"
+
+
 def binary_metrics(
     is_positive: np.ndarray,
     scores: np.ndarray,

@@ -29,7 +29,7 @@ from railway_defect.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
-from railway_defect.evaluation.metrics import binary_metrics, choose_threshold
+from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.inference.inputs import batched
 from railway_defect.inference.model import (
     Calibration,
@@ -251,10 +251,9 @@ def fit_calibration(scored: Scored, pos: int, target_recall: float) -> Fitted:
 
 
 def _metric_settings(info: Any, confidence: float, bootstrap: int, seed: int) -> dict[str, Any]:
-    others = [c for c in info.class_names if c != info.positive_class]
     return {
         "positive_class": info.positive_class,
-        "negative_label": others[0] if len(others) == 1 else f"not {info.positive_class}",
+        "negative_label": negative_label(info.class_names, info.positive_class),
         "confidence": confidence,
         "resamples": bootstrap,
         "seed": seed,
@@ -275,13 +274,14 @@ def write_outputs(
     targets, pos = scored.targets, predictor.info.positive_index
     ece_before = expected_calibration_error(fitted.probs_before, targets, bins)
     ece_after = expected_calibration_error(fitted.probs, targets, bins)
+    before, after = (
+        reliability_bins(fitted.probs_before, targets, bins),
+        reliability_bins(fitted.probs, targets, bins),
+    )
     plot_reliability(
         {
-            "before temperature scaling": (reliability_bins(fitted.probs_before, targets, bins), ece_before),
-            f"after (T = {fitted.temperature:.2f})": (
-                reliability_bins(fitted.probs, targets, bins),
-                ece_after,
-            ),
+            "before temperature scaling": (before, ece_before),
+            f"after (T = {fitted.temperature:.2f})": (after, ece_after),
         },
         out / "reliability.png",
     )
@@ -304,6 +304,7 @@ def write_outputs(
     return {
         "ece_before": ece_before,
         "ece_after": ece_after,
+        "reliability": {"before": before, "after": after},
         "calibration_file": str(sidecar) if sidecar else None,
         "predictions": str(predictions),
         "output_dir": str(out),
@@ -351,10 +352,7 @@ def build_report(
             "ece_before": written["ece_before"],
             "ece_after": written["ece_after"],
             "in_sample": scored.split_key == "val",
-            "reliability": {
-                "before": reliability_bins(fitted.probs_before, targets, bins),
-                "after": reliability_bins(fitted.probs, targets, bins),
-            },
+            "reliability": written["reliability"],
         },
         "metrics": {
             "at_0.5": binary_metrics(is_positive, scores, 0.5, **common),
@@ -373,8 +371,7 @@ def write_predictions(
 ) -> Path:
     """Per-image scores (path, label, p of the positive class, predicted at the threshold), to look
     at the errors or pool out-of-fold predictions."""
-    others = [c for c in info.class_names if c != info.positive_class]
-    negative = others[0] if len(others) == 1 else f"not {info.positive_class}"
+    negative = negative_label(info.class_names, info.positive_class)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", f"p_{info.positive_class}", "predicted"])

@@ -300,6 +300,18 @@ def model_checkpoints(folder: Path) -> list[Path]:
     return [Path(j.checkpoint) for j in finished]
 
 
+def _open_model(path: Path, members: list[Path], device: str) -> Predictor:
+    """The predictor for a model file by its kind, or the ensemble of `members` (a sweep's checkpoints)."""
+    if members:
+        return EnsemblePredictor(path, [CheckpointPredictor(p, file_sha256(p), device) for p in members])
+    sha256 = file_sha256(path)
+    if path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path, sha256)
+    if _is_torchscript(path):
+        return TorchScriptPredictor(path, sha256, device)
+    return CheckpointPredictor(path, sha256, device)
+
+
 def load_predictor(
     path: str | Path | None, device: str = "auto", threshold: float | None = None
 ) -> Predictor:
@@ -311,23 +323,13 @@ def load_predictor(
     if not path:
         raise UserError("Give the model: ckpt_path=PATH/checkpoints/best.ckpt (or model_path=model.onnx).")
     path = Path(path).expanduser()
-    if path.is_dir():
-        checkpoints = model_checkpoints(path)
-        if len(checkpoints) == 1:
-            path = checkpoints[0]
+    members = model_checkpoints(path) if path.is_dir() else []
+    if len(members) == 1:  # a run directory, or a sweep of one job
+        path, members = members[0], []
     if not path.exists():
         raise UserError(f"Model file {path} does not exist.")
-    if path.is_dir():
-        members = [CheckpointPredictor(p, file_sha256(p), device) for p in checkpoints]
-        predictor: Predictor = EnsemblePredictor(path, members)
-        sha256 = predictor.sha256
-    elif (sha256 := file_sha256(path)) and path.suffix.lower() == ".onnx":
-        predictor: Predictor = OnnxPredictor(path, sha256)
-    elif _is_torchscript(path):
-        predictor = TorchScriptPredictor(path, sha256, device)
-    else:
-        predictor = CheckpointPredictor(path, sha256, device)
-    calibration = read_calibration(path, sha256) or predictor.calibration
+    predictor = _open_model(path, members, device)
+    calibration = read_calibration(path, predictor.sha256) or predictor.calibration
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise UserError(f"threshold={threshold} must be between 0 and 1.")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from railway_defect.evaluation.metrics import binary_metrics, choose_threshold
+from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.outputs import write_json_atomic, write_text_atomic
 
 OOF_FILE = "oof_predictions.csv"
@@ -113,8 +113,7 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
     (chosen in-sample: that threshold's recall is optimistic), overall and per stratum."""
     is_pos = np.array([i.label == result.positive_class for i in result.images])
     scores = np.array([i.score for i in result.images])
-    labels = sorted({i.label for i in result.images} - {result.positive_class})
-    negative = labels[0] if len(labels) == 1 else f"not {result.positive_class}"
+    negative = negative_label({i.label for i in result.images}, result.positive_class)
     result.target_recall = target_recall
     result.threshold = choose_threshold(is_pos, scores, target_recall) if is_pos.any() else 0.5
     strata = np.array([result.strata[i.path] for i in result.images])
@@ -145,7 +144,7 @@ def format_metric(metric: dict[str, Any]) -> str:
 
 def markdown(results: Sequence[OutOfFold]) -> list[str]:
     """The out-of-fold section of summary.md."""
-    lines = [
+    return [
         "## Out-of-fold estimates (pooled over folds; an image's score is its mean over seeds)",
         "",
         "Each image is scored by the fold model that never trained on it, from its final weights "
@@ -153,6 +152,13 @@ def markdown(results: Sequence[OutOfFold]) -> list[str]:
         f">= {results[0].target_recall if results else TARGET_RECALL} on these same predictions, so metrics "
         "at it are optimistic.",
         "",
+        *markdown_table(results),
+    ]
+
+
+def markdown_table(results: Sequence[OutOfFold]) -> list[str]:
+    """One row per configuration, stratum and threshold."""
+    lines = [
         "| configuration | jobs | stratum (n) | at | " + " | ".join(SHOWN) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in SHOWN) + " |",
     ]
