@@ -14,7 +14,7 @@ from railway_defect.errors import UserError
 from railway_defect.inference.model import Calibration, EnsemblePredictor, write_calibration
 from railway_defect.outputs import write_json_atomic, write_text_atomic
 from railway_defect.sweeps import oof
-from railway_defect.sweeps.summary import summarize
+from railway_defect.sweeps.summary import job_dirs, pooled_out_of_fold, read_job
 
 
 def evaluate_ensemble(
@@ -25,7 +25,7 @@ def evaluate_ensemble(
     bootstrap: int = 1000,
 ) -> dict[str, Any]:
     sweep = predictor.path
-    results = summarize(sweep).out_of_fold
+    results = pooled_out_of_fold([read_job(d) for d in job_dirs(sweep)])
     if not results:
         raise UserError(
             f"{sweep} has no out-of-fold predictions (predictions_val.csv of cross-validation jobs); "

@@ -246,6 +246,11 @@ def _fold(row: JobRow) -> tuple[int, int] | None:
 
 
 def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
+    """pooled_out_of_fold, each scored (intervals, strata, the recall-0.95 threshold)."""
+    return [oof.score(pooled) for pooled in pooled_out_of_fold(rows)]
+
+
+def pooled_out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
     """Per configuration, the pooled validation predictions of its finished fold jobs, when they
     cover every fold of some seed (a part of the folds would be an estimate on a part of the data)."""
     by_config: dict[tuple[str, ...], list[JobRow]] = {}
@@ -267,7 +272,7 @@ def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
         files = [job.run_dir / PREDICTIONS_FILE for job, _ in kept]
         pooled = oof.pool(list(configuration), files, [seed for _, seed in kept])
         if pooled is not None:
-            results.append(oof.score(pooled))
+            results.append(pooled)
     return results
 
 
