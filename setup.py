@@ -18,7 +18,7 @@ CONF = Path(__file__).resolve().parent / "conf"
 class BuildPyWithConf(build_py):
     def run(self) -> None:
         super().run()
-        # an editable install reads the checkout's conf/ directly (railway_defect.paths.config_dir)
+        # an editable install reads the checkout's conf/ directly (railway_defect.utils.paths.config_dir)
         if not getattr(self, "editable_mode", False):
             target = Path(self.build_lib) / "railway_defect" / "conf"
             shutil.rmtree(target, ignore_errors=True)

@@ -38,8 +38,8 @@ def compose(
     from omegaconf import open_dict
 
     import railway_defect  # noqa: F401  (registers resolvers)
-    from railway_defect.paths import PROJECT_ROOT
-    from railway_defect.training import resolve_hardware_defaults
+    from railway_defect.training.run import resolve_hardware_defaults
+    from railway_defect.utils.paths import PROJECT_ROOT
 
     overrides = [
         f"model={backbone}",
@@ -86,7 +86,7 @@ def main() -> None:
     import torch
     from torch.nn import functional as F
 
-    from railway_defect.training import _instantiate, _instantiate_all, build_datamodule, build_model
+    from railway_defect.training.run import _instantiate, _instantiate_all, build_datamodule, build_model
 
     print(machine_info())
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ import os
 # and a warning on every offline start); set before any module of this package imports it
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from railway_defect.paths import PROJECT_ROOT, register_resolvers
+from railway_defect.utils.paths import PROJECT_ROOT, register_resolvers
 
 
 def _version() -> str:

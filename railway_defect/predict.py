@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.errors import UserError, exit_on_user_error
-from railway_defect.paths import CONFIG_DIR
+from railway_defect.utils.errors import UserError, exit_on_user_error
+from railway_defect.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 EXIT_SOME_FAILED = 2

@@ -9,8 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.errors import exit_on_user_error
-from railway_defect.paths import CONFIG_DIR
+from railway_defect.utils.errors import exit_on_user_error
+from railway_defect.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from railway_defect.errors import UserError
 from railway_defect.sweeps.summary import summarize_and_write
+from railway_defect.utils.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

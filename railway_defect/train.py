@@ -11,9 +11,9 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.errors import user_message
-from railway_defect.paths import CONFIG_DIR
 from railway_defect.sweeps import in_multirun
+from railway_defect.utils.errors import user_message
+from railway_defect.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 TRAIN_DISK_HINT = "free space or set hydra.run.dir to another disk (existing checkpoints are intact)"
@@ -29,10 +29,10 @@ def accept_logger_null(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> float | None:
     """A single run fails with a one-line error (or a traceback for a bug). In a sweep a failing
     job must not stop the others: its metrics.json records why, and it returns NaN; the sweep
-    summary (railway_defect.sweeps.callbacks) then makes the sweep exit non-zero."""
+    summary (railway_defect.training.hydra_callbacks) then makes the sweep exit non-zero."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from railway_defect.training import run_training  # heavy imports only once the config is valid
+    from railway_defect.training.run import run_training  # heavy imports only once the config is valid
 
     multirun = in_multirun()
     try:

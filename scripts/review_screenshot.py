@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from railway_defect.errors import UserError
-from railway_defect.review import newest_output, open_target
-from railway_defect.tensorboard_server import serve_tensorboard
+from railway_defect.review.runs import newest_output, open_target
+from railway_defect.utils.errors import UserError
+from tests.tensorboard_server import serve_tensorboard
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "chrome")
 # no network, no background services, no GPU: a screenshot of a local page only

@@ -1,50 +1,16 @@
-"""Shared fixtures: a tiny image factory, tiny data sets in every layout, and the real configs
-composed with Hydra's compose API and shrunk to run in seconds on a CPU."""
+"""Shared fixtures: the tiny image factory, a tiny data set and the real train config composed
+and shrunk to run in seconds on a CPU (the code behind them is in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import errno
-import io
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
-from PIL import Image
+from omegaconf import DictConfig
 
-import railway_defect  # noqa: F401  (registers resolvers)
-from railway_defect.paths import PROJECT_ROOT, config_dir
-
-CONF_DIR = config_dir()
-REAL_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "railway-track-fault"
-CLASSES = ("Defective", "Non defective")
-# a proxy nobody listens on: any download attempt fails at once, so tests never use the network
-OFFLINE_ENV = {
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-}
-
-
-def write_image(
-    path: Path, size: tuple[int, int] = (48, 40), label_index: int = 0, seed: int = 0, mode: str = "RGB"
-) -> Path:
-    """A small image whose content depends on its class (a dark bar for class 0), saved by suffix."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    pixels = rng.integers(90, 200, size=(h, w, 3), dtype=np.uint8)
-    if label_index == 0:
-        pixels[:, w // 3 : w // 3 + max(1, w // 8)] = 10
-    image = Image.fromarray(pixels).convert(mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+from tests.helpers import make_split_dataset, train_config, write_image
 
 
 @pytest.fixture
@@ -52,46 +18,9 @@ def make_image() -> Callable[..., Path]:
     return write_image
 
 
-def make_split_dataset(root: Path, per_class: dict[str, int], classes: tuple[str, ...] = CLASSES) -> Path:
-    """root/<Split>/<class>/*.png|jpg with `per_class[split]` images of each class."""
-    seed = 0
-    for split, count in per_class.items():
-        for label_index, label in enumerate(classes):
-            for i in range(count):
-                suffix = ".png" if i % 2 else ".jpg"
-                write_image(root / split / label / f"{split}_{i}{suffix}", label_index=label_index, seed=seed)
-                seed += 1
-    return root
-
-
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3, "Test": 2})
-
-
-def train_config(output_dir: Path, *overrides: str) -> DictConfig:
-    """The real train config composed with `overrides`, writing to `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def save_half_then_fail(real_save: Callable[..., None]) -> Callable[..., None]:
-    """A torch.save that writes half of the file, then fails as a full disk does."""
-
-    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        if hasattr(f, "write"):
-            f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    return save
 
 
 @pytest.fixture
@@ -99,31 +28,3 @@ def compose_train(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """compose_train(*overrides) -> the real train config, output in tmp_path/run."""
     yield lambda *overrides: train_config(tmp_path / "run", *overrides)
     GlobalHydra.instance().clear()
-
-
-# overrides that make a run take seconds on a CPU: small backbone, small images, no downloads
-FAST = (
-    "model=resnet18",
-    "model.pretrained=false",
-    "data.image_size=64",
-    "data.cache_size=72",
-    "data.batch_size=4",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "callbacks.review=null",  # review images have their own tests (test_review.py)
-)
-
-
-def run_cli(
-    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 900
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **OFFLINE_ENV, **(env or {})},
-    )

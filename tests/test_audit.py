@@ -21,7 +21,7 @@ from railway_defect.data.audit import (
 )
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import Sample, discover
-from tests.conftest import CLASSES, FAST, REAL_DATA, train_config, write_image
+from tests.helpers import CLASSES, FAST, REAL_DATA, train_config, write_image
 
 # sizes each class can have; in the shortcut set Defective photos are large originals, sound ones thumbnails
 SIZES = [(48, 40), (40, 48), (56, 56)]
@@ -160,7 +160,7 @@ def test_training_logs_the_audit_to_tensorboard_and_evaluate_repeats_it(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from railway_defect.evaluation.report import run_evaluation
-    from railway_defect.training import run_training
+    from railway_defect.training.run import run_training
 
     data = make_dataset(tmp_path / "data", {"Train": 6, "Validation": 5}, size_by_class=True)
     cfg = train_config(

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from railway_defect.errors import UserError
 from railway_defect.models.backbones import BACKBONES, build_imagenet_classifier, create_backbone, get_spec
+from railway_defect.utils.errors import UserError
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import OFFLINE_ENV, PROJECT_ROOT
+from tests.helpers import OFFLINE_ENV, PROJECT_ROOT
 
 BENCHMARKS = PROJECT_ROOT / "benchmarks"
 # each script's ratio lines (the numbers its goal refers to)

@@ -15,14 +15,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from railway_defect.data.images import decode_image
-from railway_defect.errors import UserError
 from railway_defect.evaluation.report import run_evaluation
 from railway_defect.inference.exporting import export_model
 from railway_defect.inference.model import load_predictor
 from railway_defect.inference.predicting import Decision, run_prediction
 from railway_defect.inference.service import create_app
-from railway_defect.training import run_training
-from tests.conftest import FAST, make_split_dataset, run_cli, write_image
+from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
+from tests.helpers import FAST, make_split_dataset, run_cli, write_image
 
 OPTIONS = {
     "balance_loss": ("data.balance=loss",),
@@ -109,7 +109,7 @@ def test_evaluate_scores_the_runs_recorded_split_not_a_new_one(compose_train, tm
         run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval2"))
     shutil.copy(backup, changed)
 
-    from railway_defect.review import evaluate_checkpoint
+    from railway_defect.review.runs import evaluate_checkpoint
 
     reviewed = evaluate_checkpoint(run_dir, data_root=data)  # the notebook's path: the same images
     assert {p.name for p in reviewed.paths} == recorded

@@ -11,8 +11,8 @@ import torch
 
 from railway_defect.inference.model import CheckpointPredictor
 from railway_defect.models.module import DefectClassifier
-from railway_defect.training import run_training
-from tests.conftest import FAST
+from railway_defect.training.run import run_training
+from tests.helpers import FAST
 
 CLASSES = ["Defective", "Non defective"]
 

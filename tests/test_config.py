@@ -11,7 +11,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, run_cli
+from tests.helpers import CONF_DIR, run_cli
 
 GROUP_CHOICES = {
     group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -13,8 +13,8 @@ import pytest
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import discover
-from railway_defect.errors import UserError
-from tests.conftest import CLASSES, REAL_DATA, make_split_dataset, run_cli, write_image
+from railway_defect.utils.errors import UserError
+from tests.helpers import CLASSES, REAL_DATA, make_split_dataset, run_cli, write_image
 
 
 def _folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list]]:

@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 
 from railway_defect.data import images
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.errors import UserError
-from tests.conftest import make_split_dataset, write_image
+from railway_defect.utils.errors import UserError
+from tests.helpers import make_split_dataset, write_image
 
 
 def datamodule(root: Path, **kwargs) -> RailwayDataModule:

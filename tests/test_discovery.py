@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from railway_defect.data.discovery import discover, infer_groups
-from railway_defect.errors import UserError
-from tests.conftest import CLASSES, make_split_dataset, write_image
+from railway_defect.utils.errors import UserError
+from tests.helpers import CLASSES, make_split_dataset, write_image
 
 
 def test_split_folders_in_any_case_and_alias(tmp_path: Path) -> None:

@@ -30,9 +30,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
-from railway_defect.paths import PROJECT_ROOT
-from tests.conftest import CONF_DIR, OFFLINE_ENV, REAL_DATA
-from tests.test_train import VAL_METRICS
+from railway_defect.utils.paths import PROJECT_ROOT
+from tests.helpers import CONF_DIR, OFFLINE_ENV, REAL_DATA, VAL_METRICS
 
 # the sample data: 79 training images (40 per process, one of them padded) and 28 validation images
 TINY_DDP = (

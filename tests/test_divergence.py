@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from railway_defect.callbacks.divergence import DivergenceGuard, TrainingDiverged
-from railway_defect.training import run_training
-from tests.conftest import FAST
+from railway_defect.training.run import run_training
+from tests.helpers import FAST
 
 
 def test_exploding_lr_stops_the_run_at_once_with_status_diverged(compose_train, tiny_dataset: Path) -> None:

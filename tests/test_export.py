@@ -12,12 +12,12 @@ import onnx
 import pytest
 import torch
 
-from railway_defect.errors import UserError
 from railway_defect.inference.exporting import MIN_OPSET, export_model
 from railway_defect.inference.model import METADATA_KEY, load_predictor
-from railway_defect.training import run_training
-from railway_defect.warning_filters import torchscript_deprecation_silenced
-from tests.conftest import FAST, make_split_dataset
+from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.warning_filters import torchscript_deprecation_silenced
+from tests.helpers import FAST, make_split_dataset
 
 
 @pytest.fixture

@@ -19,12 +19,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from railway_defect.checks import resolve_ckpt_path
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import discover
-from railway_defect.errors import UserError, exit_on_user_error
-from railway_defect.training import resolve_hardware_defaults, run_training
-from tests.conftest import (
+from railway_defect.training.checks import resolve_ckpt_path
+from railway_defect.training.run import resolve_hardware_defaults, run_training
+from railway_defect.utils.errors import UserError, exit_on_user_error
+from tests.helpers import (
     CLASSES,
     CONF_DIR,
     FAST,

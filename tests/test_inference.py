@@ -22,8 +22,7 @@ import pytest
 from railway_defect.data.images import decode_image
 from railway_defect.inference.model import calibration_path, file_sha256, load_predictor
 from railway_defect.inference.predicting import run_prediction
-from tests.conftest import OFFLINE_ENV, REAL_DATA, run_cli
-from tests.test_inputs import write_rgba, write_video
+from tests.helpers import OFFLINE_ENV, REAL_DATA, run_cli, write_rgba, write_video
 
 pytestmark = [
     pytest.mark.slow,

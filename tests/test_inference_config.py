@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, run_cli
+from tests.helpers import CONF_DIR, run_cli
 
 
 def composed(name: str, *overrides: str):

@@ -11,37 +11,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
 
 from railway_defect.data.images import decode_image
-from railway_defect.errors import UserError
 from railway_defect.inference.inputs import InputItem, batched, iter_inputs, list_sources
 from railway_defect.inference.predicting import CsvRowWriter, Decision
+from railway_defect.utils.errors import UserError
+from tests.helpers import write_rgba, write_video
 
 MIN_SIDE = 32
 
 
 def decode(data: bytes) -> np.ndarray:
     return decode_image(data, MIN_SIDE)
-
-
-def write_video(path: Path, frames: int = 35, fps: float = 10.0, size: tuple[int, int] = (96, 64)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    assert writer.isOpened()
-    for i in range(frames):
-        writer.write(np.full((size[1], size[0], 3), (i * 7) % 255, dtype=np.uint8))
-    writer.release()
-    return path
-
-
-def write_rgba(path: Path) -> Path:
-    pixels = np.zeros((40, 60, 4), dtype=np.uint8)
-    pixels[..., 0] = 200
-    pixels[:, :30, 3] = 255  # left half opaque red, right half fully transparent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGBA").save(path)
-    return path
 
 
 @pytest.fixture
@@ -171,9 +152,9 @@ def test_decoding_threads_follow_the_cpus_this_process_may_use(
     tmp_path: Path, make_image, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """os.cpu_count() counts the whole machine (128 on a node where SLURM gave the job 3 CPUs)."""
-    from railway_defect import resources
     from railway_defect.data import images
     from railway_defect.inference import inputs
+    from railway_defect.utils import resources
 
     monkeypatch.setattr(resources.os, "cpu_count", lambda: 128)
     monkeypatch.setattr(resources, "_usable_cpu_ids", lambda: {0, 1, 2})

@@ -7,9 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-from railway_defect.errors import UserError
 from railway_defect.models.module import DefectClassifier
 from railway_defect.models.schedules import warmup_cosine
+from railway_defect.utils.errors import UserError
 
 
 def _model(**kwargs: object) -> DefectClassifier:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from railway_defect.train import accept_logger_null
-from railway_defect.training import run_training
-from tests.conftest import FAST, run_cli
+from railway_defect.training.run import run_training
+from tests.helpers import FAST, run_cli
 
 # FAST, but with the callbacks that need a logger: the learning-rate monitor and review images
 WITH_LOGGER_CALLBACKS = (*(o for o in FAST if not o.startswith("callbacks.review")), "trainer.max_epochs=1")
@@ -23,7 +23,7 @@ def test_logger_empty_list_trains_without_logging(
 ) -> None:
     cfg = compose_train(*WITH_LOGGER_CALLBACKS, f"data.root={tiny_dataset}", "logger=[]")
     assert "logger" not in cfg
-    caplog.set_level(logging.INFO, logger="railway_defect.training")
+    caplog.set_level(logging.INFO, logger="railway_defect.training.run")
     run_training(cfg)
     run_dir = Path(cfg.paths.output_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from railway_defect.sweeps.summary import summarize_and_write
-from tests.conftest import write_image
+from tests.helpers import write_image
 
 
 def _job(

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 import railway_defect
-from railway_defect import paths
-from railway_defect.training import run_training
-from tests.conftest import CONF_DIR, FAST, OFFLINE_ENV, PROJECT_ROOT, REAL_DATA
+from railway_defect.training.run import run_training
+from railway_defect.utils import paths
+from tests.helpers import CONF_DIR, FAST, OFFLINE_ENV, PROJECT_ROOT, REAL_DATA
 
 # what a wheel is built from: the files an sdist holds (MANIFEST.in), nothing else of the checkout
 SOURCES = (
@@ -99,7 +99,7 @@ def test_wheel_holds_every_config_and_command(wheel_env: dict[str, Path]) -> Non
 def test_installed_package_is_the_wheel(wheel_env: dict[str, Path]) -> None:
     """Proves the test below runs the wheel: package, configs and version all come from the venv."""
     probe = (
-        "import railway_defect, railway_defect.paths as p; "
+        "import railway_defect, railway_defect.utils.paths as p; "
         "print(railway_defect.__file__, p.config_dir(), p.is_checkout(), railway_defect.__version__)"
     )
     result = run([str(wheel_env["bin"] / "python"), "-c", probe], cwd=wheel_env["work"])

@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 
-from railway_defect.errors import UserError
 from railway_defect.inference.exporting import export_model
 from railway_defect.inference.model import OnnxPredictor, load_predictor
 from railway_defect.inference.predicting import run_prediction
 from railway_defect.inference.quantize import calibration_files
-from railway_defect.training import run_training
-from tests.conftest import FAST, make_split_dataset, run_cli
+from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
+from tests.helpers import FAST, make_split_dataset, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
-    from tests.conftest import CONF_DIR
+    from tests.helpers import CONF_DIR
 
     tmp = tmp_path_factory.mktemp("quantize")
     data = make_split_dataset(tmp / "data", {"Train": 8, "Validation": 3})

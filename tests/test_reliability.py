@@ -23,9 +23,9 @@ from PIL import Image
 
 from railway_defect.callbacks.interrupt import SaveOnInterrupt
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.errors import UserError
-from railway_defect.training import run_training
-from tests.conftest import (
+from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
+from tests.helpers import (
     FAST,
     OFFLINE_ENV,
     PROJECT_ROOT,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from railway_defect import resources
 from railway_defect.data import datamodule
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.errors import UserError
-from railway_defect.training import resolve_hardware_defaults
+from railway_defect.training.run import resolve_hardware_defaults
+from railway_defect.utils import resources
+from railway_defect.utils.errors import UserError
 
 
 def fake_topology(root: Path, cores_of_cpu: dict[int, tuple[int, int]]) -> Path:

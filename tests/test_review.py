@@ -21,15 +21,15 @@ from nbclient import NotebookClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from railway_defect import review
-from railway_defect.callbacks.review import _EpochCollector, _gradcam_keeping_grads
-from railway_defect.errors import UserError
+from railway_defect.callbacks.review_images import _EpochCollector, _gradcam_keeping_grads
 from railway_defect.models.module import DefectClassifier
-from railway_defect.paths import PROJECT_ROOT
-from railway_defect.plots import WRONG
+from railway_defect.review import runs as review
+from railway_defect.review.plots import WRONG
 from railway_defect.sweeps.summary import summarize
-from railway_defect.tensorboard_server import TensorBoard, serve_tensorboard
-from tests.conftest import FAST, make_split_dataset, run_cli
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.paths import PROJECT_ROOT
+from tests.helpers import FAST, make_split_dataset, run_cli
+from tests.tensorboard_server import TensorBoard, serve_tensorboard
 
 # the shared fast settings, with the review callback left on: it is what these tests exercise
 FAST_WITH_REVIEW = tuple(o for o in FAST if not o.startswith("callbacks.review"))

@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 
-from railway_defect import resources
 from railway_defect.data import streaming
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import discover
 from railway_defect.models.module import DefectClassifier
-from railway_defect.training import run_training
-from tests.conftest import FAST, REAL_DATA
+from railway_defect.training.run import run_training
+from railway_defect.utils import resources
+from tests.helpers import FAST, REAL_DATA
 
 
 def datamodule(root: Path, **kwargs) -> RailwayDataModule:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import PROJECT_ROOT, REAL_DATA
+from tests.helpers import PROJECT_ROOT, REAL_DATA
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 import study_recipes

@@ -18,8 +18,8 @@ from hydra.utils import get_class, instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from railway_defect.resources import physical_cores
-from tests.conftest import CONF_DIR, run_cli
+from railway_defect.utils.resources import physical_cores
+from tests.helpers import CONF_DIR, run_cli
 
 # the smallest runs that still train, validate and test: seconds per job on a CPU
 TINY = (
@@ -258,7 +258,7 @@ def test_ddp_inside_a_sweep_spawns_its_processes_with_the_same_backend_and_timeo
     sweeps); a single run keeps it."""
     from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-    from railway_defect.launching import SpawnLauncher, spawn_in_sweep
+    from railway_defect.training.launching import SpawnLauncher, spawn_in_sweep
 
     def trainer_in(*mode: str) -> Any:
         overrides = ("trainer=ddp_cpu", "trainer.strategy.timeout.seconds=42", "trainer.benchmark=false")

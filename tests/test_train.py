@@ -14,18 +14,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
-from railway_defect.training import run_training
-from tests.conftest import FAST, REAL_DATA, make_split_dataset, run_cli
-
-VAL_METRICS = (
-    "val/loss",
-    "val/acc",
-    "val/balanced_acc",
-    "val/precision",
-    "val/recall",
-    "val/f1",
-    "val/auroc",
-)
+from railway_defect.training.run import run_training
+from tests.helpers import FAST, REAL_DATA, VAL_METRICS, make_split_dataset, run_cli
 
 
 def read_scalars(tensorboard_dir: Path) -> EventAccumulator:

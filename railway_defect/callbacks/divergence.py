@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from railway_defect.errors import UserError
+from railway_defect.utils.errors import UserError
 
 
 class TrainingDiverged(UserError):

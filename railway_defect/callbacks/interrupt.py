@@ -20,7 +20,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from railway_defect.launching import SpawnLauncher
+from railway_defect.training.launching import SpawnLauncher
 
 log = logging.getLogger(__name__)
 

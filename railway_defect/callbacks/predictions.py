@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from railway_defect.outputs import write_text_atomic
+from railway_defect.utils.outputs import write_text_atomic
 
 PREDICTIONS_FILE = "predictions_val.csv"
 

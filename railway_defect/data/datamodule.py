@@ -23,10 +23,10 @@ from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
 from railway_defect.data.transforms import build_transform
-from railway_defect.errors import UserError
-from railway_defect.outputs import write_json_atomic
-from railway_defect.paths import DATA_DIR_ENV, data_root_candidates
-from railway_defect.resources import available_cpus
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic
+from railway_defect.utils.paths import DATA_DIR_ENV, data_root_candidates
+from railway_defect.utils.resources import available_cpus
 
 if TYPE_CHECKING:
     from torch.utils.data import IterableDataset

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from railway_defect.errors import UserError
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

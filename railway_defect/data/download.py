@@ -10,7 +10,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from railway_defect.errors import UserError
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20

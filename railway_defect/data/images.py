@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from railway_defect.resources import available_cpus
+from railway_defect.utils.resources import available_cpus
 
 log = logging.getLogger(__name__)
 

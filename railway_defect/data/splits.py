@@ -10,8 +10,8 @@ import io
 from pathlib import Path
 
 from railway_defect.data.discovery import Sample
-from railway_defect.errors import UserError
-from railway_defect.outputs import write_text_atomic
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_text_atomic
 
 SPLITS_FILE = "splits.csv"
 FIELDS = ("split", "path", "label", "group", "digest")

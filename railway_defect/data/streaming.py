@@ -34,7 +34,7 @@ from litdata import StreamingDataLoader, StreamingDataset, optimize
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.images import THUMBNAIL_SIZE, DecodeError, content_digest, load_image_file
-from railway_defect.resources import available_cpus, available_memory
+from railway_defect.utils.resources import available_cpus, available_memory
 
 log = logging.getLogger(__name__)
 

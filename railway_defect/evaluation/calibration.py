@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.nn import functional as F
 
-from railway_defect.outputs import atomic_path
+from railway_defect.utils.outputs import atomic_path
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 

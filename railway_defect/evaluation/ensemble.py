@@ -10,11 +10,11 @@ from typing import Any
 
 import rich
 
-from railway_defect.errors import UserError
 from railway_defect.inference.model import Calibration, EnsemblePredictor, write_calibration
-from railway_defect.outputs import write_json_atomic, write_text_atomic
 from railway_defect.sweeps import oof
 from railway_defect.sweeps.summary import job_dirs, pooled_out_of_fold, read_job
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 
 def evaluate_ensemble(

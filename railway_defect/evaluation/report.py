@@ -21,7 +21,6 @@ from railway_defect.data.audit import audit_and_warn, audit_summary
 from railway_defect.data.discovery import SPLIT_ALIASES, DatasetIndex, Sample, discover
 from railway_defect.data.images import decode_files
 from railway_defect.data.splits import SPLITS_FILE, check_unchanged, read_split_record
-from railway_defect.errors import UserError
 from railway_defect.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -38,7 +37,8 @@ from railway_defect.inference.model import (
     load_predictor,
     write_calibration,
 )
-from railway_defect.outputs import write_json_atomic, write_text_atomic
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from railway_defect.errors import UserError
 from railway_defect.inference.model import (
     METADATA_KEY,
     CheckpointPredictor,
@@ -25,8 +24,9 @@ from railway_defect.inference.model import (
     Predictor,
     load_predictor,
 )
-from railway_defect.outputs import atomic_path
-from railway_defect.warning_filters import torchscript_deprecation_silenced
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import atomic_path
+from railway_defect.utils.warning_filters import torchscript_deprecation_silenced
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from railway_defect.data.discovery import IMAGE_SUFFIXES
 from railway_defect.data.images import DecodeError, prepare
-from railway_defect.errors import UserError
-from railway_defect.resources import available_cpus
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.resources import available_cpus
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 _GLOB_CHARS = set("*?[")

@@ -17,9 +17,9 @@ from torch import nn
 
 from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
-from railway_defect.errors import UserError
-from railway_defect.outputs import write_json_atomic
-from railway_defect.warning_filters import torchscript_deprecation_silenced
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic
+from railway_defect.utils.warning_filters import torchscript_deprecation_silenced
 
 log = logging.getLogger(__name__)
 

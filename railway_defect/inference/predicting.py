@@ -18,7 +18,6 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from railway_defect.errors import UserError
 from railway_defect.inference.inputs import (
     InputItem,
     batched,
@@ -27,7 +26,8 @@ from railway_defect.inference.inputs import (
     list_sources,
 )
 from railway_defect.inference.model import CheckpointPredictor, Predictor, load_predictor
-from railway_defect.outputs import atomic_path
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def flip_axes(tta: bool, flips: Sequence[str]) -> tuple[int, ...]:
 
 class CsvRowWriter:
     """Rows are written (and flushed) as batches finish, to a temporary file beside `path` renamed over
-    it at the end (railway_defect.outputs.atomic_path). An interrupted run leaves `<path>.partial`
+    it at the end (railway_defect.utils.outputs.atomic_path). An interrupted run leaves `<path>.partial`
     with the rows done so far; a full or read-only disk leaves nothing (and `path` as it was)."""
 
     def __init__(self, path: Path, fieldnames: list[str]):

@@ -17,8 +17,8 @@ import numpy as np
 from railway_defect.data.discovery import IMAGE_SUFFIXES
 from railway_defect.data.images import DecodeError
 from railway_defect.data.splits import SPLITS_FILE, read_split_record
-from railway_defect.errors import UserError
 from railway_defect.inference.model import METADATA_KEY, OnnxPredictor, file_sha256
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from torchmetrics.classification import (
 )
 
 from railway_defect import __version__
-from railway_defect.errors import UserError
 from railway_defect.models.backbones import create_backbone
+from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
-from railway_defect.outputs import write_json_atomic, write_text_atomic
+from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 OOF_FILE = "oof_predictions.csv"
 # a size shared by at least this fraction of the images is a stratum of its own

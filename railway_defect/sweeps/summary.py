@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from railway_defect.callbacks.predictions import PREDICTIONS_FILE
-from railway_defect.errors import UserError
-from railway_defect.outputs import write_text_atomic
 from railway_defect.sweeps import oof
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_text_atomic
 
 DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
 # validation metrics of best.ckpt shown for every job, beside the optimised metric

@@ -1,4 +1,4 @@
-"""Checkpoints written like every other output (railway_defect.outputs.atomic_path).
+"""Checkpoints written like every other output (railway_defect.utils.outputs.atomic_path).
 
 Lightning's own save goes through fsspec, whose local "transaction" writes the temporary file in
 $TMPDIR and moves it into place at the end. With the run directory on another filesystem (a local
@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from railway_defect.outputs import atomic_open, remove_stale_temporaries
+from railway_defect.utils.outputs import atomic_open, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from railway_defect.errors import UserError
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

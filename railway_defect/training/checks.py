@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from railway_defect.errors import UserError
 from railway_defect.models.module import MONITORABLE
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 

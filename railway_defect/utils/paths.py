@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # railway_defect/
 PROJECT_ROOT = PACKAGE_DIR.parent
 DATA_DIR_ENV = "RAILWAY_DATA_DIR"
 OUTPUT_DIR_ENV = "RAILWAY_OUTPUT_DIR"

@@ -1,10 +1,10 @@
-"""Hydra callback (registered in conf/hydra/default.yaml): keeps a sweep's summary up to date
-after every job and prints it when the sweep ends; the sweep then exits non-zero when any job
-did not finish ok, since failed jobs themselves no longer stop the sweep (see train.py)."""
+"""Hydra callbacks (registered in conf/hydra/default.yaml): a check that must run before Hydra
+creates the run directory, and the sweep summary kept current after every job."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,39 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from railway_defect.errors import UserError
 from railway_defect.sweeps.summary import summarize_and_write
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def _unwritable_reason(directory: Path) -> str | None:
+    """Why `directory` cannot be created and written, or None; creates nothing."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+class OutputDirCheck(Callback):
+    """An unwritable run/sweep directory is a one-line error instead of a traceback from Hydra."""
+
+    def _check(self, directory: str, key: str) -> None:
+        reason = _unwritable_reason(Path(directory).expanduser().absolute())
+        if reason:
+            raise SystemExit(
+                f"error: cannot write the output directory {directory}: {reason}; set {key}=DIR."
+            )
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 def _sweep_dir(config: DictConfig) -> Path | None:
@@ -25,6 +54,10 @@ def _sweep_dir(config: DictConfig) -> Path | None:
 
 
 class SweepSummary(Callback):
+    """Keeps a sweep's summary up to date after every job and prints it when the sweep ends; the
+    sweep then exits non-zero when any job did not finish ok, since failed jobs themselves no
+    longer stop the sweep (see train.py)."""
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Rewrite the tables after each job, so an interrupted sweep still has a current summary."""
         sweep_dir = _sweep_dir(config)

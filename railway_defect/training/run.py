@@ -22,19 +22,19 @@ from railway_defect import __version__
 from railway_defect.callbacks.distributed import SyncEpochMetrics
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
-from railway_defect.callbacks.review import ReviewImages
-from railway_defect.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
-from railway_defect.console import print_config_tree, print_run_summary
+from railway_defect.callbacks.review_images import ReviewImages
 from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.errors import UserError
-from railway_defect.launching import spawn_in_sweep
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
-from railway_defect.outputs import write_json_atomic
-from railway_defect.resources import configure_torch_threads, resolve_benchmark, resolve_precision
-from railway_defect.shutdown import Watchdog, sigterm_watchdog
-from railway_defect.warning_filters import quiet_known_noise
+from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
+from railway_defect.training.launching import spawn_in_sweep
+from railway_defect.training.shutdown import Watchdog, sigterm_watchdog
+from railway_defect.utils.console import print_config_tree, print_run_summary
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic
+from railway_defect.utils.resources import configure_torch_threads, resolve_benchmark, resolve_precision
+from railway_defect.utils.warning_filters import quiet_known_noise
 
 log = logging.getLogger(__name__)
 

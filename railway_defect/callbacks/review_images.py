@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from railway_defect.errors import UserError
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
-from railway_defect.plots import Tile, caption, confusion_figure, denormalize, roc_figure, tile_grid
+from railway_defect.review.plots import Tile, caption, confusion_figure, denormalize, roc_figure, tile_grid
+from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
