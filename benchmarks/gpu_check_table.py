@@ -5,10 +5,11 @@ python benchmarks/gpu_check_table.py outputs/gpu_check
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
+
+from railway_defect.training.record import RunRecord, has_record
 
 # (log, label, the line's prefix): the median of each matching `ratio ...` or `<side>: ...` line
 LINES = (
@@ -36,12 +37,9 @@ def medians(log: Path, prefix: str) -> list[str]:
 def main() -> None:
     out = Path(sys.argv[1])
     rows = [("machine", machine_line(out / "overhead.log"))]
-    metrics = out / "train" / "metrics.json"
-    if metrics.is_file():
-        record = json.loads(metrics.read_text())
-        rows.append(
-            ("training run (default callbacks)", f"{record['status']}, precision {record.get('precision')}")
-        )
+    if has_record(out / "train"):
+        record = RunRecord.read(out / "train")
+        rows.append(("training run (default callbacks)", f"{record.status}, precision {record.precision}"))
     else:
         rows.append(("training run (default callbacks)", "no metrics.json: see train.log"))
     for log, label, prefix in LINES:

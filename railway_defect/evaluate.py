@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.utils.errors import exit_on_user_error
+from railway_defect.utils.commands import call_with_config, run_command
 from railway_defect.utils.paths import CONFIG_DIR
 
 
@@ -15,25 +15,8 @@ from railway_defect.utils.paths import CONFIG_DIR
 def main(cfg: DictConfig) -> None:
     from railway_defect.evaluation.report import run_evaluation
 
-    exit_on_user_error(
-        lambda: run_evaluation(
-            cfg.ckpt_path,
-            cfg.data.root,
-            split=cfg.split,
-            target_recall=cfg.target_recall,
-            output_dir=cfg.output_dir,
-            val_fraction=cfg.data.val_fraction,
-            seed=cfg.seed,
-            splits=cfg.splits,
-            cache_dir=cfg.data.cache_dir,
-            batch_size=cfg.data.batch_size,
-            bins=cfg.ece_bins,
-            confidence=cfg.confidence,
-            bootstrap=cfg.bootstrap,
-            store_calibration=cfg.store_calibration,
-            device=cfg.device,
-        )
-    )
+    # the keys of evaluate.yaml, then of its data section (val_fraction, cache_dir, batch_size)
+    run_command(lambda: call_with_config(run_evaluation, cfg, cfg.data, data_root=cfg.data.root))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.utils.errors import exit_on_user_error
+from railway_defect.utils.commands import call_with_config, run_command
 from railway_defect.utils.paths import CONFIG_DIR
 
 
@@ -17,19 +17,7 @@ def main(cfg: DictConfig) -> None:
 
     from railway_defect.inference.exporting import export_model
 
-    result = exit_on_user_error(
-        lambda: export_model(
-            cfg.ckpt_path,
-            cfg.format,
-            cfg.output,
-            cfg.opset,
-            cfg.check,
-            cfg.tolerance,
-            cfg.quantize,
-            cfg.calibration_data,
-            cfg.calibration_images,
-        )
-    )
+    result = run_command(lambda: call_with_config(export_model, cfg))
     console = rich.get_console()
     console.print(f"exported: {result['output']} ({result['format']})", soft_wrap=True, markup=False)
     if "fp32_max_abs_diff" in result:

@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.utils.errors import UserError, exit_on_user_error
+from railway_defect.utils.commands import call_with_config, run_command
+from railway_defect.utils.errors import UserError
 from railway_defect.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -24,24 +25,9 @@ def main(cfg: DictConfig) -> None:
     def run():
         if not cfg.input:
             raise UserError("Give what to score: input=IMAGE|FOLDER|GLOB|VIDEO.")
-        return run_prediction(
-            cfg.model_path,
-            str(cfg.input),
-            cfg.output,
-            threshold=cfg.threshold,
-            review_margin=cfg.review_margin,
-            review_band=cfg.review_band,
-            batch_size=cfg.batch_size,
-            every_s=cfg.every_s,
-            tta=cfg.tta,
-            tta_flips=list(cfg.tta_flips),
-            gradcam_dir=cfg.gradcam_dir,
-            device=cfg.device,
-            workers=cfg.workers,
-            progress=cfg.progress,
-        )
+        return call_with_config(run_prediction, cfg, input=str(cfg.input))
 
-    summary = exit_on_user_error(run)
+    summary = run_command(run)
     log.info(
         "%d rows written to %s: %d positive, %d to review, %d unreadable.",
         summary.rows,

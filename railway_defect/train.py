@@ -6,12 +6,14 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.sweeps import in_multirun
+from railway_defect.utils.commands import run_command
 from railway_defect.utils.errors import user_message
 from railway_defect.utils.paths import CONFIG_DIR
 
@@ -25,33 +27,35 @@ def accept_logger_null(argv: list[str]) -> list[str]:
     return ["logger=[]" if arg == "logger=null" else arg for arg in argv]
 
 
+def run_sweep_job(cfg: DictConfig, run_training: Callable[[DictConfig], float | None]) -> float:
+    """In a sweep a failing job must not stop the others: its metrics.json records why and it
+    returns NaN; the sweep summary (railway_defect.training.hydra_callbacks) then makes the sweep
+    exit non-zero."""
+    try:
+        value = run_training(cfg)
+    except Exception as e:
+        message = user_message(e, TRAIN_DISK_HINT)
+        log.error("Job failed: %s", message) if message else log.exception("Job failed: %s", e)
+        return math.nan
+    if value is None:
+        log.warning("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
+        return math.nan
+    return value
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """A single run fails with a one-line error (or a traceback for a bug). In a sweep a failing
-    job must not stop the others: its metrics.json records why, and it returns NaN; the sweep
-    summary (railway_defect.training.hydra_callbacks) then makes the sweep exit non-zero."""
+    """A single run fails with a one-line error (or a traceback for a bug); a sweep job with NaN."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from railway_defect.training.run import run_training  # heavy imports only once the config is valid
 
-    multirun = in_multirun()
     try:
-        value = run_training(cfg)
+        if in_multirun():
+            return run_sweep_job(cfg, run_training)
+        return run_command(lambda: run_training(cfg), TRAIN_DISK_HINT)
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None  # stopped, not finished: never exit 0
-    except Exception as e:
-        message = user_message(e, TRAIN_DISK_HINT)
-        if multirun:
-            log.error("Job failed: %s", message) if message else log.exception("Job failed: %s", e)
-            return math.nan
-        if message is None:
-            raise
-        log.error("%s", message)
-        raise SystemExit(f"error: {message}") from None
-    if multirun and value is None:
-        log.warning("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
-        return math.nan
-    return value
 
 
 def cli() -> None:

@@ -23,7 +23,8 @@ from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import discover
 from railway_defect.training.checks import resolve_ckpt_path
 from railway_defect.training.run import resolve_hardware_defaults, run_training
-from railway_defect.utils.errors import UserError, exit_on_user_error
+from railway_defect.utils.commands import run_command
+from railway_defect.utils.errors import UserError
 from tests.helpers import (
     CLASSES,
     CONF_DIR,
@@ -269,7 +270,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def one_line_exit(run) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_user_error(run)
+        run_command(run)
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message
     return message

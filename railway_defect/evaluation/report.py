@@ -128,7 +128,7 @@ def run_evaluation(
     splits: str = "run",
     cache_dir: str | None = None,
     batch_size: int = 32,
-    bins: int = 10,
+    ece_bins: int = 10,
     confidence: float = 0.95,
     bootstrap: int = 1000,
     store_calibration: bool = True,
@@ -147,7 +147,7 @@ def run_evaluation(
         splits: `run` (the run's splits.csv), `resplit`, or a splits.csv path.
         val_fraction, seed: used by `splits=resplit` only.
         cache_dir, batch_size, device: decoding cache, batch size and device for scoring.
-        bins, confidence, bootstrap: calibration bins, interval level and bootstrap resamples.
+        ece_bins, confidence, bootstrap: calibration bins, interval level and bootstrap resamples.
     """
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
@@ -166,9 +166,9 @@ def run_evaluation(
         if output_dir
         else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{scored.split_key}"
     )
-    written = write_outputs(predictor, root, scored, fitted, target_recall, bins, out, store_calibration)
+    written = write_outputs(predictor, root, scored, fitted, target_recall, ece_bins, out, store_calibration)
     common = _metric_settings(predictor.info, confidence, bootstrap, seed)
-    report = build_report(predictor, root, scored, fitted, target_recall, bins, common, written)
+    report = build_report(predictor, root, scored, fitted, target_recall, ece_bins, common, written)
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", render_markdown(report))
     print_summary(report)

@@ -5,6 +5,7 @@ model. Bad uploads get a 4xx JSON error: {"error": ..., "files": [{"file", "erro
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,8 +17,8 @@ from starlette.exceptions import HTTPException
 from railway_defect import __version__
 from railway_defect.data.images import DecodeError
 from railway_defect.inference.inputs import InputItem
-from railway_defect.inference.model import Predictor
-from railway_defect.inference.predicting import Decision, prediction_row, score
+from railway_defect.inference.model import Predictor, load_predictor
+from railway_defect.inference.predicting import Decision, flip_axes, prediction_row, score
 
 MB = 1024 * 1024
 # the start of the messages of starlette.formparsers.MultiPartParser for its max_files/max_fields
@@ -32,6 +33,90 @@ class UploadProblem(Exception):
 
 def _error(status: int, message: str, files: list[dict[str, str]] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "files": files or []})
+
+
+class UploadScorer:
+    """Scores the uploads of one request in one batch, under the service's limits; one forward pass
+    at a time, since the threads of the pool would only compete for the same cores."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        decision: Decision,
+        flips: tuple[int, ...],
+        max_upload_mb: float,
+        max_files: int,
+    ):
+        self.predictor, self.decision, self.flips = predictor, decision, flips
+        self.max_upload_mb, self.max_files = max_upload_mb, max_files
+        self.max_bytes = int(max_upload_mb * MB)
+        self.model_lock = threading.Lock()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            **self.predictor.describe(),
+            "review_band": list(self.decision.review_band),
+            "tta": bool(self.flips),
+            "max_upload_mb": self.max_upload_mb,
+            "max_files": self.max_files,
+        }
+
+    def decode(self, name: str, data: bytes) -> InputItem:
+        if not data:
+            raise UploadProblem(400, name, "empty file")
+        if len(data) > self.max_bytes:
+            raise UploadProblem(413, name, f"larger than {self.max_upload_mb:g} MB")
+        try:
+            return InputItem(name, image=self.predictor.decode(data))
+        except DecodeError as e:
+            raise UploadProblem(415, name, str(e)) from e
+
+    def score(self, uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]] | JSONResponse:
+        """One row per upload, or the error answer naming every upload that was refused."""
+        items, problems = [], []
+        for name, data in uploads:
+            try:
+                items.append(self.decode(name, data))
+            except UploadProblem as p:
+                problems.append(p)
+        if problems:
+            return _error(
+                problems[0].status,
+                f"{len(problems)} of {len(uploads)} uploads refused: {problems[0].error}",
+                [{"file": p.file, "error": p.error} for p in problems],
+            )
+        with self.model_lock:
+            probs = score(self.predictor, items, self.flips)
+        return [
+            prediction_row(item, p, self.predictor, self.decision)
+            for item, p in zip(items, probs, strict=True)
+        ]
+
+    async def read_uploads(self, request: Request) -> list[tuple[str, bytes]] | JSONResponse:
+        """The (file name, bytes) of a multipart request, or the 4xx answer for one that breaks a limit."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes * self.max_files + MB:
+            return _error(413, f"request larger than {self.max_files} files of {self.max_upload_mb:g} MB")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return _error(415, "send images as multipart/form-data (e.g. curl -F files=@photo.jpg)")
+        try:
+            form = await request.form(max_files=self.max_files, max_fields=self.max_files)
+        except HTTPException as e:
+            # Starlette answers 400 for every multipart limit; too many parts is a request too large
+            if str(e.detail).startswith(TOO_MANY_PARTS):
+                return _error(413, f"more than max_files={self.max_files} files in one request")
+            raise
+        uploads = []
+        try:
+            for _, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    uploads.append((value.filename or "upload", await value.read(self.max_bytes + 1)))
+        finally:
+            await form.close()
+        if not uploads:
+            return _error(400, "no file in the request: send images as multipart files (field 'files')")
+        return uploads
 
 
 def create_app(
@@ -51,9 +136,7 @@ def create_app(
         max_upload_mb, max_files: per-request limits; beyond them the answer is 413.
     """
     app = FastAPI(title="railway_defect", version=__version__)
-    max_bytes = int(max_upload_mb * MB)
-    # one forward pass at a time: the threads of the pool would only compete for the same cores
-    model_lock = threading.Lock()
+    scorer = UploadScorer(predictor, decision, flips, max_upload_mb, max_files)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -61,68 +144,34 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            **predictor.describe(),
-            "review_band": list(decision.review_band),
-            "tta": bool(flips),
-            "max_upload_mb": max_upload_mb,
-            "max_files": max_files,
-        }
-
-    def decode(name: str, data: bytes) -> InputItem:
-        if not data:
-            raise UploadProblem(400, name, "empty file")
-        if len(data) > max_bytes:
-            raise UploadProblem(413, name, f"larger than {max_upload_mb:g} MB")
-        try:
-            return InputItem(name, image=predictor.decode(data))
-        except DecodeError as e:
-            raise UploadProblem(415, name, str(e)) from e
-
-    def score_uploads(uploads: list[tuple[str, bytes]]) -> list[dict[str, Any]] | JSONResponse:
-        items, problems = [], []
-        for name, data in uploads:
-            try:
-                items.append(decode(name, data))
-            except UploadProblem as p:
-                problems.append(p)
-        if problems:
-            return _error(
-                problems[0].status,
-                f"{len(problems)} of {len(uploads)} uploads refused: {problems[0].error}",
-                [{"file": p.file, "error": p.error} for p in problems],
-            )
-        with model_lock:
-            probs = score(predictor, items, flips)
-        return [prediction_row(item, p, predictor, decision) for item, p in zip(items, probs, strict=True)]
+        return scorer.health()
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> dict[str, Any] | JSONResponse:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_bytes * max_files + MB:
-            return _error(413, f"request larger than {max_files} files of {max_upload_mb:g} MB")
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return _error(415, "send images as multipart/form-data (e.g. curl -F files=@photo.jpg)")
-        try:
-            form = await request.form(max_files=max_files, max_fields=max_files)
-        except HTTPException as e:
-            # Starlette answers 400 for every multipart limit; too many parts is a request too large
-            if str(e.detail).startswith(TOO_MANY_PARTS):
-                return _error(413, f"more than max_files={max_files} files in one request")
-            raise
-        uploads = []
-        try:
-            for _, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    uploads.append((value.filename or "upload", await value.read(max_bytes + 1)))
-        finally:
-            await form.close()
-        if not uploads:
-            return _error(400, "no file in the request: send images as multipart files (field 'files')")
-        result = await run_in_threadpool(score_uploads, uploads)
+        uploads = await scorer.read_uploads(request)
+        if isinstance(uploads, JSONResponse):
+            return uploads
+        result = await run_in_threadpool(scorer.score, uploads)
         if isinstance(result, JSONResponse):
             return result
         return {"model": predictor.model_id, "predictions": result}
 
     return app
+
+
+def build_service(
+    model_path: str | None,
+    device: str = "auto",
+    threshold: float | None = None,
+    review_margin: float = 1.0,
+    review_band: Sequence[float] | None = None,
+    tta: bool = False,
+    tta_flips: Sequence[str] = ("horizontal",),
+    max_upload_mb: float = 20,
+    max_files: int = 32,
+) -> FastAPI:
+    """The service for a model file or run/sweep directory, with the decision and test-time flips
+    configured as predict's (conf/inference)."""
+    predictor = load_predictor(model_path, device, threshold)
+    decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
+    return create_app(predictor, decision, flip_axes(tta, list(tta_flips)), max_upload_mb, max_files)

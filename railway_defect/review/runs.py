@@ -26,6 +26,7 @@ from railway_defect.models.module import DefectClassifier, load_classifier
 from railway_defect.review.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 from railway_defect.sweeps.summary import METRICS as SUMMARY_METRICS
 from railway_defect.sweeps.summary import JobRow, ranks_smallest_first, read_job
+from railway_defect.training.record import FINISHED, RunRecord, has_record
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.paths import PROJECT_ROOT, default_output_root, is_checkout
 
@@ -80,7 +81,7 @@ def open_target(path: str | Path | None = None) -> ReviewTarget:
             f"{path} is not a folder; set TARGET to a run dir (outputs/train/runs/<timestamp>) "
             "or a sweep dir (outputs/train/multiruns/<timestamp>)."
         )
-    if (path / "metrics.json").is_file():
+    if has_record(path):
         return ReviewTarget(path, "run", [path])
     runs = sorted(
         (p.parent for p in path.glob("*/metrics.json")),
@@ -92,13 +93,6 @@ def open_target(path: str | Path | None = None) -> ReviewTarget:
             "it is not a run or sweep dir of this project."
         )
     return ReviewTarget(path, "sweep", runs)
-
-
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_dir}/metrics.json is missing or unreadable ({e}).") from e
 
 
 # ---- curves from the event files --------------------------------------------------------------
@@ -144,7 +138,7 @@ def plot_curves(
     for run in runs or target.runs[:1]:
         name = run.name if target.kind == "sweep" else "run"
         curves[name] = epoch_curves(run)
-        best[name] = (read_metrics(run).get("best") or {}).get("epoch")
+        best[name] = RunRecord.read(run).best_epoch
     return curves_figure(curves, metrics, best)
 
 
@@ -262,7 +256,7 @@ class Evaluation:
         return table[~table["correct"]].sort_values("confidence", ascending=False, kind="stable")
 
 
-def _data_settings(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def _data_settings(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     """How the run built its data: the resolved root from its reports, the rest from .hydra/config.yaml."""
     settings: dict[str, Any] = {}
     config_path = run_dir / ".hydra" / "config.yaml"
@@ -274,7 +268,7 @@ def _data_settings(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
                 settings[key] = value
     report_path = run_dir / "data_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    settings["root"] = report.get("root") or (metrics.get("data") or {}).get("root")
+    settings["root"] = report.get("root") or record.data.get("root")
     return settings
 
 
@@ -285,13 +279,13 @@ def evaluate_checkpoint(
     from railway_defect.data.datamodule import RailwayDataModule
 
     run_dir = _resolve(run_dir)
-    metrics = read_metrics(run_dir)
+    record = RunRecord.read(run_dir)
     ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not ckpt.is_file():
         raise UserError(
             f"{ckpt} does not exist; pick a run with checkpoints (see runs_table) or checkpoint='last'."
         )
-    settings = _data_settings(run_dir, metrics)
+    settings = _data_settings(run_dir, record)
     root = data_root or settings.pop("root", None)
     settings.pop("root", None)
     if not root or not Path(root).expanduser().is_dir():
@@ -396,16 +390,16 @@ def next_steps(target: ReviewTarget, evaluation: Evaluation | None = None) -> st
     """A few observations drawn from the numbers, as a Markdown list; the reading is left to you."""
     notes: list[str] = []
     run = evaluation.run_dir if evaluation else best_run(target)
-    metrics = read_metrics(run)
-    if metrics.get("status") != "finished":
-        notes.append(f"Run `{run.name}` is **{metrics.get('status')}**: its numbers describe a partial run.")
-    if metrics.get("pretrained_loaded") is False:
+    record = RunRecord.read(run)
+    if record.status != FINISHED:
+        notes.append(f"Run `{run.name}` is **{record.status}**: its numbers describe a partial run.")
+    if record.pretrained_loaded is False:
         notes.append(
             "The backbone started from **random weights**: put the ImageNet weights in the torch hub cache, "
             "or use `model=efficientnet_lite0`, before judging the recipe."
         )
-    history = metrics.get("history") or []
-    best_epoch = (metrics.get("best") or {}).get("epoch")
+    history = record.history
+    best_epoch = record.best_epoch
     if history and best_epoch is not None:
         last = history[-1]["epoch"]
         if best_epoch == last:

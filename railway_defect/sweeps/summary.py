@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 import sys
@@ -25,6 +24,15 @@ from rich.table import Table
 
 from railway_defect.callbacks.predictions import PREDICTIONS_FILE
 from railway_defect.sweeps import oof
+from railway_defect.training.record import (
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    RunRecord,
+    has_record,
+)
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_text_atomic
 
@@ -34,7 +42,7 @@ METRICS = ("val/f1", "val/balanced_acc", "val/auroc")
 # overrides that only repeat a configuration: jobs differing in these alone are averaged
 REPEAT_KEYS = {"seed": "seeds", "data.fold": "folds"}
 # metrics.json status -> summary status
-STATUS = {"finished": "ok", "failed": "failed", "diverged": "diverged", "interrupted": "interrupted"}
+STATUS = {FINISHED: "ok", FAILED: "failed", DIVERGED: "diverged", INTERRUPTED: "interrupted"}
 INCOMPLETE = "incomplete"
 # console width for the tables when the output is not a terminal
 LOG_WIDTH = 200
@@ -117,11 +125,7 @@ def _job_sort_key(path: Path) -> tuple[int, int | str]:
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The sweep's job directories: sub-folders with Hydra's .hydra/ or a metrics.json."""
     return sorted(
-        (
-            p
-            for p in sweep_dir.iterdir()
-            if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").is_file())
-        ),
+        (p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or has_record(p))),
         key=_job_sort_key,
     )
 
@@ -131,29 +135,23 @@ def read_job(job_dir: Path) -> JobRow:
     row = JobRow(
         job=job_dir.name, run_dir=job_dir, overrides=[str(o) for o in overrides or []], status=INCOMPLETE
     )
-    metrics_path = job_dir / "metrics.json"
-    if not metrics_path.is_file():
+    if not has_record(job_dir):
         row.error = "no metrics.json: the job stopped before training started"
         return row
     try:
-        record = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        row.error = f"unreadable metrics.json: {e}"
+        record = RunRecord.read(job_dir)
+    except UserError as e:
+        row.error = str(e)
         return row
-    status = record.get("status")
-    row.status = STATUS.get(status, INCOMPLETE)
-    if status == "running":
+    row.status = STATUS.get(record.status, INCOMPLETE)
+    if record.status == RUNNING:
         row.error = "metrics.json still says running: the job was killed (or is still running)"
-    row.error = _one_line(record.get("error") or row.error)
-    row.optimized_metric = record.get("optimized_metric_name")
-    for key, value in {**record.get("val", {}), **record.get("test", {})}.items():
-        if isinstance(value, (int, float)):
-            row.metrics[key] = float(value)
-    if row.optimized_metric and isinstance(record.get("optimized_metric"), (int, float)):
-        row.metrics[row.optimized_metric] = float(record["optimized_metric"])
-    row.best_epoch = (record.get("best") or {}).get("epoch")
-    row.duration_s = record.get("duration_s")
-    row.checkpoint = (record.get("checkpoints") or {}).get("best")
+    row.error = _one_line(record.error or row.error)
+    row.optimized_metric = record.optimized_metric_name
+    row.metrics = record.final_metrics()
+    row.best_epoch = record.best_epoch
+    row.duration_s = record.duration_s
+    row.checkpoint = record.best_checkpoint
     return row
 
 

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from railway_defect.sweeps.summary import summarize_and_write
+from railway_defect.utils.commands import command_failure
 from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,7 @@ class OutputDirCheck(Callback):
     def _check(self, directory: str, key: str) -> None:
         reason = _unwritable_reason(Path(directory).expanduser().absolute())
         if reason:
-            raise SystemExit(
-                f"error: cannot write the output directory {directory}: {reason}; set {key}=DIR."
-            )
+            raise command_failure(f"cannot write the output directory {directory}: {reason}; set {key}=DIR.")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
@@ -74,7 +73,7 @@ class SweepSummary(Callback):
         summary = summarize_and_write(sweep_dir, OmegaConf.select(config, "optimized_metric"))
         if summary.not_ok:
             jobs = ", ".join(f"{row.job} ({row.status})" for row in summary.not_ok)
-            raise SystemExit(
-                f"error: {len(summary.not_ok)} of {len(summary.rows)} jobs did not finish ok: {jobs}; "
+            raise command_failure(
+                f"{len(summary.not_ok)} of {len(summary.rows)} jobs did not finish ok: {jobs}; "
                 f"see {sweep_dir / 'summary.md'}"
             )

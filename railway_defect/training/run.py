@@ -29,10 +29,17 @@ from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.training.launching import spawn_in_sweep
+from railway_defect.training.record import (
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RunRecord,
+    print_run_summary,
+)
 from railway_defect.training.shutdown import Watchdog, sigterm_watchdog
-from railway_defect.utils.console import print_config_tree, print_run_summary
+from railway_defect.utils.console import print_config_tree
 from railway_defect.utils.errors import UserError
-from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.resources import configure_torch_threads, resolve_benchmark, resolve_precision
 from railway_defect.utils.warning_filters import quiet_known_noise
 
@@ -112,15 +119,15 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-def _hparam_metrics(result: dict[str, Any]) -> dict[str, float]:
+def _hparam_metrics(record: RunRecord) -> dict[str, float]:
     """Final metrics under their own `hp/` tags (reusing `val/f1` would add a point to its curve)."""
     metrics = {}
-    for stage in ("val", "test"):
+    for stage, values in (("val", record.val), ("test", record.test)):
         for name in HPARAM_METRICS:
-            if f"{stage}/{name}" in result[stage]:
-                metrics[f"hp/{stage}_{name}"] = result[stage][f"{stage}/{name}"]
-    if result["optimized_metric"] is not None:
-        metrics["hp/" + result["optimized_metric_name"].replace("/", "_")] = result["optimized_metric"]
+            if f"{stage}/{name}" in values:
+                metrics[f"hp/{stage}_{name}"] = values[f"{stage}/{name}"]
+    if record.optimized_metric is not None and record.optimized_metric_name:
+        metrics["hp/" + record.optimized_metric_name.replace("/", "_")] = record.optimized_metric
     return metrics
 
 
@@ -144,38 +151,32 @@ def run_training(cfg: DictConfig) -> float | None:
     loss becomes NaN/inf stops at once, is recorded as `diverged` and raises TrainingDiverged."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {
-        "status": "running",
-        "run_dir": str(output_dir),
-        "started_at": datetime.now().isoformat(timespec="seconds"),
-        "railway_defect_version": __version__,
-    }
+    record = RunRecord(
+        run_dir=str(output_dir),
+        started_at=datetime.now().isoformat(timespec="seconds"),
+        railway_defect_version=__version__,
+    )
     if _is_global_zero():
-        write_json_atomic(output_dir / "metrics.json", record)
+        record.write()
     start = time.perf_counter()
     try:
         with sigterm_watchdog(float(cfg.get("shutdown_grace_s", 60))) as watchdog:
-            record.update(_fit_and_test(cfg, watchdog))
-        diverged, interrupted = record.pop("diverged"), record.pop("interrupted")
-        if diverged:
-            record.update(status="diverged", error=diverged)
-        else:
-            record["status"] = "interrupted" if interrupted else "finished"
+            _fit_and_test(cfg, record, watchdog)
     except (KeyboardInterrupt, SystemExit):
-        record["status"] = "interrupted"
+        record.status = INTERRUPTED
         raise
     except Exception as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        record.update(status=FAILED, error=f"{type(e).__name__}: {e}")
         raise
     finally:
-        record["duration_s"] = round(time.perf_counter() - start, 1)
+        record.duration_s = round(time.perf_counter() - start, 1)
         if _is_global_zero():
-            write_json_atomic(output_dir / "metrics.json", record)
+            record.write()
     if _is_global_zero():
-        print_run_summary(record, cfg.monitor)
-    if record["status"] == "diverged":
-        raise TrainingDiverged(record["error"])
-    return record.get("optimized_metric")
+        print_run_summary(record)
+    if record.status == DIVERGED:
+        raise TrainingDiverged(record.error)
+    return record.optimized_metric
 
 
 def build_datamodule(cfg: DictConfig) -> RailwayDataModule:
@@ -289,56 +290,54 @@ def _checkpoint_outcome(monitor: str, callbacks: list[Any]) -> dict[str, Any]:
     }
 
 
-def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str, Any]:
+def _prepare_run(cfg: DictConfig) -> tuple[Path | None, int]:
+    """Checks and settings before any heavy work: the config, this machine's defaults, the
+    checkpoint to resume from (if any), the seed. Returns that checkpoint and the torch threads."""
     if _is_global_zero():
         print_config_tree(cfg)
     check_config(cfg)
     resolve_hardware_defaults(cfg)
     torch_threads = configure_torch_threads(cfg.get("num_threads"))
-    spec = get_spec(cfg.model.backbone)
-    output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(
-        cfg.get("ckpt_path"), output_dir, Path(cfg.paths.output_root) / cfg.task_name
+        cfg.get("ckpt_path"), Path(cfg.paths.output_dir), Path(cfg.paths.output_root) / cfg.task_name
     )
     if ckpt_path is not None:
-        check_checkpoint_fits(ckpt_path, spec.name)
+        check_checkpoint_fits(ckpt_path, get_spec(cfg.model.backbone).name)
     L.seed_everything(cfg.seed, workers=True)
+    return ckpt_path, torch_threads
 
+
+def _setup_data(cfg: DictConfig, ckpt_path: Path | None) -> RailwayDataModule:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     _quiet_expected_noise(datamodule.num_workers)
     if ckpt_path is not None:
-        check_checkpoint_fits(ckpt_path, spec.name, datamodule.classes)
+        check_checkpoint_fits(ckpt_path, get_spec(cfg.model.backbone).name, datamodule.classes)
+    return datamodule
 
-    model = build_model(cfg, datamodule)
-    trainer, callbacks, loggers = build_trainer(cfg, datamodule, watchdog)
 
-    diverged = None
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    except TrainingDiverged as e:  # keep what the epochs before the divergence produced
-        diverged = str(e)
+def _test_best(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: DefectClassifier,
+    datamodule: RailwayDataModule,
+    best: str | None,
+) -> dict[str, float]:
+    """best.ckpt's metrics on the Test split, when there is one and the fit ended normally."""
+    if not (cfg.get("test") and datamodule.has_split("test") and best):
+        return {}
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
-    # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
-    outcome = _checkpoint_outcome(cfg.monitor, callbacks)
-    optimized = trainer.callback_metrics.get(cfg.optimized_metric)
 
-    test_metrics: dict[str, float] = {}
-    if cfg.get("test") and datamodule.has_split("test") and not trainer.interrupted and not diverged:
-        best = outcome["checkpoints"]["best"]
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
-        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-
-    result = {
-        "interrupted": trainer.interrupted,
-        "diverged": diverged,
+def _run_facts(
+    cfg: DictConfig, trainer: L.Trainer, model: DefectClassifier, datamodule: RailwayDataModule
+) -> dict[str, Any]:
+    """What the record says about the model, the data and the machine."""
+    return {
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
-        "optimized_metric": float(optimized) if optimized is not None else None,
-        **outcome,
-        "test": test_metrics,
-        "resumed_from": str(ckpt_path) if ckpt_path else None,
         "pretrained_loaded": bool(model.hparams.pretrained_loaded),
         "weights_source": model.hparams.weights_source,
         "backbone": cfg.model.backbone,
@@ -350,14 +349,41 @@ def _fit_and_test(cfg: DictConfig, watchdog: Watchdog | None = None) -> dict[str
             "skipped": datamodule.report["skipped_count"],
         },
         "epochs_completed": trainer.current_epoch,
-        "torch_threads": torch_threads,
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
-        "tensorboard_dir": None,
     }
+
+
+def _finish_loggers(cfg: DictConfig, loggers: list[Logger], record: RunRecord) -> None:
+    """HParams with the final metrics; the record names the TensorBoard folder."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            result["tensorboard_dir"] = logger.log_dir
-            logger.log_hyperparams(_hparams(cfg), metrics=_hparam_metrics(result))
+            record.tensorboard_dir = logger.log_dir
+            logger.log_hyperparams(_hparams(cfg), metrics=_hparam_metrics(record))
             logger.finalize("success")
-    return result
+
+
+def _fit_and_test(cfg: DictConfig, record: RunRecord, watchdog: Watchdog | None = None) -> None:
+    """Fit, then test best.ckpt; fills `record` with the outcome and its final status."""
+    ckpt_path, torch_threads = _prepare_run(cfg)
+    datamodule = _setup_data(cfg, ckpt_path)
+    model = build_model(cfg, datamodule)
+    trainer, callbacks, loggers = build_trainer(cfg, datamodule, watchdog)
+    diverged = None
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except TrainingDiverged as e:  # keep what the epochs before the divergence produced
+        diverged = str(e)
+    # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
+    record.update(**_checkpoint_outcome(cfg.monitor, callbacks))
+    optimized = trainer.callback_metrics.get(cfg.optimized_metric)
+    record.optimized_metric = float(optimized) if optimized is not None else None
+    if not trainer.interrupted and not diverged:
+        record.test = _test_best(cfg, trainer, model, datamodule, record.best_checkpoint)
+    record.update(**_run_facts(cfg, trainer, model, datamodule), torch_threads=torch_threads)
+    record.resumed_from = str(ckpt_path) if ckpt_path else None
+    _finish_loggers(cfg, loggers, record)
+    if diverged:
+        record.update(status=DIVERGED, error=diverged)
+    else:
+        record.status = INTERRUPTED if trainer.interrupted else FINISHED

@@ -4,12 +4,6 @@ that is full, read-only or not ours, or an output path that is a folder, is such
 from __future__ import annotations
 
 import errno
-import logging
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 # the disk is full, read-only or not ours: the user must act, a traceback would not help
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -32,16 +26,3 @@ def user_message(error: BaseException, hint: str = DISK_HINT) -> str | None:
     if isinstance(error, OSError) and error.errno == errno.EISDIR:
         return f"cannot write {error.filename or 'an output file'}: it is a directory; give a file name."
     return None
-
-
-def exit_on_user_error(run: Callable[[], T]) -> T:
-    """Run an entry point's work; a UserError (or a full or read-only disk) ends the process with its
-    message as the last line."""
-    try:
-        return run()
-    except (UserError, OSError) as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        log.error("%s", message)
-        raise SystemExit(f"error: {message}") from None
