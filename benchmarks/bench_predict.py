@@ -52,9 +52,13 @@ def main() -> None:
             size = model.hparams["input_size"]
         else:
             model = DefectClassifier(
-                args.backbone, ["Defective", "Non defective"], "Defective", pretrained=False
+                args.backbone,
+                ["Defective", "Non defective"],
+                "Defective",
+                pretrained=False,
+                input_size=size,
+                cache_size=size * 8 // 7,
             )
-            model.hparams.update(input_size=size, cache_size=size * 8 // 7)
             checkpoint = Path(tmp) / "model.ckpt"
             torch.save(
                 {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, checkpoint

@@ -173,7 +173,7 @@ class ReviewImages(Callback):
         if writer is None:
             return
         images, targets = batch[0][: self.num_augmented], batch[1][: self.num_augmented]
-        pixels = denormalize(images, pl_module.hparams.mean, pl_module.hparams.std)
+        pixels = denormalize(images, pl_module.mean, pl_module.std)
         names = pl_module.hparams.class_names
         tiles = [Tile(p, names[int(t)]) for p, t in zip(pixels, targets, strict=True)]
         title = f"augmented training batch (epoch {trainer.current_epoch}), labelled with the true class"
@@ -247,7 +247,7 @@ class ReviewImages(Callback):
 
         items = collector.grid_items()
         if items:
-            pixels = denormalize(torch.stack([i.image for i in items]), hp.mean, hp.std)
+            pixels = denormalize(torch.stack([i.image for i in items]), pl_module.mean, pl_module.std)
             title = (
                 f"validation ({note}): {int((preds != targets).sum())} of {len(targets)} wrong; red = wrong"
             )
@@ -268,7 +268,7 @@ class ReviewImages(Callback):
             images = torch.stack([i.image for _, i in chosen]).to(pl_module.device)  # stack copies
             explained = [int(i.probs.argmax()) if kind == "error" else positive for kind, i in chosen]
             heatmaps = _gradcam_keeping_grads(pl_module, images, explained)
-            pixels = denormalize(images, hp.mean, hp.std)
+            pixels = denormalize(images, pl_module.mean, pl_module.std)
             tiles = []
             for (kind, item), image, heat, cls in zip(chosen, pixels, heatmaps, explained, strict=True):
                 tiles.append(tile(item, image, f"{kind}\n"))

@@ -222,11 +222,8 @@ def _contrast(values: pd.Series, labels: np.ndarray) -> str:
     return f"median: {', '.join(medians)}"
 
 
-def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[str, Any]:
-    """Out-of-fold balanced accuracy with which each nuisance property (and all together) predicts
-    the label of `samples`, grouped by `Sample.group` so near-duplicates never sit on both sides."""
-    start = time.perf_counter()
-    root = Path(root) if root is not None else None
+def property_table(samples: Sequence[Sample], root: Path | None) -> tuple[pd.DataFrame, bool]:
+    """One row of nuisance properties per sample; and whether sources came from a manifest."""
     sources = manifest_sources(root)
     rows = [
         read_properties(s.path, s.label, root, sources.get(os.path.abspath(s.path)) if sources else None)
@@ -236,6 +233,40 @@ def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[s
         {**dict.fromkeys([*NUMERIC, "bytes_per_pixel"], float), **dict.fromkeys(CATEGORICAL, object)}
     )
     table[list(CATEGORICAL)] = table[list(CATEGORICAL)].fillna("unknown").astype(str)
+    return table, bool(sources)
+
+
+def _out_of_fold_score(
+    table: pd.DataFrame, labels: np.ndarray, splits: list, numeric: Sequence[str], categorical: Sequence[str]
+) -> dict[str, Any]:
+    """Balanced accuracy of the small model on `numeric` + `categorical`, predicted out of fold."""
+    columns = [*numeric, *categorical]
+    entry: dict[str, Any] = {
+        "balanced_accuracy": 1.0 / len(set(labels.tolist())),
+        "folds": len(splits),
+        "n": len(labels),
+    }
+    if all(table[c].nunique(dropna=False) <= 1 for c in columns):
+        return entry | {"note": "the same for every image"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a fold without a rare category
+        features = table[columns] if categorical else table[columns].to_numpy()
+        predicted = cross_val_predict(_model(numeric, categorical), features, labels, cv=splits)
+    return entry | {"balanced_accuracy": round(float(balanced_accuracy_score(labels, predicted)), 4)}
+
+
+def _property_contrast(table: pd.DataFrame, labels: np.ndarray, prop: Property) -> Any:
+    if prop.numeric == ("width", "height"):
+        sizes = table["width"].map("{:.0f}".format) + "x" + table["height"].map("{:.0f}".format)
+        return _contrast(sizes.where(table["width"].notna()), labels)
+    return _contrast(table[prop.shown or (prop.numeric + prop.categorical)[0]], labels)
+
+
+def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[str, Any]:
+    """Out-of-fold balanced accuracy with which each nuisance property (and all together) predicts
+    the label of `samples`, grouped by `Sample.group` so near-duplicates never sit on both sides."""
+    start = time.perf_counter()
+    table, from_manifest = property_table(samples, Path(root) if root is not None else None)
     labels = np.array([s.label for s in samples])
     groups = np.array([s.group for s in samples])
     folds = _number_of_folds(labels.tolist(), groups.tolist()) if len(samples) else 0
@@ -245,7 +276,7 @@ def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[s
         "counts": dict(sorted(Counter(labels.tolist()).items())),
         "folds": folds,
         "model": "decision tree (depth 3, balanced class weights), StratifiedGroupKFold by photo group",
-        "source": "manifest.csv source column" if sources else "folder below the class folder",
+        "source": "manifest.csv source column" if from_manifest else "folder below the class folder",
         "note": None,
         "properties": {},
         "all_properties": None,
@@ -260,33 +291,10 @@ def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[s
         return result
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=RANDOM_STATE)
     splits = list(splitter.split(table, labels, groups))  # the same folds for every property
-    chance = 1.0 / len(result["counts"])
-
-    def score(numeric: Sequence[str], categorical: Sequence[str]) -> dict[str, Any]:
-        columns = [*numeric, *categorical]
-        entry: dict[str, Any] = {"balanced_accuracy": chance, "folds": folds, "n": len(samples)}
-        if all(table[c].nunique(dropna=False) <= 1 for c in columns):
-            return entry | {"note": "the same for every image"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. a fold without a rare category
-            model = _model(numeric, categorical)
-            predicted = cross_val_predict(
-                model,
-                table[columns] if categorical else table[columns].to_numpy(),
-                labels,
-                cv=splits,
-            )
-        return entry | {"balanced_accuracy": round(float(balanced_accuracy_score(labels, predicted)), 4)}
-
     for name, prop in PROPERTIES.items():
-        entry = score(prop.numeric, prop.categorical)
-        if prop.numeric == ("width", "height"):
-            sizes = table["width"].map("{:.0f}".format) + "x" + table["height"].map("{:.0f}".format)
-            entry["contrast"] = _contrast(sizes.where(table["width"].notna()), labels)
-        else:
-            entry["contrast"] = _contrast(table[prop.shown or (prop.numeric + prop.categorical)[0]], labels)
-        result["properties"][name] = entry
-    result["all_properties"] = score(NUMERIC, CATEGORICAL)
+        entry = _out_of_fold_score(table, labels, splits, prop.numeric, prop.categorical)
+        result["properties"][name] = entry | {"contrast": _property_contrast(table, labels, prop)}
+    result["all_properties"] = _out_of_fold_score(table, labels, splits, NUMERIC, CATEGORICAL)
     result["flagged"] = [
         name for name, e in result["properties"].items() if e["balanced_accuracy"] >= SHORTCUT_THRESHOLD
     ]

@@ -100,6 +100,24 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
+def _check_settings(
+    balance: str, batch_size: int, storage: str, harmonize: str, image_size: int, cache_size: int
+) -> None:
+    """Settings Hydra cannot validate, refused before any data is read."""
+    try:
+        check_harmonize(harmonize)
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    if balance not in BALANCE_MODES:
+        raise UserError(f"data.balance={balance!r} is not one of {', '.join(BALANCE_MODES)}.")
+    if batch_size < 1:
+        raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
+    if storage not in STORAGE_MODES:
+        raise UserError(f"data.storage={storage!r} is not one of {', '.join(STORAGE_MODES)}.")
+    if cache_size < image_size:
+        raise UserError(f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size}).")
+
+
 class RailwayDataModule(LightningDataModule):
     """The labelled photos under `root` (split folders, class folders or a manifest), decoded once.
 
@@ -146,16 +164,7 @@ class RailwayDataModule(LightningDataModule):
         stream_dir: str | Path | None = None,
     ):
         super().__init__()
-        if balance not in BALANCE_MODES:
-            raise UserError(f"data.balance={balance!r} is not one of {', '.join(BALANCE_MODES)}.")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
-        if storage not in STORAGE_MODES:
-            raise UserError(f"data.storage={storage!r} is not one of {', '.join(STORAGE_MODES)}.")
-        if cache_size < image_size:
-            raise UserError(
-                f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size})."
-            )
+        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size)
         self.root = Path(root).expanduser()
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
@@ -168,10 +177,7 @@ class RailwayDataModule(LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.balance = balance
         self.report_path = Path(report_path) if report_path else None
-        try:
-            self.harmonize = check_harmonize(harmonize)
-        except ValueError as e:
-            raise UserError(f"{e}.") from None
+        self.harmonize = harmonize
         # where this run records its split membership, and a record to reuse instead of splitting
         self.splits_path = Path(splits_path) if splits_path else None
         self.splits_from = Path(splits_from) if splits_from else None

@@ -168,9 +168,9 @@ class CheckpointPredictor(Predictor):
             class_names=list(hparams["class_names"]),
             positive_class=hparams["positive_class"],
             input_size=int(hparams["input_size"]),
-            mean=list(hparams["mean"]),
-            std=list(hparams["std"]),
-            cache_size=int(hparams.get("cache_size", DEFAULT_CACHE_SIZE)),
+            mean=self.model.mean,
+            std=self.model.std,
+            cache_size=int(hparams.get("cache_size") or DEFAULT_CACHE_SIZE),
             backbone=hparams.get("backbone"),
             harmonize=hparams.get("harmonize", "none"),
         )

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 )
 
 from railway_defect import __version__
-from railway_defect.models.backbones import create_backbone
+from railway_defect.models.backbones import create_backbone, get_spec
 from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -88,6 +88,21 @@ def stage_metrics(num_classes: int) -> MetricCollection:
     )
 
 
+def _check_arguments(
+    class_names: list[str], positive_class: str, backbone_lr_scale: float, monitor: str
+) -> None:
+    if positive_class not in class_names:
+        raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
+    if not backbone_lr_scale > 0:
+        raise UserError(
+            f"model.backbone_lr_scale={backbone_lr_scale} must be positive (1 = same lr as the head)."
+        )
+    if monitor not in MONITORABLE:
+        raise UserError(
+            f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
+        )
+
+
 class DefectClassifier(LightningModule):
     """An ImageNet backbone from the factory with a dropout + linear head, trained with
     cross-entropy; every constructor argument is saved in the checkpoint (load it with
@@ -102,6 +117,9 @@ class DefectClassifier(LightningModule):
         backbone_lr_scale: the backbone's learning rate relative to the head's.
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
         class_weights: loss weights per class (data.balance=loss), or None.
+        input_size, cache_size, harmonize: the preprocessing of the data the model was trained on
+            (None: the backbone's native input size, the input size), repeated by evaluate,
+            predict, export and serve.
         channels_last, compile: speed settings that do not change results.
         monitor: the validation metric tracked as `<monitor>_best`.
         optimizer, scheduler: factories (Hydra partials) called in `configure_optimizers`.
@@ -121,6 +139,9 @@ class DefectClassifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         class_weights: Sequence[float] | None = None,
+        input_size: int | None = None,
+        cache_size: int | None = None,
+        harmonize: str = "none",
         channels_last: bool = True,
         compile: bool = False,
         monitor: str = "val/balanced_acc",
@@ -130,29 +151,16 @@ class DefectClassifier(LightningModule):
         super().__init__()
         class_names = [str(c) for c in class_names]
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
-        if positive_class not in class_names:
-            raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
-        if not backbone_lr_scale > 0:
-            raise UserError(
-                f"model.backbone_lr_scale={backbone_lr_scale} must be positive (1 = same lr as the head)."
-            )
-        if monitor not in MONITORABLE:
-            raise UserError(
-                f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
-            )
+        _check_arguments(class_names, positive_class, backbone_lr_scale, monitor)
+        input_size = input_size or get_spec(backbone).input_size
+        cache_size = cache_size or input_size
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
-        spec = created.spec
         self.backbone = created.model
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.num_features, len(class_names)))
-        # recorded in the checkpoint: what was loaded, and what inputs the network expects
-        self.hparams.update(
-            pretrained_loaded=created.pretrained_loaded,
-            weights_source=created.weights_source,
-            input_size=spec.input_size,
-            mean=list(spec.mean),
-            std=list(spec.std),
-        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(created.spec.num_features, len(class_names)))
+        # facts of the construction, stored beside the arguments by on_save_checkpoint
+        self.mean, self.std = list(created.spec.mean), list(created.spec.std)
+        self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
         self.positive_index = class_names.index(positive_class)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -178,7 +186,15 @@ class DefectClassifier(LightningModule):
             self.backbone.compile()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hyper_parameters"] = plain(dict(checkpoint.get("hyper_parameters") or {}))
+        """Plain values only (weights_only loading), and what construction found out: the input
+        normalisation and where the weights came from."""
+        facts = {"mean": self.mean, "std": self.std, "pretrained_loaded": self.pretrained_loaded}
+        hparams = {
+            **(checkpoint.get("hyper_parameters") or {}),
+            **facts,
+            "weights_source": self.weights_source,
+        }
+        checkpoint["hyper_parameters"] = plain(hparams)
         checkpoint["railway_defect_version"] = __version__  # which code wrote it (the wheel's version)
 
     @property
@@ -287,7 +303,8 @@ class DefectClassifier(LightningModule):
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> DefectClassifier:
     """The one way to load a checkpoint of this project for scoring: weights only (no pickled code),
     never a look-up of ImageNet or `weights_path` files, never compiled; in eval mode on `device`.
-    `model.hparams` holds everything the checkpoint recorded (preprocessing included)."""
+    `model.hparams` holds the constructor arguments (preprocessing included), `model.mean/std`
+    the input normalisation."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         hparams, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
@@ -298,5 +315,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Def
     kwargs.update(pretrained=False, require_pretrained=False, weights_path=None, compile=False)
     model = DefectClassifier(**kwargs)
     model.load_state_dict(state)
-    model.hparams.update({k: v for k, v in hparams.items() if k not in kwargs})
+    # the stored facts (normalisation, weights source), not this construction's
+    model.mean, model.std = list(hparams.get("mean", model.mean)), list(hparams.get("std", model.std))
+    model.pretrained_loaded = bool(hparams.get("pretrained_loaded", False))
+    model.weights_source = hparams.get("weights_source")
     return model.to(device).eval()

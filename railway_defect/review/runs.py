@@ -272,6 +272,28 @@ def _data_settings(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     return settings
 
 
+def _run_data(run_dir: Path, data_root: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """The run's data folder (or `data_root`) and its decoding settings."""
+    settings = _data_settings(run_dir, RunRecord.read(run_dir))
+    root = data_root or settings.get("root")
+    settings.pop("root", None)
+    if not root or not Path(root).expanduser().is_dir():
+        raise UserError(
+            f"The data of this run ({root or 'not recorded'}) is not here; "
+            "pass data_root=FOLDER to evaluate_checkpoint."
+        )
+    return Path(root).expanduser(), settings
+
+
+def _probabilities(model: DefectClassifier, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+    probs, targets = [], []
+    with torch.no_grad():
+        for images, batch_targets in loader:
+            probs.append(model(images).softmax(dim=1).numpy())
+            targets.append(batch_targets.numpy())
+    return np.concatenate(probs), np.concatenate(targets)
+
+
 def evaluate_checkpoint(
     run_dir: str | Path, checkpoint: str = "best", split: str = "val", data_root: str | Path | None = None
 ) -> Evaluation:
@@ -279,33 +301,23 @@ def evaluate_checkpoint(
     from railway_defect.data.datamodule import RailwayDataModule
 
     run_dir = _resolve(run_dir)
-    record = RunRecord.read(run_dir)
     ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not ckpt.is_file():
         raise UserError(
             f"{ckpt} does not exist; pick a run with checkpoints (see runs_table) or checkpoint='last'."
         )
-    settings = _data_settings(run_dir, record)
-    root = data_root or settings.pop("root", None)
-    settings.pop("root", None)
-    if not root or not Path(root).expanduser().is_dir():
-        raise UserError(
-            f"The data of this run ({root or 'not recorded'}) is not here; "
-            "pass data_root=FOLDER to evaluate_checkpoint."
-        )
-    root = Path(root).expanduser()
+    root, settings = _run_data(run_dir, data_root)
     model = load_classifier(ckpt)
-    hp = model.hparams
-    settings.setdefault("image_size", hp.input_size)
+    settings.setdefault("image_size", model.hparams.input_size)
     settings["cache_size"] = max(settings.get("cache_size", settings["image_size"]), settings["image_size"])
     # the run's own splits (its fold, its seed), never a new split that may hold training images
     datamodule = RailwayDataModule(
         root=root,
-        positive_class=hp.positive_class,
-        mean=hp.mean,
-        std=hp.std,
+        positive_class=model.hparams.positive_class,
+        mean=model.mean,
+        std=model.std,
         num_workers=0,
-        harmonize=hp.get("harmonize", "none"),
+        harmonize=model.hparams.harmonize,
         splits_from=run_dir / SPLITS_FILE,
         **settings,
     )
@@ -321,22 +333,9 @@ def evaluate_checkpoint(
     if split not in loaders:
         raise UserError(f"split={split!r} is not available here; use one of {', '.join(loaders)}.")
     loader: DataLoader = loaders[split]()
-    probs, targets = [], []
-    with torch.no_grad():
-        for images, batch_targets in loader:
-            probs.append(model(images).softmax(dim=1).numpy())
-            targets.append(batch_targets.numpy())
-    return Evaluation(
-        run_dir=run_dir,
-        checkpoint=ckpt,
-        split=split,
-        root=root,
-        model=model,
-        paths=[s.path for s in datamodule.splits[split]],
-        targets=np.concatenate(targets),
-        probs=np.concatenate(probs),
-        dataset=loader.dataset,
-    )
+    probs, targets = _probabilities(model, loader)
+    paths = [s.path for s in datamodule.splits[split]]
+    return Evaluation(run_dir, ckpt, split, root, model, paths, targets, probs, loader.dataset)
 
 
 def plot_confusion(evaluation: Evaluation) -> Figure:
@@ -359,7 +358,7 @@ def plot_misclassified(evaluation: Evaluation, limit: int = 12, columns: int = 6
     images = torch.stack([ev.dataset[i][0] for i in indices])
     preds = [int(ev.predictions[i]) for i in indices]
     heatmaps = gradcam_heatmaps(ev.model, images, preds)
-    pixels = denormalize(images, ev.model.hparams.mean, ev.model.hparams.std)
+    pixels = denormalize(images, ev.model.mean, ev.model.std)
     tiles = []
     for i, pred, image, heat in zip(indices, preds, pixels, heatmaps, strict=True):
         text = caption(

@@ -201,10 +201,10 @@ def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassif
         monitor=cfg.monitor,
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
-    )
-    # recorded in the checkpoint: the preprocessing that evaluate, predict and export repeat
-    model.hparams.update(
-        input_size=datamodule.image_size, cache_size=datamodule.cache_size, harmonize=datamodule.harmonize
+        # the preprocessing that evaluate, predict and export repeat
+        input_size=datamodule.image_size,
+        cache_size=datamodule.cache_size,
+        harmonize=datamodule.harmonize,
     )
     return model
 
@@ -338,8 +338,8 @@ def _run_facts(
     return {
         "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
-        "pretrained_loaded": bool(model.hparams.pretrained_loaded),
-        "weights_source": model.hparams.weights_source,
+        "pretrained_loaded": bool(model.pretrained_loaded),
+        "weights_source": model.weights_source,
         "backbone": cfg.model.backbone,
         "classes": datamodule.classes,
         "positive_class": datamodule.positive_class,
