@@ -14,7 +14,7 @@ import pytest
 from railway_defect.inference.exporting import export_model
 from railway_defect.inference.model import OnnxPredictor, load_predictor
 from railway_defect.inference.predicting import run_prediction
-from railway_defect.inference.quantize import calibration_files
+from railway_defect.inference.quantize import calibration_files, head_nodes, shape_nodes
 from railway_defect.training.run import run_training
 from railway_defect.utils.errors import UserError
 from tests.helpers import FAST, make_split_dataset, run_cli
@@ -100,3 +100,37 @@ def test_int8_needs_onnx_and_a_known_mode(tiny_run: tuple[Path, Path], tmp_path:
         export_model(str(ckpt), "torchscript", tmp_path / "m.pt", quantize="int8")
     with pytest.raises(UserError, match="quantize=int4"):
         export_model(str(ckpt), "onnx", tmp_path / "m.onnx", quantize="int4")
+
+
+def test_shape_arithmetic_and_the_head_stay_out_of_quantization() -> None:
+    """Run-time "same" padding computed in float (Shape -> ... -> Pad): int8 would round the pads."""
+    from onnx import TensorProto, helper
+
+    const = {
+        "two_i": helper.make_tensor("two_i", TensorProto.INT64, [], [2]),
+        "half": helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+        "axes": helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+        "zeros": helper.make_tensor("zeros", TensorProto.INT64, [6], [0] * 6),
+        "w": helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3], [0.1] * 18),
+    }
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "two_i"], ["h"], name="gather"),
+        helper.make_node("Cast", ["h"], ["hf"], name="to_float", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["hf", "half"], ["m"], name="mul"),
+        helper.make_node("Ceil", ["m"], ["c"], name="ceil"),
+        helper.make_node("Cast", ["c"], ["ci"], name="to_int", to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["ci", "axes"], ["u"], name="unsqueeze"),
+        helper.make_node("Concat", ["zeros", "u", "u"], ["pads"], name="concat", axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["padded"], name="pad"),
+        helper.make_node("Conv", ["padded", "w"], ["logits"], name="conv"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=list(const.values()),
+    )
+    assert shape_nodes(graph) == [n.name for n in nodes[:8]]
+    assert head_nodes(graph) == ["conv"]

@@ -96,6 +96,29 @@ def _reader(predictor: OnnxPredictor, files: list[Path]) -> Any:
     return ImageReader()
 
 
+def head_nodes(graph: Any) -> list[str]:
+    """The nodes that write the graph's outputs (the logits), kept fp32."""
+    outputs = {o.name for o in graph.output}
+    return [n.name for n in graph.node if outputs & set(n.output)]
+
+
+def shape_nodes(graph: Any) -> list[str]:
+    """The nodes that only compute shapes (fed by Shape, constants and each other), kept fp32: int8
+    rounds their small integers, e.g. run-time "same" padding amounts computed in float (the
+    TorchScript-era export of efficientnet_lite0 had 3 of 5 Pads shifted a pixel, max |Δp| 0.24)."""
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    shape_values: set[str] = set()
+    names = []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        inputs = [i for i in node.input if i and i not in constants]
+        fed = bool(inputs) and all(i in shape_values for i in inputs)
+        if node.op_type in ("Shape", "Size") or fed:
+            shape_values.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def quantize_onnx(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -107,7 +130,8 @@ def quantize_onnx(
     Weights are int8 per output channel (one scale per convolution filter keeps small filters from
     being rounded away); activations uint8 (u8s8 is the fast path of ONNX Runtime's x86 kernels).
     The head (the node that writes the logits) stays fp32: it costs nothing, and quantized logits
-    would move the probabilities by up to a quantization step near the threshold."""
+    would move the probabilities by up to a quantization step near the threshold. So does the
+    arithmetic on tensor shapes (see `shape_nodes`)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -119,8 +143,7 @@ def quantize_onnx(
         # shape inference and graph folding first, as ONNX Runtime recommends before quantizing
         quant_pre_process(str(fp32_path), str(prepared))
         graph = onnx.load(str(prepared)).graph
-        outputs = {o.name for o in graph.output}
-        head = [n.name for n in graph.node if outputs & set(n.output)]
+        head, shapes = head_nodes(graph), shape_nodes(graph)
         reader = _reader(predictor, list(calibration_images))
         quantize_static(
             str(prepared),
@@ -130,7 +153,7 @@ def quantize_onnx(
             per_channel=per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=head,
+            nodes_to_exclude=head + shapes,
             calibrate_method=CalibrationMethod.MinMax,
         )
         if not reader.used:
