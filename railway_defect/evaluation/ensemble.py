@@ -24,6 +24,16 @@ def evaluate_ensemble(
     store_calibration: bool = True,
     bootstrap: int = 1000,
 ) -> dict[str, Any]:
+    """Evaluate a CV sweep's ensemble on its pooled out-of-fold predictions (every image scored by
+    the fold model that never trained on it), choosing the threshold for `target_recall` there.
+
+    Args:
+        predictor: the sweep's ensemble (`load_predictor(<sweep dir>)`).
+        target_recall: defect recall the operating threshold must reach out of fold.
+        output_dir: where the report goes (default `<sweep>/evaluation/ensemble_oof/`).
+        store_calibration: write the threshold to `<sweep>/calibration.json` for the ensemble.
+        bootstrap: resamples for the intervals.
+    """
     sweep = predictor.path
     results = pooled_out_of_fold([read_job(d) for d in job_dirs(sweep)])
     if not results:

@@ -109,7 +109,17 @@ def read_calibration(model_path: Path, model_sha256: str) -> Calibration | None:
 
 
 class Predictor:
-    """Scores preprocessed batches; subclasses only implement `logits`."""
+    """A loaded model that scores images the way training evaluated them: `decode` (storage form
+    and cache size of the run), `preprocess` (resize, normalise), `probabilities` (temperature and
+    test-time flips); subclasses (checkpoint, ONNX, TorchScript, ensemble) only implement `logits`.
+    Get one with `load_predictor`.
+
+    Args:
+        path, sha256: the model file (or sweep directory) and its content hash (the `model` column).
+        info: classes, positive class and preprocessing the model was trained with.
+        calibration: operating threshold and temperature (from evaluate, else 0.5 and 1).
+        kind: checkpoint | onnx | torchscript | ensemble.
+    """
 
     def __init__(self, path: Path, sha256: str, info: ModelInfo, calibration: Calibration, kind: str):
         self.path, self.sha256, self.info, self.calibration, self.kind = path, sha256, info, calibration, kind
