@@ -21,6 +21,8 @@ from PIL import Image
 
 from railway_defect.review.runs import newest_output, open_target
 from railway_defect.utils.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tests/ tooling
 from tests.tensorboard_server import serve_tensorboard
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "chrome")
