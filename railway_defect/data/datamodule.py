@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.audit import audit_and_warn
-from railway_defect.data.discovery import DatasetIndex, Sample, discover
+from railway_defect.data.discovery import TRAIN_ON_MODES, DatasetIndex, Sample, discover
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
@@ -101,9 +101,17 @@ def default_num_workers() -> int:
 
 
 def _check_settings(
-    balance: str, batch_size: int, storage: str, harmonize: str, image_size: int, cache_size: int
+    balance: str,
+    batch_size: int,
+    storage: str,
+    harmonize: str,
+    image_size: int,
+    cache_size: int,
+    train_on: str,
 ) -> None:
     """Settings Hydra cannot validate, refused before any data is read."""
+    if train_on not in TRAIN_ON_MODES:
+        raise UserError(f"data.train_on={train_on!r} is not one of {', '.join(TRAIN_ON_MODES)}.")
     try:
         check_harmonize(harmonize)
     except ValueError as e:
@@ -126,6 +134,8 @@ class RailwayDataModule(LightningDataModule):
         positive_class: the class metrics refer to.
         val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
             or which cross-validation fold validates.
+        train_on: `train`, or `train_and_val` (the final model of a recipe chosen by cross-validation:
+            the validation images train too, and nothing validates).
         image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
             size, decompression guard, on-disk cache) and the model's input size.
         batch_size, num_workers, balance: the loaders and class balancing (none|sampler|loss).
@@ -162,14 +172,16 @@ class RailwayDataModule(LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         storage: str = "auto",
         stream_dir: str | Path | None = None,
+        train_on: str = "train",
     ):
         super().__init__()
-        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size)
+        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size, train_on)
         self.root = Path(root).expanduser()
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
         self.val_fraction, self.seed = val_fraction, seed
         self.num_folds, self.fold = num_folds, fold
+        self.train_on = train_on
         self.image_size, self.cache_size = image_size, cache_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_pixels = max_pixels
@@ -218,7 +230,9 @@ class RailwayDataModule(LightningDataModule):
             recorded, expected = read_split_record(self.splits_from, self.root)
             index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
         else:
-            index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
+            index = discover(
+                self.root, self.val_fraction, self.seed, self.num_folds, self.fold, self.train_on
+            )
         all_samples = [s for samples in index.splits.values() for s in samples]
         self.storage_used = self.storage
         if self.storage != "memory":
@@ -316,7 +330,7 @@ class RailwayDataModule(LightningDataModule):
                 f"data.positive_class={self.positive_class!r} is not a class in {self.root} "
                 f"(classes: {', '.join(classes)}); set data.positive_class to one of them."
             )
-        for split in ("train", "val"):
+        for split in ("train", "val") if self.train_on == "train" else ("train",):
             labels = {s.label for s in self.splits.get(split, [])}
             if not labels:
                 raise UserError(
@@ -473,7 +487,9 @@ class RailwayDataModule(LightningDataModule):
         self._epochs_iterated += 1
         return epoch
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_split("val"):  # data.train_on=train_and_val: Lightning skips validation
+            return []
         return self._loader(self._dataset("val", self.eval_transform))
 
     def test_dataloader(self) -> DataLoader:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# data.train_on: train only (validation held out), or train + validation pooled (no validation)
+TRAIN_ON_MODES = ("train", "train_and_val")
+TRAIN_AND_VAL = "train_and_val"
 MANIFEST_NAME = "manifest.csv"
 # difflib ratio above which a rare manifest label is taken for a typo of a frequent one
 TYPO_SIMILARITY = 0.85
@@ -350,10 +353,16 @@ def cross_validation_fold(
 
 
 def discover(
-    root: Path, val_fraction: float = 0.2, seed: int = 42, num_folds: int | None = None, fold: int = 0
+    root: Path,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    num_folds: int | None = None,
+    fold: int = 0,
+    train_on: str = "train",
 ) -> DatasetIndex:
     """Index `root`; when it has no validation split, hold one out of the training data. With
-    `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation."""
+    `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation;
+    with `train_on=train_and_val` they are pooled into the training split and nothing validates."""
     root = Path(root)
     ignored: list[dict[str, str]] = []
     if (root / MANIFEST_NAME).is_file():
@@ -398,6 +407,8 @@ def discover(
         )
     elif fold != 0:
         raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
+    if train_on == TRAIN_AND_VAL:
+        return _pool_for_training(root, layout, splits, ignored, num_folds)
     if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed)
         log.info(
@@ -406,6 +417,26 @@ def discover(
             len(splits["val"]),
             val_fraction,
         )
+    _check_groups(splits)
+    return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
+
+
+def _pool_for_training(
+    root: Path,
+    layout: str,
+    splits: dict[str, list[Sample]],
+    ignored: list[dict[str, str]],
+    num_folds: int | None,
+) -> DatasetIndex:
+    """Every labelled photo but the Test split trains the final model of a recipe chosen by
+    cross-validation; a Test split stays held out."""
+    if num_folds is not None:
+        raise UserError(
+            "data.train_on=train_and_val trains on the validation images too, so it cannot run a "
+            "cross-validation fold; drop data.num_folds (or set data.train_on=train)."
+        )
+    splits["train"] = splits["train"] + splits.pop("val", [])
+    log.info("data.train_on=train_and_val: %d training images, no validation split.", len(splits["train"]))
     _check_groups(splits)
     return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
 
