@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +39,7 @@ BURST_SECONDS = 10
 _TIMESTAMP = re.compile(r"(20\d\d)(\d\d)(\d\d)[_-]?(\d\d)(\d\d)(\d\d)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no __dict__ per sample (millions of them in discovery)
 class Sample:
     path: Path
     label: str
@@ -146,6 +147,12 @@ def _split_name(name: str, where: str) -> str:
 
 def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
     """The rows, keys lower-cased; a file that is not UTF-8 (Excel's Latin-1 export) is a one-line error."""
+    return list(_iter_manifest_rows(manifest))
+
+
+def _iter_manifest_rows(manifest: Path) -> Iterator[dict[str, str]]:
+    """The rows one at a time (a dict per row for millions of rows is a lot of memory); the header
+    and the encoding are checked before the first row."""
     try:
         text = manifest.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -160,7 +167,7 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
         raise UserError(
             f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}."
         )
-    return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    return ({k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader)
 
 
 def _manifest_path(root: Path, value: str, where: str) -> Path:
@@ -191,12 +198,12 @@ def _check_label_typos(labels: Counter[str], lines: dict[str, int], manifest: Pa
             )
 
 
-def _unlisted_images(root: Path, listed: set[Path], ignored: list[dict[str, str]]) -> None:
+def _unlisted_images(root: Path, listed: Collection[str], ignored: list[dict[str, str]]) -> None:
     """Images under the root that the manifest does not name: not used, but counted and reported."""
     unlisted = [
         p
         for p in _walk_files(root)
-        if p.suffix.lower() in IMAGE_SUFFIXES and Path(os.path.abspath(p)) not in listed
+        if p.suffix.lower() in IMAGE_SUFFIXES and os.path.abspath(p) not in listed
     ]
     if unlisted:
         log.warning(
@@ -211,15 +218,16 @@ def _unlisted_images(root: Path, listed: set[Path], ignored: list[dict[str, str]
 
 def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[Sample]]:
     manifest = root / MANIFEST_NAME
-    rows = _manifest_rows(manifest)
+    rows = _iter_manifest_rows(manifest)
     splits: dict[str, list[Sample]] = {}
-    # each file once: path -> (line, label, split) of its first row
-    first_row: dict[Path, tuple[int, str, str]] = {}
+    # each file once: absolute path (a str: a Path object per row costs ~4x more) -> (line, label,
+    # split) of its first row
+    first_row: dict[str, tuple[int, str, str]] = {}
     labels: Counter[str] = Counter()
     label_lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         path = _manifest_path(root, row["path"], f"{manifest} line {line}")
-        key = Path(os.path.abspath(path))
+        key = os.path.abspath(path)
         problem = None
         if not row["label"]:
             problem = f"{MANIFEST_NAME} line {line} has no label"
@@ -247,7 +255,7 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
         group = row.get("group") or str(path)
         splits.setdefault(split, []).append(Sample(path, row["label"], group))
     _check_label_typos(labels, label_lines, manifest)
-    _unlisted_images(root, set(first_row), ignored)
+    _unlisted_images(root, first_row.keys(), ignored)
     return splits
 
 
