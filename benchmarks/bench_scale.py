@@ -1,4 +1,5 @@
-"""Data that outgrow memory: peak memory (RSS high-water mark of the child process) of a training
+"""Data that outgrow memory: peak memory (RSS high-water mark of the child process, and its peak
+anonymous memory: RSS less the chunk-file pages LitData maps, sampled) of a training
 run (`train debug=fdr`, resnet18) on generated folders of growing size, with the decoded images in
 memory (data.storage=memory) or streamed from LitData chunks (data.storage=stream); the time to
 build the optimized form; and the training loader's images/s in a later epoch, streamed vs memory.
@@ -88,17 +89,36 @@ def start_training(
     return process, time.perf_counter()
 
 
+def anon_mb(pid: int) -> float:
+    """Anonymous resident memory (MB) of a process: its RSS without file pages mapped from disk
+    (LitData maps chunk files; the kernel can drop those pages), 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def finish_training(process: subprocess.Popen, started: float, log: Path) -> dict[str, float]:
-    """Peak RSS (MB, the child's high-water mark from wait4) and wall time of a started training
-    run; the build time when it built the optimized form."""
-    _, status, usage = os.wait4(process.pid, 0)
+    """Peak RSS (MB, the child's high-water mark from wait4), its peak anonymous memory (sampled
+    every 20 ms while this waits: the child's own, not its build workers') and wall time of a
+    started training run; the build time when it built the optimized form."""
+    anon_peak = 0.0
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        anon_peak = max(anon_peak, anon_mb(process.pid))
+        time.sleep(0.02)
     wall = time.perf_counter() - started
     output = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"train ({log.stem}) failed:\n{output[-4000:]}")
     built = [float(x) for x in re.findall(r"Built \S+ in ([0-9.]+) s", output)]
     # ru_maxrss: kilobytes on Linux
-    return {"peak_mb": usage.ru_maxrss / 1024, "wall_s": wall, "build_s": sum(built)}
+    return {"peak_mb": usage.ru_maxrss / 1024, "anon_mb": anon_peak, "wall_s": wall, "build_s": sum(built)}
 
 
 def main() -> None:
@@ -142,21 +162,23 @@ def main() -> None:
             rows.append(row)
             print(
                 f"images={n}: peak memory={row['memory']['peak_mb']:.0f} MB "
-                f"stream={row['stream']['peak_mb']:.0f} MB; build of the optimized form "
+                f"stream={row['stream']['peak_mb']:.0f} MB (anonymous memory={row['memory']['anon_mb']:.0f} "
+                f"stream={row['stream']['anon_mb']:.0f} MB); build of the optimized form "
                 f"{row['stream']['build_s']:.1f} s ({n / max(row['stream']['build_s'], 1e-9):.0f} img/s); "
                 f"train debug=fdr wall memory={row['memory']['wall_s']:.1f} s "
                 f"stream={row['stream']['wall_s']:.1f} s"
             )
         small, large = rows[0], rows[-1]
         if len(rows) > 1:
-            growth = {
-                s: (large[s]["peak_mb"] - small[s]["peak_mb"]) / (large["images"] - small["images"]) * 1000
-                for s in ("memory", "stream")
-            }
-            print(
-                f"peak memory growth per 1,000 images ({small['images']} -> {large['images']}): "
-                f"memory={growth['memory']:.1f} MB stream={growth['stream']:.1f} MB"
-            )
+            for key, what in (("peak_mb", "peak memory"), ("anon_mb", "peak anonymous memory")):
+                growth = {
+                    s: (large[s][key] - small[s][key]) / (large["images"] - small["images"]) * 1000
+                    for s in ("memory", "stream")
+                }
+                print(
+                    f"{what} growth per 1,000 images ({small['images']} -> {large['images']}): "
+                    f"memory={growth['memory']:.1f} MB stream={growth['stream']:.1f} MB"
+                )
 
         # a later epoch of the training loader at the largest size, both sides set up once
         sys.path.insert(0, str(PROJECT_ROOT))

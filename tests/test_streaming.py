@@ -14,7 +14,8 @@ import torch
 
 from railway_defect.data import streaming
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.data.discovery import discover
+from railway_defect.data.discovery import Sample, discover
+from railway_defect.data.table import SampleTable, label_codes, label_counts
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training.run import run_training
 from railway_defect.utils import resources
@@ -172,3 +173,43 @@ def test_data_report_lists_counts_and_the_first_problems(
     assert dm.report["skipped_count"] == 5 and len(dm.report["skipped"]) == 2
     assert dm.report["ignored_count"] == 5 and len(dm.report["ignored"]) == 2
     assert dm.report["ignored_reasons"] == {"not an image file extension": 5}
+
+
+def test_stream_mode_writes_the_splits_csv_and_report_of_memory_mode(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Samples held as compact columns in stream mode change nothing that is written: splits.csv and
+    data_report.json (leakage across splits and skipped files included) match memory mode's."""
+    first = sorted((tiny_dataset / "Train" / "Defective").iterdir())[0]
+    (tiny_dataset / "Validation" / "Defective" / "copy.jpg").write_bytes(first.read_bytes())
+    (tiny_dataset / "Train" / "Defective" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    written = {}
+    for storage in ("memory", "stream"):
+        out = tmp_path / storage
+        dm = datamodule(
+            tiny_dataset,
+            storage=storage,
+            stream_dir=tmp_path / "stream",
+            splits_path=out / "splits.csv",
+            report_path=out / "data_report.json",
+        )
+        dm.setup("fit")
+        report = json.loads((out / "data_report.json").read_text())
+        assert report.pop("storage") == storage
+        report["shortcut_audit"].pop("seconds")
+        written[storage] = ((out / "splits.csv").read_text(), report)
+    assert written["stream"] == written["memory"]
+    assert written["stream"][1]["duplicates_across_splits_count"] == 1
+
+
+def test_a_sample_table_gives_back_the_samples_it_was_built_from() -> None:
+    samples = [
+        Sample(Path("/data/caf\udce9/1.jpg"), "Defective", "/data/caf\udce9/1.jpg"),  # not UTF-8
+        Sample(Path("/data/2.jpg"), "Non defective", "burst 7"),
+        Sample(Path("/data/3.jpg"), "Defective", "burst 7"),
+    ]
+    table = SampleTable.from_samples(samples, ["Defective", "Non defective"])
+    assert list(table) == samples and table == samples and table[-1] == samples[-1]
+    assert table.take([2, 0]) == [samples[2], samples[0]]
+    assert label_counts(table) == {"Defective": 2, "Non defective": 1}
+    assert label_codes(table, ["Defective", "Non defective"]).tolist() == [0, 1, 0]

@@ -3,7 +3,9 @@ cleanly on bad input, and (slow) the real data trains to a useful model."""
 
 from __future__ import annotations
 
+import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
+from railway_defect.training.record import RunRecord
 from railway_defect.training.run import run_training
 from tests.helpers import FAST, REAL_DATA, VAL_METRICS, make_split_dataset, run_cli
 
@@ -159,3 +162,56 @@ def test_validation_twice_per_epoch(compose_train, tiny_dataset: Path) -> None:
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["epochs_completed"] == 1
     assert set(VAL_METRICS) <= set(metrics["val"])
+
+
+def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(tmp_path: Path) -> None:
+    """The final model of a recipe chosen by cross-validation: the validation images train too, a
+    Test split stays held out, nothing is validated or selected, and the record says so."""
+    data = make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3, "Test": 2})
+    run = tmp_path / "run"
+    result = run_cli(
+        "railway_defect.train",
+        *FAST,
+        f"data.root={data}",
+        "data.train_on=train_and_val",
+        "callbacks.model_checkpoint.monitor=null",
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr
+    with open(run / "splits.csv", newline="") as f:
+        splits = Counter(row["split"] for row in csv.DictReader(f))
+    assert splits == {"train": 18, "test": 4}
+    record = RunRecord.read(run)
+    assert record.status == "finished" and record.val == {} and record.test
+    assert "no validation split" in record.selection and record.best_epoch == 1
+    assert [row["epoch"] for row in record.history] == [0, 1] and "train/loss_epoch" in record.history[-1]
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    # nothing to fit a threshold on: evaluate says what to use instead, in one line
+    evaluated = run_cli("railway_defect.evaluate", f"ckpt_path={run}", f"data.root={data}", "bootstrap=10")
+    assert evaluated.returncode == 1
+    assert "records no Validation split" in evaluated.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("callbacks.model_checkpoint.monitor=val/balanced_acc", "callbacks.model_checkpoint needs one"),
+        ("data.num_folds=3", "cannot run a cross-validation fold"),
+    ],
+)
+def test_train_on_train_and_val_refuses_what_needs_a_validation_split(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    data = make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3})
+    extra = [] if "monitor" in override else ["callbacks.model_checkpoint.monitor=null"]
+    result = run_cli(
+        "railway_defect.train",
+        *FAST,
+        f"data.root={data}",
+        "data.train_on=train_and_val",
+        override,
+        *extra,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert message in result.stderr.strip().splitlines()[-1]

@@ -1,5 +1,5 @@
-"""EpochHistory: every epoch's validation metrics, so a run summary can report the epoch that
-best.ckpt comes from without reloading checkpoints."""
+"""EpochHistory: every epoch's validation metrics (training metrics when nothing validates), so a
+run summary can report the epoch that best.ckpt comes from without reloading checkpoints."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ class EpochHistory(Callback):
             self.epochs[-1] = row
         else:
             self.epochs.append(row)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An epoch without validation (data.train_on=train_and_val) gets a row of training metrics."""
+        if self.epochs and self.epochs[-1]["epoch"] == trainer.current_epoch:
+            return  # validation ran at the end of this epoch (before this hook)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
     def best(self, monitor: str, value: float | None) -> dict[str, Any] | None:
         """The first epoch whose `monitor` equals `value` (ModelCheckpoint keeps the first of ties)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,10 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.audit import audit_and_warn
-from railway_defect.data.discovery import DatasetIndex, Sample, discover
+from railway_defect.data.discovery import TRAIN_ON_MODES, DatasetIndex, Sample, discover
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
+from railway_defect.data.table import SampleTable, label_codes, label_counts, to_tables
 from railway_defect.data.transforms import build_transform
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_json_atomic
@@ -101,9 +103,17 @@ def default_num_workers() -> int:
 
 
 def _check_settings(
-    balance: str, batch_size: int, storage: str, harmonize: str, image_size: int, cache_size: int
+    balance: str,
+    batch_size: int,
+    storage: str,
+    harmonize: str,
+    image_size: int,
+    cache_size: int,
+    train_on: str,
 ) -> None:
     """Settings Hydra cannot validate, refused before any data is read."""
+    if train_on not in TRAIN_ON_MODES:
+        raise UserError(f"data.train_on={train_on!r} is not one of {', '.join(TRAIN_ON_MODES)}.")
     try:
         check_harmonize(harmonize)
     except ValueError as e:
@@ -126,6 +136,8 @@ class RailwayDataModule(LightningDataModule):
         positive_class: the class metrics refer to.
         val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
             or which cross-validation fold validates.
+        train_on: `train`, or `train_and_val` (the final model of a recipe chosen by cross-validation:
+            the validation images train too, and nothing validates).
         image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
             size, decompression guard, on-disk cache) and the model's input size.
         batch_size, num_workers, balance: the loaders and class balancing (none|sampler|loss).
@@ -162,22 +174,20 @@ class RailwayDataModule(LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         storage: str = "auto",
         stream_dir: str | Path | None = None,
+        train_on: str = "train",
     ):
         super().__init__()
-        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size)
+        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size, train_on)
         self.root = Path(root).expanduser()
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
-        self.val_fraction, self.seed = val_fraction, seed
-        self.num_folds, self.fold = num_folds, fold
-        self.image_size, self.cache_size = image_size, cache_size
+        self.val_fraction, self.seed, self.num_folds, self.fold = val_fraction, seed, num_folds, fold
+        self.train_on, self.balance, self.batch_size = train_on, balance, batch_size
+        self.image_size, self.cache_size, self.harmonize = image_size, cache_size, harmonize
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_pixels = max_pixels
-        self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.balance = balance
         self.report_path = Path(report_path) if report_path else None
-        self.harmonize = harmonize
         # where this run records its split membership, and a record to reuse instead of splitting
         self.splits_path = Path(splits_path) if splits_path else None
         self.splits_from = Path(splits_from) if splits_from else None
@@ -191,8 +201,9 @@ class RailwayDataModule(LightningDataModule):
         self.stream_dir = str(stream_dir) if stream_dir else str(Path.home() / ".cache" / "railway_stream")
         # the storage in use once set up, and per split the optimized folder and the positions used
         self.storage_used: str | None = None
-        self.streams: dict[str, tuple[str, list[int]]] = {}
-        self.splits: dict[str, list[Sample]] = {}
+        self.streams: dict[str, tuple[str, array[int]]] = {}
+        # lists of Samples (memory), or compact SampleTables (stream)
+        self.splits: dict[str, Sequence[Sample]] = {}
         self._epochs_iterated = 0
 
     # ---- preparing ------------------------------------------------------------------------
@@ -218,32 +229,35 @@ class RailwayDataModule(LightningDataModule):
             recorded, expected = read_split_record(self.splits_from, self.root)
             index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
         else:
-            index = discover(self.root, self.val_fraction, self.seed, self.num_folds, self.fold)
-        all_samples = [s for samples in index.splits.values() for s in samples]
-        self.storage_used = self.storage
-        if self.storage != "memory":
-            from railway_defect.data.streaming import choose_storage
-
-            self.storage_used = choose_storage(
-                self.storage, [s.path for s in all_samples], self.cache_size, self.harmonize
+            index = discover(
+                self.root, self.val_fraction, self.seed, self.num_folds, self.fold, self.train_on
             )
+        self.storage_used = self._choose_storage(index)
         if self.storage_used == "stream":
             decoded = self._setup_stream(index, expected)
         else:
-            decoded = self._setup_memory(index, all_samples, expected)
+            decoded = self._setup_memory(index, expected)
         self._log_skipped(decoded.failures)
         self.index, self.decoded = index, decoded
         if self.splits_path is not None:
-            write_split_record(self.splits_path, self.root, self.splits, decoded.digests)
+            digests = {split: self._digests(split) for split in self.splits}
+            write_split_record(self.splits_path, self.root, self.splits, digests)
         self._write_report()
         self._check_splits()
 
-    def _setup_memory(
-        self, index: DatasetIndex, all_samples: list[Sample], expected: dict[Path, str]
-    ) -> DecodedImages:
+    def _choose_storage(self, index: DatasetIndex) -> str:
+        """data.storage, with `auto` resolved from the image headers and the available memory."""
+        if self.storage != "auto":
+            return self.storage
+        from railway_defect.data.streaming import choose_storage
+
+        paths = [s.path for samples in index.splits.values() for s in samples]
+        return choose_storage(self.storage, paths, self.cache_size, self.harmonize)
+
+    def _setup_memory(self, index: DatasetIndex, expected: dict[Path, str]) -> DecodedImages:
         """Every image decoded into RAM: the fastest form while it fits."""
         decoded = decode_files(
-            [s.path for s in all_samples],
+            [s.path for samples in index.splits.values() for s in samples],
             self.cache_size,
             self.cache_dir,
             max_pixels=self.max_pixels,
@@ -257,49 +271,89 @@ class RailwayDataModule(LightningDataModule):
         return decoded
 
     def _setup_stream(self, index: DatasetIndex, expected: dict[Path, str]) -> DecodedImages:
-        """Each split decoded once into its optimized folder (reused when its key matches); only
-        content digests stay in memory."""
-        from railway_defect.data.streaming import build_split, digest_files, split_key, storage_order
+        """Each split decoded once into its optimized folder (reused when its key matches); in
+        memory only compact columns stay (SampleTable: paths, label codes, groups, digests), so
+        memory does not grow with the number of images by more than their paths."""
+        from railway_defect.data.streaming import digest_files
 
-        all_paths = [s.path for samples in index.splits.values() for s in samples]
-        digests, failures = digest_files(all_paths)
+        to_tables(index.splits)
+        failures: dict[Path, str] = {}
+        for table in index.splits.values():
+            table.digests, unreadable = digest_files(table.paths)
+            failures.update((Path(table.paths[i]), reason) for i, reason in unreadable.items())
         if self.splits_from is not None:
-            check_unchanged(self.splits_from, expected, digests)
-        classes = sorted({s.label for samples in index.splits.values() for s in samples if s.path in digests})
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-        for split, samples in index.splits.items():
-            readable = [s for s in samples if s.path in digests]
-            targets = [class_to_idx[s.label] for s in readable]
-            key = split_key(
-                [(digests[s.path], t) for s, t in zip(readable, targets, strict=True)],
-                classes,
-                self.cache_size,
-                self.harmonize,
-                self.max_pixels,
-            )
-            location, meta = build_split(
-                self.stream_dir,
-                [s.path for s in readable],
-                targets,
-                key,
-                self.cache_size,
-                self.max_pixels,
-                self.harmonize,
-            )
-            bad = {int(position): reason for position, reason in meta["failures"].items()}
-            for position, reason in bad.items():
-                failures[readable[position].path] = reason
-            kept = [i for i in range(len(readable)) if i not in bad]
-            stored_at = np.argsort(storage_order(key, len(readable)))
-            self.splits[split] = [readable[i] for i in kept]
-            self.streams[split] = (location, [int(stored_at[i]) for i in kept])
+            check_unchanged(self.splits_from, expected, self._readable_digests(index))
+        classes = sorted(
+            {label for table in index.splits.values() for label in label_counts(_readable(table))}
+        )
+        for split, table in index.splits.items():
+            self._stream_split(split, _readable(table), classes, failures)
         if self.classes != classes:  # the stored targets index the classes of the key
             raise UserError(
                 f"Classes {sorted(set(classes) - set(self.classes))} have no readable images in {self.root}."
             )
-        return DecodedImages(
-            failures=failures, digests={p: d for p, d in digests.items() if p not in failures}
+        return DecodedImages(failures=failures)  # the digests are a column of each SampleTable
+
+    @staticmethod
+    def _readable_digests(index: DatasetIndex) -> dict[Path, str]:
+        """Path -> digest of the readable files (only to compare them with a recorded run)."""
+        return {
+            Path(table.paths[i]): digest.decode()
+            for table in index.splits.values()
+            for i, digest in enumerate(table.digests)
+            if digest
+        }
+
+    def _stream_split(
+        self, split: str, readable: SampleTable, classes: list[str], failures: dict[Path, str]
+    ) -> None:
+        """One split's optimized folder, and the rows and stored positions of its decodable files."""
+        from railway_defect.data.streaming import build_split, split_key, storage_order
+
+        targets = label_codes(readable, classes)
+        assert readable.digests is not None
+        items = zip((d.decode() for d in readable.digests), map(int, targets), strict=True)
+        key = split_key(items, classes, self.cache_size, self.harmonize, self.max_pixels)
+        location, meta = build_split(
+            self.stream_dir, readable.paths, targets, key, self.cache_size, self.max_pixels, self.harmonize
         )
+        kept = np.ones(len(readable), dtype=bool)
+        for position, reason in meta["failures"].items():
+            failures[Path(readable.paths[int(position)])] = reason
+            kept[int(position)] = False
+        stored_at = np.argsort(storage_order(key, len(readable)))
+        self.splits[split] = readable if kept.all() else readable.take(np.flatnonzero(kept))
+        self.streams[split] = (location, array("q", stored_at[kept].astype(np.int64).tobytes()))
+
+    def _digests(self, split: str) -> Iterator[str]:
+        """The content digests of a split's samples, in order."""
+        samples = self.splits[split]
+        if isinstance(samples, SampleTable) and samples.digests is not None:
+            return (d.decode() for d in samples.digests)
+        assert self.decoded is not None
+        return (self.decoded.digests.get(s.path, "") for s in samples)
+
+    def _digest_column(self, split: str) -> np.ndarray:
+        """A split's content digests as fixed-width bytes (a SampleTable already holds them so)."""
+        samples = self.splits[split]
+        if isinstance(samples, SampleTable) and samples.digests is not None:
+            return samples.digests
+        return np.array([d.encode() for d in self._digests(split)], dtype="S")
+
+    def _duplicates_across_splits(self) -> list[list[dict[str, str]]]:
+        """Files with identical content in more than one split (leakage), in order of first
+        appearance, found on a column of digests (no dict entry per file)."""
+        names = list(self.splits)
+        digests = np.concatenate([self._digest_column(split) for split in names] or [np.zeros(0, "S1")])
+        split_ids = np.repeat(np.arange(len(names)), [len(self.splits[n]) for n in names])
+        rows = np.concatenate([np.arange(len(self.splits[n])) for n in names] or [np.zeros(0, int)])
+        return [
+            [
+                {"split": names[split_ids[m]], "path": str(self.splits[names[split_ids[m]]][rows[m]].path)}
+                for m in members
+            ]
+            for members in _shared_across_splits(digests, split_ids)
+        ]
 
     @staticmethod
     def _log_skipped(failures: dict[Path, str]) -> None:
@@ -316,13 +370,13 @@ class RailwayDataModule(LightningDataModule):
                 f"data.positive_class={self.positive_class!r} is not a class in {self.root} "
                 f"(classes: {', '.join(classes)}); set data.positive_class to one of them."
             )
-        for split in ("train", "val"):
-            labels = {s.label for s in self.splits.get(split, [])}
+        for split in ("train", "val") if self.train_on == "train" else ("train",):
+            labels = set(label_counts(self.splits.get(split, [])))
             if not labels:
                 raise UserError(
                     f"The {split} split of {self.root} has no readable images (see {self.report_path})."
                 )
-        train_labels = {s.label for s in self.splits["train"]}
+        train_labels = set(label_counts(self.splits["train"]))
         if len(train_labels) < 2:
             raise UserError(
                 f"The train split of {self.root} has only the class {train_labels.pop()!r}; training needs "
@@ -336,15 +390,7 @@ class RailwayDataModule(LightningDataModule):
 
     def _write_report(self) -> None:
         assert self.index is not None and self.decoded is not None
-        by_digest: dict[str, list[tuple[str, Path]]] = {}
-        for split, samples in self.splits.items():
-            for s in samples:
-                by_digest.setdefault(self.decoded.digests[s.path], []).append((split, s.path))
-        duplicates = [
-            [{"split": split, "path": str(path)} for split, path in entries]
-            for entries in by_digest.values()
-            if len({split for split, _ in entries}) > 1
-        ]
+        duplicates = self._duplicates_across_splits()
         for entries in duplicates[:REPORT_LIMIT]:
             log.warning(
                 "Identical files in different splits (leakage): %s", ", ".join(e["path"] for e in entries)
@@ -356,8 +402,7 @@ class RailwayDataModule(LightningDataModule):
             "positive_class": self.positive_class,
             "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
             "counts": {
-                split: dict(sorted(Counter(s.label for s in samples).items()))
-                for split, samples in self.splits.items()
+                split: dict(sorted(label_counts(samples).items())) for split, samples in self.splits.items()
             },
             "storage": self.storage_used,
             # counts, then the first REPORT_LIMIT of each kind: readable for 200,000 files
@@ -385,14 +430,14 @@ class RailwayDataModule(LightningDataModule):
     # ---- what the model needs to know ---------------------------------------------------------
     @property
     def classes(self) -> list[str]:
-        return sorted({s.label for samples in self.splits.values() for s in samples})
+        return sorted({label for samples in self.splits.values() for label in label_counts(samples)})
 
     @property
     def class_weights(self) -> list[float] | None:
         """Inverse-frequency weights for the loss when `balance=loss`, else None."""
         if self.balance != "loss":
             return None
-        counts = Counter(s.label for s in self.splits["train"])
+        counts = label_counts(self.splits["train"])
         total = sum(counts.values())
         return [total / (len(self.classes) * counts[c]) for c in self.classes]
 
@@ -405,14 +450,13 @@ class RailwayDataModule(LightningDataModule):
         folder (random access, in split order: evaluation order and DDP sharding as in memory)."""
         assert self.decoded is not None, "call setup() first"
         samples = self.splits[split]
-        class_to_idx = {c: i for i, c in enumerate(self.classes)}
         if self.storage_used == "stream":
             from railway_defect.data.streaming import StreamedImages
 
             images: Sequence[np.ndarray] = StreamedImages(*self.streams[split])
         else:
             images = [self.decoded.images[s.path] for s in samples]
-        return DecodedImageDataset(images, [class_to_idx[s.label] for s in samples], transform)
+        return DecodedImageDataset(images, label_codes(samples, self.classes).tolist(), transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Any = None) -> DataLoader:
         return DataLoader(
@@ -473,10 +517,32 @@ class RailwayDataModule(LightningDataModule):
         self._epochs_iterated += 1
         return epoch
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_split("val"):  # data.train_on=train_and_val: Lightning skips validation
+            return []
         return self._loader(self._dataset("val", self.eval_transform))
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_split("test"):
             raise UserError(f"{self.root} has no Test split to evaluate.")
         return self._loader(self._dataset("test", self.eval_transform))
+
+
+def _readable(table: SampleTable) -> SampleTable:
+    """The rows of `table` whose file could be read (those with a content digest)."""
+    assert table.digests is not None
+    readable = table.digests != b""
+    return table if readable.all() else table.take(np.flatnonzero(readable))
+
+
+def _shared_across_splits(digests: np.ndarray, split_ids: np.ndarray) -> list[np.ndarray]:
+    """Positions of each digest that occurs in more than one split, in order of first appearance."""
+    if not len(digests):
+        return []
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    spread = np.bincount(np.unique(inverse * (split_ids.max() + 1) + split_ids) // (split_ids.max() + 1))
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(inverse))])
+    shared = sorted(np.flatnonzero(spread > 1), key=lambda g: first[g])
+    return [order[starts[g] : starts[g + 1]] for g in shared]

@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# data.train_on: train only (validation held out), or train + validation pooled (no validation)
+TRAIN_ON_MODES = ("train", "train_and_val")
+TRAIN_AND_VAL = "train_and_val"
 MANIFEST_NAME = "manifest.csv"
 # difflib ratio above which a rare manifest label is taken for a typo of a frequent one
 TYPO_SIMILARITY = 0.85
@@ -38,7 +42,7 @@ BURST_SECONDS = 10
 _TIMESTAMP = re.compile(r"(20\d\d)(\d\d)(\d\d)[_-]?(\d\d)(\d\d)(\d\d)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no __dict__ per sample (millions of them in discovery)
 class Sample:
     path: Path
     label: str
@@ -146,6 +150,12 @@ def _split_name(name: str, where: str) -> str:
 
 def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
     """The rows, keys lower-cased; a file that is not UTF-8 (Excel's Latin-1 export) is a one-line error."""
+    return list(_iter_manifest_rows(manifest))
+
+
+def _iter_manifest_rows(manifest: Path) -> Iterator[dict[str, str]]:
+    """The rows one at a time (a dict per row for millions of rows is a lot of memory); the header
+    and the encoding are checked before the first row."""
     try:
         text = manifest.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -160,7 +170,7 @@ def _manifest_rows(manifest: Path) -> list[dict[str, str]]:
         raise UserError(
             f"{manifest} needs the columns path,label (optional: split,group); found {sorted(columns)}."
         )
-    return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    return ({k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader)
 
 
 def _manifest_path(root: Path, value: str, where: str) -> Path:
@@ -191,12 +201,12 @@ def _check_label_typos(labels: Counter[str], lines: dict[str, int], manifest: Pa
             )
 
 
-def _unlisted_images(root: Path, listed: set[Path], ignored: list[dict[str, str]]) -> None:
+def _unlisted_images(root: Path, listed: Collection[str], ignored: list[dict[str, str]]) -> None:
     """Images under the root that the manifest does not name: not used, but counted and reported."""
     unlisted = [
         p
         for p in _walk_files(root)
-        if p.suffix.lower() in IMAGE_SUFFIXES and Path(os.path.abspath(p)) not in listed
+        if p.suffix.lower() in IMAGE_SUFFIXES and os.path.abspath(p) not in listed
     ]
     if unlisted:
         log.warning(
@@ -211,15 +221,16 @@ def _unlisted_images(root: Path, listed: set[Path], ignored: list[dict[str, str]
 
 def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[Sample]]:
     manifest = root / MANIFEST_NAME
-    rows = _manifest_rows(manifest)
+    rows = _iter_manifest_rows(manifest)
     splits: dict[str, list[Sample]] = {}
-    # each file once: path -> (line, label, split) of its first row
-    first_row: dict[Path, tuple[int, str, str]] = {}
+    # each file once: absolute path (a str: a Path object per row costs ~4x more) -> (line, label,
+    # split) of its first row
+    first_row: dict[str, tuple[int, str, str]] = {}
     labels: Counter[str] = Counter()
     label_lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         path = _manifest_path(root, row["path"], f"{manifest} line {line}")
-        key = Path(os.path.abspath(path))
+        key = os.path.abspath(path)
         problem = None
         if not row["label"]:
             problem = f"{MANIFEST_NAME} line {line} has no label"
@@ -247,7 +258,7 @@ def _read_manifest(root: Path, ignored: list[dict[str, str]]) -> dict[str, list[
         group = row.get("group") or str(path)
         splits.setdefault(split, []).append(Sample(path, row["label"], group))
     _check_label_typos(labels, label_lines, manifest)
-    _unlisted_images(root, set(first_row), ignored)
+    _unlisted_images(root, first_row.keys(), ignored)
     return splits
 
 
@@ -349,35 +360,47 @@ def cross_validation_fold(
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
+def _split_folders(root: Path, ignored: list[dict[str, str]]) -> dict[str, Path]:
+    """The split folders (Train, Validation, Test and their aliases) directly under `root`."""
+    split_dirs: dict[str, Path] = {}
+    for folder in _subdirs(root, root, ignored):
+        split = SPLIT_ALIASES.get(folder.name.lower())
+        if split is None:
+            continue
+        if split in split_dirs:
+            raise UserError(
+                f"{root} has two folders for the {split} split: {split_dirs[split].name} and {folder.name}."
+            )
+        split_dirs[split] = folder
+    return split_dirs
+
+
+def _read_layout(root: Path, ignored: list[dict[str, str]]) -> tuple[str, dict[str, list[Sample]]]:
+    """The layout of `root` (manifest, split folders or class folders) and its samples per split."""
+    if (root / MANIFEST_NAME).is_file():
+        return "manifest", _read_manifest(root, ignored)
+    split_dirs = _split_folders(root, ignored)
+    if not split_dirs:
+        return "class_folders", {"train": _to_samples(_scan_class_folders(root, root, ignored))}
+    return "split_folders", {
+        split: _to_samples(_scan_class_folders(folder, root, ignored)) for split, folder in split_dirs.items()
+    }
+
+
 def discover(
-    root: Path, val_fraction: float = 0.2, seed: int = 42, num_folds: int | None = None, fold: int = 0
+    root: Path,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+    num_folds: int | None = None,
+    fold: int = 0,
+    train_on: str = "train",
 ) -> DatasetIndex:
     """Index `root`; when it has no validation split, hold one out of the training data. With
-    `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation."""
+    `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation;
+    with `train_on=train_and_val` they are pooled into the training split and nothing validates."""
     root = Path(root)
     ignored: list[dict[str, str]] = []
-    if (root / MANIFEST_NAME).is_file():
-        layout, splits = "manifest", _read_manifest(root, ignored)
-    else:
-        split_dirs: dict[str, Path] = {}
-        for folder in _subdirs(root, root, ignored):
-            split = SPLIT_ALIASES.get(folder.name.lower())
-            if split is None:
-                continue
-            if split in split_dirs:
-                raise UserError(
-                    f"{root} has two folders for the {split} split: "
-                    f"{split_dirs[split].name} and {folder.name}."
-                )
-            split_dirs[split] = folder
-        if split_dirs:
-            layout = "split_folders"
-            splits = {
-                split: _to_samples(_scan_class_folders(folder, root, ignored))
-                for split, folder in split_dirs.items()
-            }
-        else:
-            layout, splits = "class_folders", {"train": _to_samples(_scan_class_folders(root, root, ignored))}
+    layout, splits = _read_layout(root, ignored)
     splits = {split: samples for split, samples in splits.items() if samples}
     if not splits:
         raise UserError(
@@ -398,6 +421,8 @@ def discover(
         )
     elif fold != 0:
         raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
+    if train_on == TRAIN_AND_VAL:
+        return _pool_for_training(root, layout, splits, ignored, num_folds)
     if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed)
         log.info(
@@ -406,6 +431,26 @@ def discover(
             len(splits["val"]),
             val_fraction,
         )
+    _check_groups(splits)
+    return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
+
+
+def _pool_for_training(
+    root: Path,
+    layout: str,
+    splits: dict[str, list[Sample]],
+    ignored: list[dict[str, str]],
+    num_folds: int | None,
+) -> DatasetIndex:
+    """Every labelled photo but the Test split trains the final model of a recipe chosen by
+    cross-validation; a Test split stays held out."""
+    if num_folds is not None:
+        raise UserError(
+            "data.train_on=train_and_val trains on the validation images too, so it cannot run a "
+            "cross-validation fold; drop data.num_folds (or set data.train_on=train)."
+        )
+    splits["train"] = splits["train"] + splits.pop("val", [])
+    log.info("data.train_on=train_and_val: %d training images, no validation split.", len(splits["train"]))
     _check_groups(splits)
     return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
 

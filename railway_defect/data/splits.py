@@ -6,12 +6,12 @@ images it was validated on (its own fold, its own seed) and never on images it t
 from __future__ import annotations
 
 import csv
-import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from railway_defect.data.discovery import Sample
 from railway_defect.utils.errors import UserError
-from railway_defect.utils.outputs import write_text_atomic
+from railway_defect.utils.outputs import atomic_open
 
 SPLITS_FILE = "splits.csv"
 FIELDS = ("split", "path", "label", "group", "digest")
@@ -27,24 +27,27 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def write_split_record(
-    path: str | Path, root: Path, splits: dict[str, list[Sample]], digests: dict[Path, str]
+    path: str | Path,
+    root: Path,
+    splits: dict[str, Sequence[Sample]],
+    digests: dict[str, Iterable[str]],
 ) -> None:
-    """One row per image actually used, paths relative to `root` so the data folder can move."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for split, samples in splits.items():
-        for s in samples:
-            writer.writerow(
-                {
-                    "split": split,
-                    "path": _relative(s.path, root),
-                    "label": s.label,
-                    "group": s.group,
-                    "digest": digests.get(s.path, ""),
-                }
-            )
-    write_text_atomic(path, buffer.getvalue())
+    """One row per image actually used (`digests`: per split, in the order of its samples), paths
+    relative to `root` so the data folder can move; written row by row, never held whole."""
+    with atomic_open(path) as f:  # newlines as write_text_atomic wrote them
+        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for split, samples in splits.items():
+            for s, digest in zip(samples, digests[split], strict=True):
+                writer.writerow(
+                    {
+                        "split": split,
+                        "path": _relative(s.path, root),
+                        "label": s.label,
+                        "group": s.group,
+                        "digest": digest,
+                    }
+                )
 
 
 def read_split_record(path: str | Path, root: Path) -> tuple[dict[str, list[Sample]], dict[Path, str]]:

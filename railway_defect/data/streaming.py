@@ -24,7 +24,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ MEMORY_SHARE = 0.5
 # image headers read to estimate the decoded size of a whole data set
 ESTIMATE_SAMPLE = 64
 CHUNK_BYTES = "64MB"
+# hex characters of a content digest, and files read per thread task
+DIGEST_CHARS = len(content_digest(b""))
+DIGEST_BATCH = 256
 
 
 def is_remote(location: str | Path) -> bool:
@@ -101,28 +105,40 @@ def choose_storage(storage: str, paths: Sequence[Path], cache_size: int, harmoni
 
 
 # ---- keys ----------------------------------------------------------------------------------
+def _digest_batch(paths: Sequence[str | Path]) -> list[tuple[bytes, str]]:
+    """(hex digest, "") per readable file, (b"", reason) per unreadable one."""
+    results = []
+    for path in paths:
+        try:
+            results.append((content_digest(Path(path).read_bytes()).encode(), ""))
+        except OSError as e:
+            results.append((b"", f"cannot read file ({e.strerror or e})"))
+    return results
+
+
 def digest_files(
-    paths: Sequence[Path], workers: int | None = None
-) -> tuple[dict[Path, str], dict[Path, str]]:
-    """Content digests of `paths` (read in threads, nothing decoded), and the unreadable files."""
+    paths: Sequence[str | Path], workers: int | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Content digests of `paths` as a column of hex bytes (b"" where unreadable), read in threads
+    a batch at a time (nothing decoded; one future per batch, not per file), and the unreadable
+    files by position with their reasons."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(path: Path) -> tuple[Path, str, bool]:
-        try:
-            return path, content_digest(Path(path).read_bytes()), True
-        except OSError as e:
-            return path, f"cannot read file ({e.strerror or e})", False
-
-    digests: dict[Path, str] = {}
-    failures: dict[Path, str] = {}
+    digests = np.zeros(len(paths), dtype=f"S{DIGEST_CHARS}")
+    failures: dict[int, str] = {}
+    batches = range(0, len(paths), DIGEST_BATCH)
     with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
-        for path, value, ok in pool.map(one, paths, chunksize=256):
-            (digests if ok else failures)[path] = value
+        done = pool.map(lambda start: _digest_batch(paths[start : start + DIGEST_BATCH]), batches)
+        for start, results in zip(batches, done, strict=True):
+            for i, (digest, reason) in enumerate(results, start):
+                digests[i] = digest
+                if reason:
+                    failures[i] = reason
     return digests, failures
 
 
 def split_key(
-    items: Sequence[tuple[str, int]], classes: Sequence[str], cache_size: int, harmonize: str, max_pixels: int
+    items: Iterable[tuple[str, int]], classes: Sequence[str], cache_size: int, harmonize: str, max_pixels: int
 ) -> str:
     """The name of a split's optimized folder: every input of its content, nothing else (paths
     are left out: moving the data folder reuses the build)."""
@@ -211,9 +227,51 @@ class _BuildLock:
         self.lock.release()
 
 
+def _run_optimize(build: Callable[[], Any], location: str, failure_dir: Path) -> None:
+    """LitData's optimize, resumable; a checkpoint left by a build on another number of CPUs cannot
+    be resumed, so that (local) build starts again."""
+    try:
+        build()
+    except ValueError as e:
+        if "checkpoint" not in str(e).lower() or is_remote(location):
+            raise
+        log.warning("Cannot resume the interrupted build of %s (%s): building it again.", location, e)
+        shutil.rmtree(location)
+        failure_dir.mkdir(parents=True)
+        build()
+
+
+def _build(
+    location: str, key: str, paths: Sequence[str | Path], targets: Sequence[int], decode: Any, workers: int
+) -> tuple[dict[int, str], Path]:
+    """Decode the split into chunks under `location`; returns the failures by split position and
+    the folder that holds them until the build's record is written."""
+    # failures survive an interruption with the checkpoints: they live beside the chunks
+    work = Path(tempfile.gettempdir(), "railway_stream_build", key) if is_remote(location) else None
+    failure_dir = (work or Path(location)) / ".failures"
+    failure_dir.mkdir(parents=True, exist_ok=True)
+    build = functools.partial(
+        optimize,
+        fn=functools.partial(decode, failure_dir=str(failure_dir)),
+        # lists, not tuples: a resumed build compares them with its checkpoint's JSON
+        inputs=[[int(i), str(paths[i]), int(targets[i])] for i in storage_order(key, len(paths))],
+        output_dir=location,
+        num_workers=workers,
+        chunk_bytes=CHUNK_BYTES,
+        reorder_files=False,
+        keep_data_ordered=True,
+        use_checkpoint=True,
+        # fork: workers start at once (spawned ones re-import torch, ~10 s each)
+        start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
+        verbose=True,
+    )
+    _run_optimize(build, location, failure_dir)
+    return {int(f.stem): f.read_text() for f in failure_dir.glob("*.txt")}, failure_dir
+
+
 def build_split(
     stream_dir: str,
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     targets: Sequence[int],
     key: str,
     min_side: int,
@@ -232,44 +290,11 @@ def build_split(
         meta = _read_meta(location)  # built by another job while this one waited
         if meta is not None:
             return location, meta
-        # failures survive an interruption with the checkpoints: they live beside the chunks
-        work = Path(tempfile.gettempdir(), "railway_stream_build", key) if is_remote(location) else None
-        failure_dir = (work or Path(location)) / ".failures"
-        failure_dir.mkdir(parents=True, exist_ok=True)
         workers = max(1, min(num_workers or available_cpus(), len(paths)))
         log.info("Building the optimized data %s: %d images on %d workers.", location, len(paths), workers)
         start = time.perf_counter()
-        build = functools.partial(
-            optimize,
-            fn=functools.partial(
-                _decode_item,
-                min_side=min_side,
-                max_pixels=max_pixels,
-                mode=mode,
-                failure_dir=str(failure_dir),
-            ),
-            # lists, not tuples: a resumed build compares them with its checkpoint's JSON
-            inputs=[[int(i), str(paths[i]), int(targets[i])] for i in storage_order(key, len(paths))],
-            output_dir=location,
-            num_workers=workers,
-            chunk_bytes=CHUNK_BYTES,
-            reorder_files=False,
-            keep_data_ordered=True,
-            use_checkpoint=True,
-            # fork: workers start at once (spawned ones re-import torch, ~10 s each)
-            start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
-            verbose=True,
-        )
-        try:
-            build()
-        except ValueError as e:  # checkpoints of an interrupted build on another number of CPUs
-            if "checkpoint" not in str(e).lower() or is_remote(location):
-                raise
-            log.warning("Cannot resume the interrupted build of %s (%s): building it again.", location, e)
-            shutil.rmtree(location)
-            failure_dir.mkdir(parents=True)
-            build()
-        failures = {int(f.stem): f.read_text() for f in failure_dir.glob("*.txt")}
+        decode = functools.partial(_decode_item, min_side=min_side, max_pixels=max_pixels, mode=mode)
+        failures, failure_dir = _build(location, key, paths, targets, decode, workers)
         meta = {"key": key, "count": len(paths), "failures": {str(k): v for k, v in sorted(failures.items())}}
         _write_meta(location, meta)
         shutil.rmtree(failure_dir, ignore_errors=True)
@@ -284,7 +309,8 @@ class StreamedImages(Sequence[np.ndarray]):
     worker) opens the folder itself."""
 
     def __init__(self, location: str, positions: Sequence[int]):
-        self.location, self.positions = location, list(positions)
+        # 8 bytes a position (a list would hold an int object each), and cheap to pickle to workers
+        self.location, self.positions = location, array("q", positions)
         self._dataset: StreamingDataset | None = None
 
     def __len__(self) -> int:

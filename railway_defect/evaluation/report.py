@@ -214,6 +214,12 @@ def score_splits(
     """Score the Validation split (to fit on) and the split under test (to report)."""
     index, digests, record = evaluation_splits(splits, predictor.path, root, val_fraction, seed)
     split_key = _split_key(split, index.splits)
+    if not index.splits.get("val") and record is not None:
+        raise UserError(
+            f"{record} records no Validation split (a run with data.train_on=train_and_val trained on its "
+            "validation images). Evaluate its recipe out of fold instead (evaluate ckpt_path=<CV sweep "
+            "dir>), or score other labelled photos with data.root=FOLDER splits=resplit."
+        )
     if not index.splits.get("val"):
         raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")
     checked = (record, digests) if record is not None else None

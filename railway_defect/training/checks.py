@@ -28,6 +28,7 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"optimizer.lr={lr} must be positive (e.g. optimizer.lr=0.001).")
     if cfg.optimizer.get("weight_decay", 0) < 0:
         raise UserError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must be >= 0.")
+    _check_validation_needs(cfg)
     if cfg.data.batch_size < 1:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1.")
     max_epochs = cfg.trainer.get("max_epochs")
@@ -44,6 +45,28 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("gradient_clip_val") is not None and cfg.trainer.gradient_clip_val < 0:
         raise UserError(
             f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} must be >= 0 (0 = no clipping)."
+        )
+
+
+def _needs_validation(callback: Any) -> bool:
+    """A checkpoint that selects by a validation metric, or early stopping."""
+    if not isinstance(callback, DictConfig):
+        return False
+    target = str(callback.get("_target_", ""))
+    return "EarlyStopping" in target or ("Checkpoint" in target and bool(callback.get("monitor")))
+
+
+def _check_validation_needs(cfg: DictConfig) -> None:
+    """Training on the validation images leaves nothing to select a checkpoint or stop early on."""
+    if cfg.data.get("train_on", "train") != "train_and_val":
+        return
+    callbacks = cfg.get("callbacks") or {}
+    needing = [f"callbacks.{name}" for name, c in callbacks.items() if _needs_validation(c)]
+    if needing:
+        raise UserError(
+            f"data.train_on=train_and_val leaves no validation split, but {', '.join(needing)} needs one; "
+            "set callbacks.model_checkpoint.monitor=null (best.ckpt = the final epoch) "
+            "or data.train_on=train."
         )
 
 

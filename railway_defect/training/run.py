@@ -227,8 +227,14 @@ def _model_checkpoint(callbacks: list[Any]) -> ModelCheckpoint | None:
     return next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
 
 
-def _selection_note(monitor: str | None) -> str:
+def _selection_note(monitor: str | None, validated: bool = True) -> str:
     """What the `val` metrics of metrics.json are worth, said where they are read."""
+    if not validated:
+        return (
+            "none, and no validation split (data.train_on=train_and_val: the validation images trained "
+            "too); best.ckpt holds the final epoch's weights. Estimate the recipe out of fold, by "
+            "cross-validation (experiment=cv, STUDY.md)"
+        )
     if monitor is None:
         return (
             "none: best.ckpt holds the final epoch's weights, so its validation metrics are a hold-out "
@@ -260,7 +266,7 @@ def build_trainer(
     return trainer, callbacks, loggers
 
 
-def _checkpoint_outcome(monitor: str, callbacks: list[Any]) -> dict[str, Any]:
+def _checkpoint_outcome(monitor: str, callbacks: list[Any], validated: bool = True) -> dict[str, Any]:
     """Which epoch best.ckpt holds, its validation metrics and what they are worth, the epoch
     history, and the checkpoint paths: the run record's part about the model it produced."""
     checkpoint = _model_checkpoint(callbacks)
@@ -279,7 +285,7 @@ def _checkpoint_outcome(monitor: str, callbacks: list[Any]) -> dict[str, Any]:
             "epoch": best_row["epoch"] if best_row else None,
             monitor: float(best_score) if best_score is not None else None,
         },
-        "selection": _selection_note(monitor if selected else None),
+        "selection": _selection_note(monitor if selected else None, validated),
         "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
         "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
         "history": epochs,
@@ -375,7 +381,7 @@ def _fit_and_test(cfg: DictConfig, record: RunRecord, watchdog: Watchdog | None 
     except TrainingDiverged as e:  # keep what the epochs before the divergence produced
         diverged = str(e)
     # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
-    record.update(**_checkpoint_outcome(cfg.monitor, callbacks))
+    record.update(**_checkpoint_outcome(cfg.monitor, callbacks, datamodule.has_split("val")))
     optimized = trainer.callback_metrics.get(cfg.optimized_metric)
     record.optimized_metric = float(optimized) if optimized is not None else None
     if not trainer.interrupted and not diverged:
