@@ -206,3 +206,9 @@ def test_the_sample_data_thumbnail_shortcut_is_found() -> None:
     )
     assert audit["properties"]["colour_mode"]["balanced_accuracy"] < SHORTCUT_THRESHOLD
     assert any(w.startswith("Shortcut: image size") for w in shortcut_warnings(audit))
+    # with the storage form harmonized, the advice is what is left to do, not to harmonize
+    harmonized = shortcut_warnings(audit, "thumbnail")
+    assert harmonized and all(
+        "data.harmonize=thumbnail gives the model one storage form" in w for w in harmonized
+    )
+    assert not any("Use data.harmonize" in w for w in harmonized)

@@ -92,6 +92,11 @@ ADVICE = (
     "a model can learn how photos were stored instead of the track. Use data.harmonize=thumbnail and "
     "augmentation=nuisance, and judge models by out-of-fold metrics per stratum (experiment=cv)."
 )
+# the same, when the storage form is already harmonized: what is left to do
+ADVICE_HARMONIZED = (
+    "data.harmonize={mode} gives the model one storage form, but content and scale still differ "
+    "between the strata: judge models by out-of-fold metrics per stratum (experiment=cv)."
+)
 
 
 def jpeg_quality(quantization: dict[int, Sequence[int]] | None) -> float | None:
@@ -302,33 +307,36 @@ def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[s
     return result
 
 
-def shortcut_warnings(audit: dict[str, Any] | None) -> list[str]:
+def shortcut_warnings(audit: dict[str, Any] | None, harmonize: str = "none") -> list[str]:
     """One line per property that predicts the label (and for the combination, when no single
-    property does): what it means and what to do."""
+    property does): what it means and what to do (given the storage form `harmonize` in use)."""
     if not audit or not audit.get("properties"):
         return []
+    advice = ADVICE if harmonize == "none" else ADVICE_HARMONIZED.format(mode=harmonize)
     lines = []
     for name in audit["flagged"]:
         entry = audit["properties"][name]
         lines.append(
             f"Shortcut: {PROPERTIES[name].description} alone predicts the label (cross-validated balanced "
             f"accuracy {entry['balanced_accuracy']:.2f} >= {audit['threshold']:.2f}; {entry['contrast']}); "
-            f"{ADVICE}"
+            f"{advice}"
         )
     together = audit.get("all_properties") or {}
     if not lines and together.get("balanced_accuracy", 0.0) >= audit["threshold"]:
         lines.append(
             "Shortcut: the storage properties together (size, format, compression, camera, folder, file "
             f"name) predict the label (cross-validated balanced accuracy {together['balanced_accuracy']:.2f}"
-            f" >= {audit['threshold']:.2f}); {ADVICE}"
+            f" >= {audit['threshold']:.2f}); {advice}"
         )
     return lines
 
 
-def audit_and_warn(samples: Sequence[Sample], root: Path | None = None) -> dict[str, Any]:
+def audit_and_warn(
+    samples: Sequence[Sample], root: Path | None = None, harmonize: str = "none"
+) -> dict[str, Any]:
     """audit_samples, with each shortcut logged as one warning line."""
     audit = audit_samples(samples, root)
-    for line in shortcut_warnings(audit):
+    for line in shortcut_warnings(audit, harmonize):
         log.warning("%s", line)
     if audit["note"]:
         log.info("Shortcut audit %s", audit["note"])

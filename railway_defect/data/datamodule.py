@@ -418,7 +418,7 @@ class RailwayDataModule(LightningDataModule):
             "duplicates_across_splits": duplicates[:REPORT_LIMIT],
             # can size, format, compression, folder... of the train + val files predict the label?
             "shortcut_audit": audit_and_warn(
-                [*self.splits.get("train", []), *self.splits.get("val", [])], self.root
+                [*self.splits.get("train", []), *self.splits.get("val", [])], self.root, self.harmonize
             )
             if self.audit
             else None,

@@ -368,7 +368,8 @@ def build_report(
         "figures": {"reliability": "reliability.png"},
         "predictions": written["predictions"],
         "output_dir": written["output_dir"],
-        "shortcut_audit": audit_and_warn(scored.samples, root),  # on the images scored here
+        # on the images scored here
+        "shortcut_audit": audit_and_warn(scored.samples, root, predictor.info.harmonize),
     }
 
 
