@@ -136,6 +136,34 @@ def test_balance_sampler_draws_classes_evenly(tmp_path: Path) -> None:
     assert 0.4 < drawn[1] / sum(drawn.values()) < 0.6
 
 
+def test_balance_stratum_draws_every_class_and_image_size_evenly(tmp_path: Path) -> None:
+    """The sample data's trap in small: most Defective photos are large originals, most Non
+    defective ones thumbnails; balance=stratum draws each (class, size) cell equally often."""
+    train = tmp_path / "d" / "Train"
+    cells = {("Defective", (96, 72)): 12, ("Defective", (48, 48)): 3, ("Non defective", (48, 48)): 9}
+    cells[("Non defective", (96, 72))] = 2
+    for (label, size), count in cells.items():
+        for i in range(count):
+            write_image(
+                train / label / f"{size[0]}_{i}.png", size=size, label_index=label != "Defective", seed=i
+            )
+    for label in ("Defective", "Non defective"):
+        write_image(tmp_path / "d" / "Validation" / label / "v.png", label_index=label != "Defective")
+    dm = datamodule(tmp_path / "d", balance="stratum")
+    dm.setup("fit")
+    weights = dm._sampling_weights(dm.train_dataloader().dataset.targets)
+    totals = Counter()
+    for sample, weight in zip(dm.splits["train"], weights.tolist(), strict=True):
+        totals[(sample.label, sample.path.name.split("_")[0])] += weight
+    assert sorted(totals) == [
+        ("Defective", "48"),
+        ("Defective", "96"),
+        ("Non defective", "48"),
+        ("Non defective", "96"),
+    ]
+    assert all(total == pytest.approx(1.0) for total in totals.values())
+
+
 def test_balance_loss_gives_inverse_frequency_weights(tmp_path: Path) -> None:
     root = make_split_dataset(tmp_path / "d", {"Train": 2, "Validation": 1})
     for i in range(4):

@@ -23,6 +23,7 @@ from railway_defect.data.discovery import TRAIN_ON_MODES, DatasetIndex, Sample, 
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
+from railway_defect.data.strata import image_size_strata
 from railway_defect.data.table import SampleTable, label_codes, label_counts, to_tables
 from railway_defect.data.transforms import build_transform
 from railway_defect.utils.errors import UserError
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 STORAGE_MODES = ("auto", "memory", "stream")
 # the data report and the log list this many problems of each kind, then a count
 REPORT_LIMIT = 100
-BALANCE_MODES = ("none", "sampler", "loss")
+BALANCE_MODES = ("none", "sampler", "loss", "stratum")
+# the modes that draw training images by weight (random access, EpochSampler)
+SAMPLED_MODES = ("sampler", "stratum")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -140,7 +143,9 @@ class RailwayDataModule(LightningDataModule):
             the validation images train too, and nothing validates).
         image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
             size, decompression guard, on-disk cache) and the model's input size.
-        batch_size, num_workers, balance: the loaders and class balancing (none|sampler|loss).
+        batch_size, num_workers, balance: the loaders and balancing: none, sampler (classes drawn
+            evenly), loss (class-weighted loss), stratum (every class x image-size stratum cell
+            drawn evenly, so that how a photo was stored cannot stand in for its label).
         report_path, splits_path: where data_report.json and splits.csv go; splits_from: a run's
             splits.csv to reuse instead of splitting (evaluation of that run).
         audit: run the shortcut audit on the train + validation images.
@@ -484,14 +489,23 @@ class RailwayDataModule(LightningDataModule):
         return trainer.current_epoch if trainer is not None else self._epochs_iterated
 
     def train_dataloader(self) -> DataLoader:
-        if self.storage_used == "stream" and self.balance != "sampler":
+        if self.storage_used == "stream" and self.balance not in SAMPLED_MODES:
             return self._streaming_train_loader()
         dataset = self._dataset("train", self.train_transform)
-        weights = None
-        if self.balance == "sampler":
-            counts = Counter(dataset.targets)
-            weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+        weights = self._sampling_weights(dataset.targets) if self.balance in SAMPLED_MODES else None
         return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, self._next_epoch, weights))
+
+    def _sampling_weights(self, targets: Sequence[int]) -> torch.Tensor:
+        """Each training image's chance to be drawn: 1 / the size of its cell, the cells being the
+        classes (balance=sampler) or class x image-size stratum (balance=stratum)."""
+        cells: list[Any] = list(targets)
+        if self.balance == "stratum":
+            paths = [str(s.path) for s in self.splits["train"]]
+            strata = image_size_strata(paths)
+            cells = [(t, strata[p]) for t, p in zip(targets, paths, strict=True)]
+            log.info("balance=stratum: training images per class x stratum: %s", dict(Counter(cells)))
+        counts = Counter(cells)
+        return torch.tensor([1.0 / counts[c] for c in cells], dtype=torch.double)
 
     def _streaming_train_loader(self) -> DataLoader:
         """LitData's StreamingDataLoader over the training chunks: reads stay sequential within a

@@ -8,22 +8,18 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from railway_defect.data.strata import image_size_strata
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 OOF_FILE = "oof_predictions.csv"
-# a size shared by at least this fraction of the images is a stratum of its own
-STRATUM_MIN_FRACTION = 0.2
-OTHER_SIZES = "other sizes"
 TARGET_RECALL = 0.95
 # what the tables show, from binary_metrics
 SHOWN = ("balanced_accuracy", "recall", "specificity", "auroc")
@@ -53,20 +49,6 @@ class OutOfFold:
     threshold: float = 0.5
     target_recall: float = TARGET_RECALL
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def image_size_strata(paths: Sequence[str]) -> dict[str, str]:
-    """Each path's stratum: its WxH when at least STRATUM_MIN_FRACTION of the images share it."""
-    sizes = {}
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                sizes[path] = "{}x{}".format(*image.size)
-        except OSError:
-            sizes[path] = "unreadable"
-    counts = Counter(sizes.values())
-    common = {s for s, n in counts.items() if n >= STRATUM_MIN_FRACTION * len(paths)}
-    return {p: (s if s in common else OTHER_SIZES) for p, s in sizes.items()}
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
