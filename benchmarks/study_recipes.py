@@ -69,6 +69,16 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.image_size=260",
         "data.cache_size=260",
     ),
+    # offline_best with every class x image-size cell drawn evenly instead of the class-weighted loss
+    "lite2_harmonize_nuisance_stratum": _with(
+        TUNED,
+        "model=efficientnet_lite2",
+        "data.harmonize=thumbnail",
+        "augmentation=nuisance",
+        "data.image_size=260",
+        "data.cache_size=260",
+        "data.balance=stratum",
+    ),
     "lite2_harmonize_nuisance_384": _with(
         TUNED,
         "model=efficientnet_lite2",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from railway_defect.utils.outputs import atomic_open
 from railway_defect.utils.resources import available_cpus
 
 log = logging.getLogger(__name__)
@@ -119,15 +118,8 @@ def content_digest(data: bytes) -> str:
 
 
 def _atomic_save_npy(array: np.ndarray, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(target, "wb") as f:
+        np.save(f, array)
 
 
 def load_image_file(

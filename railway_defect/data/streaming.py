@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 import tempfile
 import time
@@ -35,6 +34,7 @@ from litdata import StreamingDataLoader, StreamingDataset, optimize
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.images import THUMBNAIL_SIZE, DecodeError, content_digest, load_image_file
+from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.resources import available_cpus, available_memory
 
 log = logging.getLogger(__name__)
@@ -196,16 +196,17 @@ def _read_meta(location: str) -> dict[str, Any] | None:
 
 
 def _write_meta(location: str, meta: dict[str, Any]) -> None:
+    """The build's record, written last: its presence means the build is complete."""
+    if not is_remote(location):
+        write_json_atomic(Path(location, META_NAME), meta)
+        return
+    from litdata.streaming.fs_provider import _get_fs_provider
+
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, META_NAME)
         local.write_text(json.dumps(meta, indent=1))
-        if is_remote(location):
-            from litdata.streaming.fs_provider import _get_fs_provider
-
-            target = f"{location.rstrip('/')}/{META_NAME}"
-            _get_fs_provider(target).upload_file(str(local), target)
-        else:
-            os.replace(local, Path(location, META_NAME))
+        target = f"{location.rstrip('/')}/{META_NAME}"
+        _get_fs_provider(target).upload_file(str(local), target)
 
 
 class _BuildLock:
