@@ -16,8 +16,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.module import DefectClassifier
+from railway_defect.review.runs import evaluate_checkpoint
 from railway_defect.training.record import RunRecord
 from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
 from tests.helpers import FAST, REAL_DATA, VAL_METRICS, make_split_dataset, run_cli
 
 
@@ -190,6 +192,9 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
     evaluated = run_cli("railway_defect.evaluate", f"ckpt_path={run}", f"data.root={data}", "bootstrap=10")
     assert evaluated.returncode == 1
     assert "records no Validation split" in evaluated.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="has no validation split"):  # the review notebook's evaluation
+        evaluate_checkpoint(run, data_root=data)
+    assert evaluate_checkpoint(run, split="test", data_root=data).targets.size == 4
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,7 @@ def _data_settings(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     config_path = run_dir / ".hydra" / "config.yaml"
     if config_path.is_file():
         cfg = OmegaConf.load(config_path)
-        for key in ("image_size", "cache_size", "batch_size"):
+        for key in ("image_size", "cache_size", "batch_size", "train_on"):
             value = OmegaConf.select(cfg, f"data.{key}", default=None, throw_on_resolution_failure=False)
             if value is not None:
                 settings[key] = value
@@ -319,6 +319,7 @@ def evaluate_checkpoint(
         num_workers=0,
         harmonize=model.hparams.harmonize,
         splits_from=run_dir / SPLITS_FILE,
+        audit=False,
         **settings,
     )
     datamodule.setup()
@@ -327,11 +328,12 @@ def evaluate_checkpoint(
             f"The classes in {root} ({datamodule.classes}) differ from the checkpoint's "
             f"({model.class_names}); pass the data_root the run was trained on."
         )
-    loaders = {"val": datamodule.val_dataloader}
-    if datamodule.has_split("test"):
-        loaders["test"] = datamodule.test_dataloader
+    loaders = {s: getattr(datamodule, f"{s}_dataloader") for s in ("val", "test") if datamodule.has_split(s)}
     if split not in loaders:
-        raise UserError(f"split={split!r} is not available here; use one of {', '.join(loaders)}.")
+        raise UserError(
+            f"split={split!r} is not available here; use one of {', '.join(loaders) or 'none'} "
+            "(a run with data.train_on=train_and_val has no validation split)."
+        )
     loader: DataLoader = loaders[split]()
     probs, targets = _probabilities(model, loader)
     paths = [s.path for s in datamodule.splits[split]]
