@@ -47,6 +47,16 @@ def _with(base: tuple[str, ...], *overrides: str) -> tuple[str, ...]:
     return (*(o for o in base if o.split("=", 1)[0] not in keys), *overrides)
 
 
+# EfficientNet-Lite2 at its native 260 px, one storage form, storage form randomised in training
+LITE2 = _with(
+    TUNED,
+    "model=efficientnet_lite2",
+    "data.harmonize=thumbnail",
+    "augmentation=nuisance",
+    "data.image_size=260",
+    "data.cache_size=260",
+)
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
     "tuned": TUNED,
@@ -61,32 +71,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.cache_size=320",
     ),
     # = experiment=offline_best (tests/test_study.py checks they compose alike)
-    "lite2_harmonize_nuisance": _with(
-        TUNED,
-        "model=efficientnet_lite2",
-        "data.harmonize=thumbnail",
-        "augmentation=nuisance",
-        "data.image_size=260",
-        "data.cache_size=260",
-    ),
+    "lite2_harmonize_nuisance": LITE2,
     # offline_best with every class x image-size cell drawn evenly instead of the class-weighted loss
-    "lite2_harmonize_nuisance_stratum": _with(
-        TUNED,
-        "model=efficientnet_lite2",
-        "data.harmonize=thumbnail",
-        "augmentation=nuisance",
-        "data.image_size=260",
-        "data.cache_size=260",
-        "data.balance=stratum",
-    ),
-    "lite2_harmonize_nuisance_384": _with(
-        TUNED,
-        "model=efficientnet_lite2",
-        "data.harmonize=thumbnail",
-        "augmentation=nuisance",
-        "data.image_size=384",
-        "data.cache_size=384",
-    ),
+    "lite2_harmonize_nuisance_stratum": _with(LITE2, "data.balance=stratum"),
+    "lite2_harmonize_nuisance_384": _with(LITE2, "data.image_size=384", "data.cache_size=384"),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",
