@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -140,6 +141,11 @@ def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr[-3000:]
     ensemble = load_predictor(sweep, device="cpu")
     assert ensemble.kind == "ensemble" and len(ensemble.members) == 2
+    # the members are the final weights the out-of-fold predictions came from, not a selected epoch
+    assert [m.path.name for m in ensemble.members] == ["last.ckpt", "last.ckpt"]
+    member, oof = ensemble.members[0], pd.read_csv(sweep / "0" / "predictions_val.csv")
+    batch = member.preprocess([member.decode(Path(path).read_bytes()) for path in oof["path"]])
+    np.testing.assert_allclose(member.probabilities(batch)[:, 0], oof["p_Defective"], atol=1e-5)
 
     report = run_evaluation(str(sweep), str(data), bootstrap=20)
     stored = json.loads((sweep / "calibration.json").read_text())

@@ -285,8 +285,10 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def model_checkpoints(folder: Path) -> list[Path]:
-    """The model of a run directory (its best.ckpt), or of a cross-validation sweep directory (the
-    best.ckpt of every finished job, which must all be one recipe: they differ in fold or seed only)."""
+    """The model of a run directory (its best.ckpt), or of a cross-validation sweep directory: the
+    final weights of every finished job (last.ckpt: the weights its out-of-fold predictions came
+    from, which evaluate calibrates the ensemble on; best.ckpt may have been selected on those very
+    images). The jobs must be one recipe: they differ in fold or seed only."""
     from railway_defect.sweeps.summary import job_dirs, read_job, recipe_key
 
     if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
@@ -307,7 +309,16 @@ def model_checkpoints(folder: Path) -> list[Path]:
             f"{folder} holds {len(recipes)} different recipes; an ensemble is the folds (and seeds) of one "
             "recipe: pass a sweep of one recipe, or one job's run directory."
         )
-    return [Path(j.checkpoint) for j in finished]
+    return [_final_weights(j.run_dir, Path(j.checkpoint)) for j in finished]
+
+
+def _final_weights(run_dir: Path, best: Path) -> Path:
+    """A finished run's last.ckpt (its final epoch), else best.ckpt (the same weights when nothing
+    was selected)."""
+    from railway_defect.training.record import RunRecord
+
+    last = RunRecord.read(run_dir).checkpoints.get("last")
+    return Path(last) if last and Path(last).is_file() else best
 
 
 def _open_model(path: Path, members: list[Path], device: str) -> Predictor:
