@@ -9,7 +9,7 @@ import logging
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from railway_defect.data.transforms import build_transform
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.warning_filters import torchscript_deprecation_silenced
+
+if TYPE_CHECKING:
+    from railway_defect.sweeps.summary import JobRow
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +293,9 @@ def model_checkpoints(folder: Path) -> list[Path]:
     from, which evaluate calibrates the ensemble on; best.ckpt may have been selected on those very
     images). The jobs must be one recipe: they differ in fold or seed only."""
     from railway_defect.sweeps.summary import job_dirs, read_job, recipe_key
+    from railway_defect.training.record import has_record
 
-    if (folder / "metrics.json").is_file() or (folder / "checkpoints").is_dir():
+    if has_record(folder) or (folder / "checkpoints").is_dir():
         checkpoint = folder / "checkpoints" / "best.ckpt"
         if not checkpoint.is_file():
             raise UserError(f"{folder} has no checkpoints/best.ckpt; pass a checkpoint file instead.")
@@ -309,16 +313,14 @@ def model_checkpoints(folder: Path) -> list[Path]:
             f"{folder} holds {len(recipes)} different recipes; an ensemble is the folds (and seeds) of one "
             "recipe: pass a sweep of one recipe, or one job's run directory."
         )
-    return [_final_weights(j.run_dir, Path(j.checkpoint)) for j in finished]
+    return [_final_weights(j) for j in finished]
 
 
-def _final_weights(run_dir: Path, best: Path) -> Path:
-    """A finished run's last.ckpt (its final epoch), else best.ckpt (the same weights when nothing
+def _final_weights(job: JobRow) -> Path:
+    """A finished job's last.ckpt (its final epoch), else best.ckpt (the same weights when nothing
     was selected)."""
-    from railway_defect.training.record import RunRecord
-
-    last = RunRecord.read(run_dir).checkpoints.get("last")
-    return Path(last) if last and Path(last).is_file() else best
+    last = job.final_checkpoint
+    return Path(last) if last and Path(last).is_file() else Path(str(job.checkpoint))
 
 
 def _open_model(path: Path, members: list[Path], device: str) -> Predictor:

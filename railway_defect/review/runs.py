@@ -26,7 +26,7 @@ from railway_defect.models.module import DefectClassifier, load_classifier
 from railway_defect.review.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 from railway_defect.sweeps.summary import METRICS as SUMMARY_METRICS
 from railway_defect.sweeps.summary import JobRow, ranks_smallest_first, read_job
-from railway_defect.training.record import FINISHED, RunRecord, has_record
+from railway_defect.training.record import FINISHED, RECORD_FILE, RunRecord, has_record
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.paths import PROJECT_ROOT, default_output_root, is_checkout
 
@@ -84,7 +84,7 @@ def open_target(path: str | Path | None = None) -> ReviewTarget:
     if has_record(path):
         return ReviewTarget(path, "run", [path])
     runs = sorted(
-        (p.parent for p in path.glob("*/metrics.json")),
+        (p.parent for p in path.glob(f"*/{RECORD_FILE}")),
         key=lambda p: (int(p.name) if p.name.isdigit() else math.inf, p.name),
     )
     if not runs:

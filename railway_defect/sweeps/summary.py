@@ -60,6 +60,8 @@ class JobRow:
     best_epoch: int | None = None
     duration_s: float | None = None
     checkpoint: str | None = None
+    # the final epoch's weights (last.ckpt): what the job's out-of-fold predictions came from
+    final_checkpoint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -152,6 +154,7 @@ def read_job(job_dir: Path) -> JobRow:
     row.best_epoch = record.best_epoch
     row.duration_s = record.duration_s
     row.checkpoint = record.best_checkpoint
+    row.final_checkpoint = record.checkpoints.get("last")
     return row
 
 
