@@ -21,6 +21,19 @@ def test_heatmaps_for_every_backbone(backbone: str) -> None:
     assert model.training  # the model's mode is restored
 
 
+def test_heatmaps_of_a_frozen_backbone_during_training() -> None:
+    """model.backbone_lr_scale=0: no parameter of the backbone has gradients, the review images still
+    need its activations' gradients."""
+    model = DefectClassifier(
+        "resnet18", ["Defective", "Non defective"], "Defective", pretrained=False, backbone_lr_scale=0
+    )
+    model.setup("fit")
+    model.train()
+    heatmaps = gradcam_heatmaps(model, torch.randn(2, 3, 64, 64), [0, 1])
+    assert heatmaps.shape == (2, 64, 64) and heatmaps.max() > 0.0
+    assert not model.backbone.training and not any(p.requires_grad for p in model.backbone.parameters())
+
+
 def test_overlay_keeps_the_image_shape() -> None:
     image = np.zeros((20, 30, 3), dtype=np.uint8)
     result = overlay(image, np.ones((20, 30), dtype=np.float32))

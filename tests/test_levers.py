@@ -6,6 +6,8 @@ from functools import partial
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from railway_defect.models.module import DefectClassifier
 from railway_defect.models.schedules import warmup_cosine
@@ -30,8 +32,28 @@ def test_backbone_learns_at_its_scale_of_the_heads_lr() -> None:
     model = _model()
     (group,) = model.configure_optimizers().param_groups
     assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])
-    with pytest.raises(UserError, match="backbone_lr_scale=0 must be positive"):
-        _model(backbone_lr_scale=0)
+    with pytest.raises(UserError, match="backbone_lr_scale=-0.1 must be >= 0"):
+        _model(backbone_lr_scale=-0.1)
+
+
+def test_a_zero_backbone_lr_scale_trains_the_head_alone_on_fixed_pretrained_features() -> None:
+    """Linear probe, through Lightning's own loops (validation included): the backbone's weights and
+    batch-norm statistics do not move, the head's do."""
+    model = _model(backbone_lr_scale=0)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.head[1].weight.clone()
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4))
+    trainer = Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running means/vars included
+    assert not torch.equal(head_before, model.head[1].weight)
+    (group,) = trainer.optimizers[0].param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.head.parameters()}
+    model.train()  # e.g. after Grad-CAM, which restores the mode it found
+    assert model.head.training and not model.backbone.training
 
 
 def test_warmup_then_cosine_to_zero() -> None:

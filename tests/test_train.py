@@ -220,3 +220,18 @@ def test_train_on_train_and_val_refuses_what_needs_a_validation_split(
     )
     assert result.returncode == 1
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_frozen_backbone_with_backbone_finetuning_is_refused(tmp_path: Path) -> None:
+    """BackboneFinetuning would unfreeze the backbone that model.backbone_lr_scale=0 keeps fixed."""
+    data = make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3})
+    result = run_cli(
+        "railway_defect.train",
+        *FAST,
+        f"data.root={data}",
+        "model.backbone_lr_scale=0",
+        "callbacks=finetune",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert "callbacks.finetune unfreezes it" in result.stderr.strip().splitlines()[-1]

@@ -26,7 +26,8 @@ def gradcam_heatmaps(
     try:
         with torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
             targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
-            return cam(input_tensor=images, targets=targets)
+            # gradients from the input too, so that a frozen backbone (no parameter gradients) is explained
+            return cam(input_tensor=images.detach().clone().requires_grad_(True), targets=targets)
     finally:
         model.train(was_training)
 

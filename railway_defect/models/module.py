@@ -93,9 +93,10 @@ def _check_arguments(
 ) -> None:
     if positive_class not in class_names:
         raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
-    if not backbone_lr_scale > 0:
+    if not backbone_lr_scale >= 0:
         raise UserError(
-            f"model.backbone_lr_scale={backbone_lr_scale} must be positive (1 = same lr as the head)."
+            f"model.backbone_lr_scale={backbone_lr_scale} must be >= 0 (1 = same lr as the head, "
+            "0 = frozen backbone)."
         )
     if monitor not in MONITORABLE:
         raise UserError(
@@ -114,7 +115,9 @@ class DefectClassifier(LightningModule):
         positive_class: the class that precision, recall, F1 and AUROC refer to.
         pretrained / require_pretrained / weights_path: where the backbone's weights come from.
         dropout, label_smoothing: regularisation of the head and the loss.
-        backbone_lr_scale: the backbone's learning rate relative to the head's.
+        backbone_lr_scale: the backbone's learning rate relative to the head's; 0 freezes it (a
+            linear probe: weights and batch-norm statistics stay the pretrained ones, only the
+            head learns, which over-fits less than fine-tuning when there are few photos).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
         class_weights: loss weights per class (data.balance=loss), or None.
         input_size, cache_size, harmonize: the preprocessing of the data the model was trained on
@@ -162,6 +165,8 @@ class DefectClassifier(LightningModule):
         self.mean, self.std = list(created.spec.mean), list(created.spec.std)
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
         self.positive_index = class_names.index(positive_class)
+        # set by setup("fit") when backbone_lr_scale is 0; scoring a loaded model never freezes it
+        self.frozen_backbone = False
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.mixup = _batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
@@ -196,6 +201,21 @@ class DefectClassifier(LightningModule):
         }
         checkpoint["hyper_parameters"] = plain(hparams)
         checkpoint["railway_defect_version"] = __version__  # which code wrote it (the wheel's version)
+
+    def setup(self, stage: str) -> None:
+        """backbone_lr_scale=0: the backbone is fixed for training (no gradients, eval mode)."""
+        if stage == "fit" and self.hparams.backbone_lr_scale == 0:
+            self.backbone.requires_grad_(False)
+            self.frozen_backbone = True
+            # Lightning's loops restore each module's own mode after validation; they never call train()
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> DefectClassifier:
+        """A frozen backbone stays in eval mode: its batch-norm statistics are the pretrained ones."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
 
     @property
     def class_names(self) -> list[str]:
@@ -276,7 +296,8 @@ class DefectClassifier(LightningModule):
     # ---- optimisation ---------------------------------------------------------------------------
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """The head at the optimizer's lr, the pretrained backbone at `backbone_lr_scale` times it
-        (small data sets: the features move less than the new head); frozen parameters left out."""
+        (small data sets: the features move less than the new head); frozen parameters left out
+        (all of the backbone's when the scale is 0)."""
         base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         scale = self.hparams.backbone_lr_scale
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]

@@ -29,6 +29,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.optimizer.get("weight_decay", 0) < 0:
         raise UserError(f"optimizer.weight_decay={cfg.optimizer.weight_decay} must be >= 0.")
     _check_validation_needs(cfg)
+    _check_frozen_backbone(cfg)
     if cfg.data.batch_size < 1:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1.")
     max_epochs = cfg.trainer.get("max_epochs")
@@ -45,6 +46,21 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("gradient_clip_val") is not None and cfg.trainer.gradient_clip_val < 0:
         raise UserError(
             f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} must be >= 0 (0 = no clipping)."
+        )
+
+
+def _check_frozen_backbone(cfg: DictConfig) -> None:
+    """A frozen backbone (model.backbone_lr_scale=0) and BackboneFinetuning, which unfreezes it."""
+    callbacks = cfg.get("callbacks") or {}
+    unfreezing = [
+        f"callbacks.{name}"
+        for name, c in callbacks.items()
+        if isinstance(c, DictConfig) and "BackboneFinetuning" in str(c.get("_target_", ""))
+    ]
+    if cfg.model.get("backbone_lr_scale") == 0 and unfreezing:
+        raise UserError(
+            f"model.backbone_lr_scale=0 keeps the backbone frozen, but {', '.join(unfreezing)} unfreezes it; "
+            "drop one of them (callbacks=default, or a backbone_lr_scale above 0)."
         )
 
 
