@@ -37,6 +37,7 @@ OPTIONS = {
     "mixup_cutmix": ("model.mixup_alpha=0.2", "model.cutmix_alpha=1.0"),
     "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
     "frozen_backbone": ("model.backbone_lr_scale=0",),
+    "decision_threshold": ("model.decision_threshold=0.3",),
 }
 
 
@@ -56,6 +57,7 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
     predictor = load_predictor(ckpt, device="cpu")
     assert predictor.info.harmonize == cfg.data.harmonize
     assert predictor.info.input_size == cfg.data.image_size
+    assert predictor.calibration.threshold == cfg.model.decision_threshold  # until evaluate stores one
 
     report = run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval"))
     assert report["data"]["n"] == 4
@@ -163,6 +165,8 @@ def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) ->
     summary = run_prediction(str(sweep), str(data / "Validation"), tmp_path / "p.csv", progress=False)
     assert summary.rows == 4
 
+    _final_model_takes_its_threshold_from_the_sweep(data, sweep, stored["threshold"], tmp_path)
+
     other = tmp_path / "other"
     shutil.copytree(sweep / "0", other / "a")
     overrides = other / "a" / ".hydra" / "overrides.yaml"
@@ -170,3 +174,37 @@ def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) ->
     shutil.copytree(sweep / "1", other / "b")
     with pytest.raises(UserError, match="different recipes"):
         load_predictor(other, device="cpu")
+
+
+def _final_model_takes_its_threshold_from_the_sweep(
+    data: Path, sweep: Path, threshold: float, tmp_path: Path
+) -> None:
+    """evaluate oof=<sweep>: the recipe's final model (every labelled photo trained it) gets the
+    threshold chosen on the sweep's out-of-fold predictions; a model of another recipe is refused."""
+    finals = {}
+    for name, size in (("final", ()), ("other_size", ("data.image_size=48",))):
+        finals[name] = tmp_path / name
+        result = run_cli(
+            "railway_defect.train",
+            *FAST,
+            "trainer.max_epochs=1",
+            f"data.root={data}",
+            "data.train_on=train_and_val",
+            "callbacks.model_checkpoint.monitor=null",
+            *size,
+            f"hydra.run.dir={finals[name]}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = run_cli(
+        "railway_defect.evaluate",
+        f"ckpt_path={finals['final']}",
+        f"oof={sweep}",
+        f"data.root={data}",
+        "bootstrap=20",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    final = load_predictor(finals["final"], device="cpu")
+    assert final.calibration.threshold == pytest.approx(threshold)
+    assert (final.path.parent / "best.ckpt.calibration.json").is_file()
+    with pytest.raises(UserError, match="differ in input_size; give the cross-validation sweep"):
+        run_evaluation(str(finals["other_size"]), str(data), oof=str(sweep), bootstrap=20)

@@ -34,6 +34,8 @@ def test_backbone_learns_at_its_scale_of_the_heads_lr() -> None:
     assert len(group["params"]) == len([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(UserError, match="backbone_lr_scale=-0.1 must be >= 0"):
         _model(backbone_lr_scale=-0.1)
+    with pytest.raises(UserError, match="decision_threshold=1.0 must be between 0 and 1"):
+        _model(decision_threshold=1.0)
 
 
 def test_a_zero_backbone_lr_scale_trains_the_head_alone_on_fixed_pretrained_features() -> None:

@@ -133,6 +133,7 @@ def run_evaluation(
     bootstrap: int = 1000,
     store_calibration: bool = True,
     device: str = "auto",
+    oof: str | None = None,
 ) -> dict[str, Any]:
     """Score a model on a split of its run's data: metrics with intervals, an operating threshold for
     `target_recall` and a temperature fitted on Validation, figures and per-image scores, written
@@ -148,14 +149,17 @@ def run_evaluation(
         val_fraction, seed: used by `splits=resplit` only.
         cache_dir, batch_size, device: decoding cache, batch size and device for scoring.
         ece_bins, confidence, bootstrap: calibration bins, interval level and bootstrap resamples.
+        oof: a CV sweep directory of the recipe `ckpt_path` was trained with: the threshold is
+            chosen on its pooled out-of-fold predictions instead (for a final model trained on
+            every labelled photo, which has no images of its own left to choose it on).
     """
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
     predictor = load_predictor(ckpt_path, device)
-    if isinstance(predictor, EnsemblePredictor):
-        from railway_defect.evaluation.ensemble import evaluate_ensemble
+    if oof or isinstance(predictor, EnsemblePredictor):
+        from railway_defect.evaluation.out_of_fold import evaluate_out_of_fold
 
-        return evaluate_ensemble(predictor, target_recall, output_dir, store_calibration, bootstrap)
+        return evaluate_out_of_fold(predictor, target_recall, oof, output_dir, store_calibration, bootstrap)
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
@@ -217,8 +221,8 @@ def score_splits(
     if not index.splits.get("val") and record is not None:
         raise UserError(
             f"{record} records no Validation split (a run with data.train_on=train_and_val trained on its "
-            "validation images). Evaluate its recipe out of fold instead (evaluate ckpt_path=<CV sweep "
-            "dir>), or score other labelled photos with data.root=FOLDER splits=resplit."
+            "validation images). Choose its threshold on its recipe's cross-validation instead "
+            "(oof=<CV sweep dir>), or score other labelled photos with data.root=FOLDER splits=resplit."
         )
     if not index.splits.get("val"):
         raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")

@@ -187,7 +187,7 @@ class CheckpointPredictor(Predictor):
             backbone=hparams.get("backbone"),
             harmonize=hparams.get("harmonize", "none"),
         )
-        super().__init__(path, sha256, info, Calibration(), "checkpoint")
+        super().__init__(path, sha256, info, _recipe_calibration(hparams), "checkpoint")
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -196,6 +196,13 @@ class CheckpointPredictor(Predictor):
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module, for export."""
         return nn.Sequential(self.model.backbone, self.model.head).eval()
+
+
+def _recipe_calibration(hparams: Any) -> Calibration:
+    """The threshold the training recipe set (model.decision_threshold; 0.5 for older checkpoints)."""
+    threshold = float(hparams.get("decision_threshold", 0.5))
+    details = {} if threshold == 0.5 else {"threshold": "model.decision_threshold of the training recipe"}
+    return Calibration(threshold, 1.0, details)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -225,7 +232,9 @@ class EnsemblePredictor(Predictor):
             raise UserError(f"The models in {path} differ in classes or preprocessing; pass one run instead.")
         self.members = members
         sha256 = hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest()
-        super().__init__(path, sha256, members[0].info, Calibration(), "ensemble")
+        thresholds = {m.calibration.threshold for m in members}
+        calibration = members[0].calibration if len(thresholds) == 1 else Calibration()
+        super().__init__(path, sha256, members[0].info, calibration, "ensemble")
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         probs = np.mean(
@@ -341,8 +350,8 @@ def load_predictor(
     """A checkpoint (.ckpt), ONNX (.onnx) or TorchScript file exported by this project, a run
     directory (its best.ckpt) or a cross-validation sweep directory (the ensemble of its fold
     models), with its calibration: the sidecar beside the file (inside the sweep directory) if it
-    was fitted on this very model, else what the file carries (exports), else threshold 0.5 and
-    temperature 1. `threshold` overrides."""
+    was fitted on this very model, else what the file carries (exports; a checkpoint's
+    model.decision_threshold), else threshold 0.5 and temperature 1. `threshold` overrides."""
     if not path:
         raise UserError("Give the model: ckpt_path=PATH/checkpoints/best.ckpt (or model_path=model.onnx).")
     path = Path(path).expanduser()

@@ -120,6 +120,8 @@ class DefectClassifier(LightningModule):
             head learns, which over-fits less than fine-tuning when there are few photos).
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
         class_weights: loss weights per class (data.balance=loss), or None.
+        decision_threshold: p(positive) at which the model calls a photo positive until evaluate
+            stores a calibrated threshold (e.g. the recipe's out-of-fold choice for a target recall).
         input_size, cache_size, harmonize: the preprocessing of the data the model was trained on
             (None: the backbone's native input size, the input size), repeated by evaluate,
             predict, export and serve.
@@ -142,6 +144,7 @@ class DefectClassifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         class_weights: Sequence[float] | None = None,
+        decision_threshold: float = 0.5,
         input_size: int | None = None,
         cache_size: int | None = None,
         harmonize: str = "none",
@@ -155,6 +158,8 @@ class DefectClassifier(LightningModule):
         class_names = [str(c) for c in class_names]
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
         _check_arguments(class_names, positive_class, backbone_lr_scale, monitor)
+        if not 0.0 < decision_threshold < 1.0:
+            raise UserError(f"model.decision_threshold={decision_threshold} must be between 0 and 1.")
         input_size = input_size or get_spec(backbone).input_size
         cache_size = cache_size or input_size
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)

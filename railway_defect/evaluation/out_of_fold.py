@@ -1,0 +1,133 @@
+"""Out-of-fold evaluation: the operating threshold of a cross-validation sweep's ensemble, or of the
+final model its recipe trained on every labelled photo, is chosen on the sweep's pooled
+out-of-fold predictions (every image scored by the fold model that never trained on it), not on
+images the model trained on, and stored beside that model for predict, serve and export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import rich
+
+from railway_defect.inference.model import (
+    Calibration,
+    EnsemblePredictor,
+    Predictor,
+    load_predictor,
+    write_calibration,
+)
+from railway_defect.sweeps import oof
+from railway_defect.sweeps.summary import job_dirs, pooled_out_of_fold, read_job
+from railway_defect.utils.errors import UserError
+from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
+
+
+def _pooled(sweep: Path, target_recall: float, bootstrap: int) -> oof.OutOfFold:
+    results = pooled_out_of_fold([read_job(d) for d in job_dirs(sweep)])
+    if not results:
+        raise UserError(
+            f"{sweep} has no out-of-fold predictions (predictions_val.csv of cross-validation jobs); "
+            "train it with experiment=cv (or data.num_folds=K 'data.fold=range(K)')."
+        )
+    return oof.score(results[0], target_recall, bootstrap)
+
+
+def _check_same_recipe(predictor: Predictor, sweep: Path) -> None:
+    """The final model must see images as the sweep's fold models did, or their threshold means nothing."""
+    members = load_predictor(sweep, device="cpu")
+    if not isinstance(members, EnsemblePredictor):
+        raise UserError(f"oof={sweep} is not a cross-validation sweep directory (it holds one model).")
+    ours, theirs = asdict(predictor.info), asdict(members.info)
+    differing = sorted(k for k in ours if ours[k] != theirs[k])
+    if differing:
+        raise UserError(
+            f"ckpt_path and the models of oof={sweep} differ in {', '.join(differing)}; give the "
+            "cross-validation sweep of the recipe ckpt_path was trained with."
+        )
+
+
+def evaluate_out_of_fold(
+    predictor: Predictor,
+    target_recall: float,
+    sweep: str | Path | None = None,
+    output_dir: str | None = None,
+    store_calibration: bool = True,
+    bootstrap: int = 1000,
+) -> dict[str, Any]:
+    """Choose `predictor`'s threshold for `target_recall` on a CV sweep's pooled out-of-fold
+    predictions and report them with intervals.
+
+    Args:
+        predictor: the sweep's ensemble (`load_predictor(<sweep dir>)`), or the final model of the
+            same recipe (trained on every labelled photo: `data.train_on=train_and_val`).
+        target_recall: defect recall the operating threshold must reach out of fold.
+        sweep: the CV sweep directory (default: the ensemble's own).
+        output_dir: where the report goes (default `<sweep>/evaluation/ensemble_oof/` for the
+            ensemble, `<run>/evaluation/<model>_oof/` for a final model).
+        store_calibration: write the threshold beside the model (`calibration.json` in the sweep
+            directory, `<checkpoint>.calibration.json` beside a checkpoint).
+        bootstrap: resamples for the intervals.
+    """
+    is_ensemble = isinstance(predictor, EnsemblePredictor)
+    sweep = Path(sweep).expanduser() if sweep else predictor.path
+    if not is_ensemble:
+        _check_same_recipe(predictor, sweep)
+    pooled = _pooled(sweep, target_recall, bootstrap)
+    calibration = Calibration(
+        threshold=pooled.threshold,
+        temperature=1.0,
+        details={
+            "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
+            "target_recall": target_recall,
+            "fitted_at": datetime.now().isoformat(timespec="seconds"),
+        },
+    )
+    sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+    out = Path(output_dir) if output_dir else _default_output(predictor, is_ensemble)
+    report = {
+        "model": {**predictor.describe(), "threshold": pooled.threshold},
+        "out_of_fold_sweep": str(sweep),
+        "out_of_fold": oof.to_json([pooled])[0],
+        "calibration_file": str(sidecar) if sidecar else None,
+        "output_dir": str(out),
+    }
+    lines = _markdown(predictor, sweep, pooled, target_recall, is_ensemble)
+    write_json_atomic(out / "evaluation.json", report)
+    write_text_atomic(out / "evaluation.md", "\n".join(lines))
+    console = rich.get_console()
+    console.print("\n".join(lines[2:]), markup=False, soft_wrap=True)
+    if sidecar:
+        console.print(f"stored: {sidecar}", soft_wrap=True, markup=False)
+    return report
+
+
+def _default_output(predictor: Predictor, is_ensemble: bool) -> Path:
+    if is_ensemble:
+        return predictor.path / "evaluation" / "ensemble_oof"
+    from railway_defect.evaluation.report import run_dir_of
+
+    return run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_oof"
+
+
+def _markdown(
+    predictor: Predictor, sweep: Path, pooled: oof.OutOfFold, target_recall: float, is_ensemble: bool
+) -> list[str]:
+    if is_ensemble:
+        title = f"# Evaluation of the ensemble {sweep.name} ({len(predictor.members)} fold models)"
+        whose = "The ensemble averages models that each saw more data than any single fold model"
+    else:
+        title = f"# Evaluation of {predictor.path} by its recipe's cross-validation ({sweep.name})"
+        whose = "The final model saw every image these fold models were scored on"
+    return [
+        title,
+        "",
+        f"Threshold {pooled.threshold:.4f}: defect recall >= {target_recall} on the pooled out-of-fold "
+        "predictions (chosen on them, so metrics at it are optimistic). "
+        f"{whose}; out-of-fold numbers estimate one fold model.",
+        "",
+        *oof.markdown_table([pooled]),
+        "",
+    ]
