@@ -70,16 +70,14 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.image_size=320",
         "data.cache_size=320",
     ),
-    # = experiment=offline_best (tests/test_study.py checks they compose alike)
+    # experiment=offline_best until the linear probe replaced it
     "lite2_harmonize_nuisance": LITE2,
     # offline_best with every class x image-size cell drawn evenly instead of the class-weighted loss
     "lite2_harmonize_nuisance_stratum": _with(LITE2, "data.balance=stratum"),
     "lite2_harmonize_nuisance_384": _with(LITE2, "data.image_size=384", "data.cache_size=384"),
-    # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher lr)
+    # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher
+    # lr); = experiment=offline_best (tests/test_study.py checks they compose alike)
     "lite2_probe": _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30"),
-    "lite2_probe_noaug": _with(
-        LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "augmentation=none"
-    ),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",

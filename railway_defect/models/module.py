@@ -35,6 +35,8 @@ PER_CLASS = ("precision", "recall", "f1", "auroc")
 MONITORABLE = tuple(f"val/{name}" for name in ("balanced_acc", "f1", "auroc", "acc", "recall", "precision"))
 # torchmetrics' notice that a batch holds one class only (its ROC/AUROC is then undefined)
 SINGLE_CLASS_WARNING = r"No (positive|negative) samples in targets"
+# Lightning's notice that modules are in eval mode when training starts (a frozen backbone is)
+FROZEN_MODULES_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 def plain(value: Any) -> Any:
@@ -214,6 +216,8 @@ class DefectClassifier(LightningModule):
             self.frozen_backbone = True
             # Lightning's loops restore each module's own mode after validation; they never call train()
             self.backbone.eval()
+            # ... and warn about modules in eval mode at the start of training: here that is the point
+            warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
 
     def train(self, mode: bool = True) -> DefectClassifier:
         """A frozen backbone stays in eval mode: its batch-norm statistics are the pretrained ones."""

@@ -253,7 +253,11 @@ def build_trainer(
     loggers = _instantiate_all(cfg.get("logger"))
     # first: every process computes the epoch's metrics (a collective) before any other callback
     callbacks = [SyncEpochMetrics(), *_drop_logger_callbacks(_instantiate_all(cfg.get("callbacks")), loggers)]
-    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # data.train_on=train_and_val: no validation loop at all (not an empty one Lightning warns about)
+    no_validation = {} if datamodule.has_split("val") else {"limit_val_batches": 0}
+    trainer: L.Trainer = _instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_validation
+    )
     if spawn_in_sweep(trainer):  # re-running the command line would re-run the whole sweep
         log.info("Inside a sweep: starting the %d training processes with spawn.", trainer.num_devices)
     for logger in loggers:  # the data's shortcut audit, in TensorBoard's Text tab from the start
