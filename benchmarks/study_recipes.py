@@ -78,6 +78,9 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher
     # lr); = experiment=offline_best (tests/test_study.py checks they compose alike)
     "lite2_probe": _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30"),
+    "lite2_probe_noaug": _with(
+        LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "augmentation=none"
+    ),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",
