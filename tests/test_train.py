@@ -177,6 +177,7 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
         f"data.root={data}",
         "data.train_on=train_and_val",
         "callbacks.model_checkpoint.monitor=null",
+        "model.backbone_lr_scale=0",  # as experiment=offline_best trains: a frozen backbone
         f"hydra.run.dir={run}",
     )
     assert result.returncode == 0, result.stderr

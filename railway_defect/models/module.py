@@ -91,7 +91,11 @@ def stage_metrics(num_classes: int) -> MetricCollection:
 
 
 def _check_arguments(
-    class_names: list[str], positive_class: str, backbone_lr_scale: float, monitor: str
+    class_names: list[str],
+    positive_class: str,
+    backbone_lr_scale: float,
+    decision_threshold: float,
+    monitor: str,
 ) -> None:
     if positive_class not in class_names:
         raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
@@ -100,6 +104,8 @@ def _check_arguments(
             f"model.backbone_lr_scale={backbone_lr_scale} must be >= 0 (1 = same lr as the head, "
             "0 = frozen backbone)."
         )
+    if not 0.0 < decision_threshold < 1.0:
+        raise UserError(f"model.decision_threshold={decision_threshold} must be between 0 and 1.")
     if monitor not in MONITORABLE:
         raise UserError(
             f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
@@ -159,9 +165,7 @@ class DefectClassifier(LightningModule):
         super().__init__()
         class_names = [str(c) for c in class_names]
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
-        _check_arguments(class_names, positive_class, backbone_lr_scale, monitor)
-        if not 0.0 < decision_threshold < 1.0:
-            raise UserError(f"model.decision_threshold={decision_threshold} must be between 0 and 1.")
+        _check_arguments(class_names, positive_class, backbone_lr_scale, decision_threshold, monitor)
         input_size = input_size or get_spec(backbone).input_size
         cache_size = cache_size or input_size
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +50,26 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def _configured_callbacks(cfg: DictConfig, matches: Callable[[DictConfig], bool]) -> list[str]:
+    """The `callbacks.<name>` keys of the configured callbacks that `matches`."""
+    callbacks = cfg.get("callbacks") or {}
+    return [f"callbacks.{name}" for name, c in callbacks.items() if isinstance(c, DictConfig) and matches(c)]
+
+
 def _check_frozen_backbone(cfg: DictConfig) -> None:
     """A frozen backbone (model.backbone_lr_scale=0) and BackboneFinetuning, which unfreezes it."""
-    callbacks = cfg.get("callbacks") or {}
-    unfreezing = [
-        f"callbacks.{name}"
-        for name, c in callbacks.items()
-        if isinstance(c, DictConfig) and "BackboneFinetuning" in str(c.get("_target_", ""))
-    ]
-    if cfg.model.get("backbone_lr_scale") == 0 and unfreezing:
+    if cfg.model.get("backbone_lr_scale") != 0:
+        return
+    unfreezing = _configured_callbacks(cfg, lambda c: "BackboneFinetuning" in str(c.get("_target_", "")))
+    if unfreezing:
         raise UserError(
             f"model.backbone_lr_scale=0 keeps the backbone frozen, but {', '.join(unfreezing)} unfreezes it; "
             "drop one of them (callbacks=default, or a backbone_lr_scale above 0)."
         )
 
 
-def _needs_validation(callback: Any) -> bool:
+def _needs_validation(callback: DictConfig) -> bool:
     """A checkpoint that selects by a validation metric, or early stopping."""
-    if not isinstance(callback, DictConfig):
-        return False
     target = str(callback.get("_target_", ""))
     return "EarlyStopping" in target or ("Checkpoint" in target and bool(callback.get("monitor")))
 
@@ -76,8 +78,7 @@ def _check_validation_needs(cfg: DictConfig) -> None:
     """Training on the validation images leaves nothing to select a checkpoint or stop early on."""
     if cfg.data.get("train_on", "train") != "train_and_val":
         return
-    callbacks = cfg.get("callbacks") or {}
-    needing = [f"callbacks.{name}" for name, c in callbacks.items() if _needs_validation(c)]
+    needing = _configured_callbacks(cfg, _needs_validation)
     if needing:
         raise UserError(
             f"data.train_on=train_and_val leaves no validation split, but {', '.join(needing)} needs one; "
