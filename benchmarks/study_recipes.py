@@ -78,6 +78,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher
     # lr); = experiment=offline_best (tests/test_study.py checks they compose alike)
     "lite2_probe": _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30"),
+    # the probe with its features standardised before the linear layer (model.head_norm)
+    "lite2_probe_norm": _with(
+        LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "model.head_norm=true"
+    ),
     "lite2_probe_noaug": _with(
         LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "augmentation=none"
     ),

@@ -1,4 +1,4 @@
-"""DefectClassifier: backbone + dropout/linear head, the loss, and torchmetrics per stage.
+"""DefectClassifier: backbone + (normalised) dropout/linear head, the loss, and torchmetrics per stage.
 Everything else (checkpoints, images for review, summaries) lives in callbacks."""
 
 from __future__ import annotations
@@ -112,6 +112,26 @@ def _check_arguments(
         )
 
 
+class FeatureNorm(nn.BatchNorm1d):
+    """Features standardised by batch statistics in training and running ones in eval (no affine
+    parameters); the last batch of an epoch may hold one image, which takes the running ones."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and features.shape[0] == 1:
+            return nn.functional.batch_norm(
+                features, self.running_mean, self.running_var, training=False, eps=self.eps
+            )
+        return super().forward(features)
+
+
+def _head(num_features: int, num_classes: int, dropout: float, norm: bool) -> nn.Sequential:
+    layers = [FeatureNorm(num_features)] if norm else []
+    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+
+
 class DefectClassifier(LightningModule):
     """An ImageNet backbone from the factory with a dropout + linear head, trained with
     cross-entropy; every constructor argument is saved in the checkpoint (load it with
@@ -123,6 +143,9 @@ class DefectClassifier(LightningModule):
         positive_class: the class that precision, recall, F1 and AUROC refer to.
         pretrained / require_pretrained / weights_path: where the backbone's weights come from.
         dropout, label_smoothing: regularisation of the head and the loss.
+        head_norm: standardise the features before the linear layer (batch norm without affine
+            parameters, as linear probes usually do): the head then sees every feature on one
+            scale, which ranked thumbnails better out of fold for a frozen backbone (STUDY.md).
         backbone_lr_scale: the backbone's learning rate relative to the head's; 0 freezes it (a
             linear probe: weights and batch-norm statistics stay the pretrained ones, only the
             head learns, which over-fits less than fine-tuning when there are few photos).
@@ -148,6 +171,7 @@ class DefectClassifier(LightningModule):
         weights_path: str | None = None,
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
+        head_norm: bool = False,
         backbone_lr_scale: float = 1.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -171,7 +195,7 @@ class DefectClassifier(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
         self.backbone = created.model
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(created.spec.num_features, len(class_names)))
+        self.head = _head(created.spec.num_features, len(class_names), dropout, head_norm)
         # facts of the construction, stored beside the arguments by on_save_checkpoint
         self.mean, self.std = list(created.spec.mean), list(created.spec.std)
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
