@@ -57,6 +57,9 @@ LITE2 = _with(
     "data.cache_size=260",
 )
 
+# a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher lr)
+PROBE = _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30")
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
     "tuned": TUNED,
@@ -75,16 +78,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # offline_best with every class x image-size cell drawn evenly instead of the class-weighted loss
     "lite2_harmonize_nuisance_stratum": _with(LITE2, "data.balance=stratum"),
     "lite2_harmonize_nuisance_384": _with(LITE2, "data.image_size=384", "data.cache_size=384"),
-    # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher
-    # lr); = experiment=offline_best (tests/test_study.py checks they compose alike)
-    "lite2_probe": _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30"),
-    # the probe with its features standardised before the linear layer (model.head_norm)
-    "lite2_probe_norm": _with(
-        LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "model.head_norm=true"
-    ),
-    "lite2_probe_noaug": _with(
-        LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30", "augmentation=none"
-    ),
+    # = experiment=offline_best (tests/test_study.py checks they compose alike)
+    "lite2_probe": PROBE,
+    "lite2_probe_noaug": _with(PROBE, "augmentation=none"),
+    # the probe with its features standardised before the linear layer
+    "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",

@@ -36,7 +36,7 @@ OPTIONS = {
     "ema": ("callbacks=ema",),
     "mixup_cutmix": ("model.mixup_alpha=0.2", "model.cutmix_alpha=1.0"),
     "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
-    "frozen_backbone": ("model.backbone_lr_scale=0",),
+    "frozen_backbone_head_norm": ("model.backbone_lr_scale=0", "model.head_norm=true"),
     "decision_threshold": ("model.decision_threshold=0.3",),
 }
 

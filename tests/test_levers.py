@@ -58,6 +58,24 @@ def test_a_zero_backbone_lr_scale_trains_the_head_alone_on_fixed_pretrained_feat
     assert model.head.training and not model.backbone.training
 
 
+def test_head_norm_standardises_features_by_batch_and_keeps_a_last_batch_of_one() -> None:
+    """A split of 4k + 1 images ends each epoch with a batch of one, which has no batch statistics:
+    it trains on the running ones instead of failing."""
+    model = _model(backbone_lr_scale=0, head_norm=True)
+    norm = model.head[0]
+    data = TensorDataset(torch.randn(9, 3, 64, 64), torch.tensor([0, 1] * 4 + [0]))
+    trainer = Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    assert int(norm.num_batches_tracked) == 4  # two batches of 4 per epoch; the batch of one adds none
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(data.tensors[0])
+        expected = (features - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+        torch.testing.assert_close(model.head[:2](features), expected)
+
+
 def test_warmup_then_cosine_to_zero() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = warmup_cosine(optimizer, warmup_epochs=2, max_epochs=6)
