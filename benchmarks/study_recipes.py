@@ -83,6 +83,8 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_noaug": _with(PROBE, "augmentation=none"),
     # the probe with its features standardised before the linear layer
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
+    # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
+    "lite2_probe_norm_lr1e-3": _with(PROBE, "model.head_norm=true", "optimizer.lr=0.001"),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",
