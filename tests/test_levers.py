@@ -76,6 +76,42 @@ def test_head_norm_standardises_features_by_batch_and_keeps_a_last_batch_of_one(
         torch.testing.assert_close(model.head[:2](features), expected)
 
 
+def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in model.backbone.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for key, value in module.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("unfreeze_at", [2, 1])
+def test_freeze_then_unfreeze_keeps_the_backbones_batch_norm_as_pretrained(unfreeze_at: int) -> None:
+    """callbacks=finetune (train_bn false), through Lightning's loops with validation: while the head
+    learns alone nothing in the backbone moves; after unfreezing its convolutions learn but its
+    batch-norm weights and statistics stay the pretrained ones (Lightning's own callback trains them)."""
+    from railway_defect.callbacks.finetuning import BackboneFinetuning
+
+    model = _model()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    norm_before = _batch_norm_state(model)
+    data = TensorDataset(torch.randn(8, 3, 64, 64), torch.tensor([0, 1] * 4))
+    trainer = Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=unfreeze_at, train_bn=False)],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    after = model.backbone.state_dict()
+    norm_after = _batch_norm_state(model)
+    assert all(torch.equal(norm_before[k], norm_after[k]) for k in norm_before)
+    moved = [k for k in backbone_before if not torch.equal(backbone_before[k], after[k])]
+    assert moved == [] if unfreeze_at == 2 else "conv1.weight" in moved
+
+
 def test_warmup_then_cosine_to_zero() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = warmup_cosine(optimizer, warmup_epochs=2, max_epochs=6)

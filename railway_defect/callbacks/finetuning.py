@@ -1,0 +1,46 @@
+"""Freeze-then-unfreeze (`callbacks=finetune`): Lightning's BackboneFinetuning, with `train_bn=False`
+meaning what it says. Lightning 2.6 freezes the backbone without it (its issue #21531), so the
+batch-norm layers train and their statistics drift while the head learns alone; after unfreezing
+they drift again. A pretrained backbone fine-tuned on ~100 photos should normalise with its ImageNet
+statistics, in training as in evaluation."""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from railway_defect.models.module import FROZEN_MODULES_WARNING
+
+
+class BackboneFinetuning(LightningBackboneFinetuning):
+    """Lightning's BackboneFinetuning; with `train_bn=False` the backbone's batch-norm layers stay as
+    pretrained for the whole run: eval mode (running statistics normalise training batches too),
+    never updated."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not self.train_bn:  # Lightning warns about modules in eval mode: here that is the point
+            warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
+
+    def freeze_before_training(self, pl_module: LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)
+        self._hold_batch_norm(pl_module)
+
+    def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        """Lightning's schedule; unfreezing makes every layer trainable, batch norm included."""
+        super().finetune_function(pl_module, epoch, optimizer)
+        self._hold_batch_norm(pl_module)
+
+    def _hold_batch_norm(self, pl_module: LightningModule) -> None:
+        """Runs at every epoch start: Lightning restores each module's mode after validation, and
+        Grad-CAM after explaining, but nothing else calls train() on them."""
+        if self.train_bn:
+            return
+        for module in pl_module.backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+                module.requires_grad_(False)
