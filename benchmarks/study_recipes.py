@@ -85,6 +85,16 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
     "lite2_probe_norm_lr1e-3": _with(PROBE, "model.head_norm=true", "optimizer.lr=0.001"),
+    # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
+    # kept as pretrained) joins at the head's decayed lr for 6 more
+    "lite2_probe_then_finetune": _with(
+        PROBE,
+        "model.backbone_lr_scale=1.0",
+        "callbacks=finetune",
+        "callbacks.finetune.unfreeze_backbone_at_epoch=30",
+        "callbacks.finetune.backbone_initial_ratio_lr=1.0",
+        "trainer.max_epochs=36",
+    ),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",
