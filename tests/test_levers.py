@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -85,14 +86,25 @@ def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("unfreeze_at", [2, 1])
-def test_freeze_then_unfreeze_keeps_the_backbones_batch_norm_as_pretrained(unfreeze_at: int) -> None:
-    """callbacks=finetune (train_bn false), through Lightning's loops with validation: while the head
-    learns alone nothing in the backbone moves; after unfreezing its convolutions learn but its
-    batch-norm weights and statistics stay the pretrained ones (Lightning's own callback trains them)."""
+@pytest.mark.parametrize(
+    ("unfreeze_at", "scheduler"),
+    [
+        (2, partial(warmup_cosine, warmup_epochs=1, max_epochs=2)),
+        (1, partial(warmup_cosine, warmup_epochs=1, max_epochs=2)),
+        (1, partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=2)),
+    ],
+)
+def test_freeze_then_unfreeze_keeps_the_backbones_batch_norm_as_pretrained(
+    unfreeze_at: int, scheduler: Any
+) -> None:
+    """callbacks=finetune (train_bn false), through Lightning's loops with validation and an lr
+    scheduler: while the head learns alone nothing in the backbone moves; after unfreezing its
+    convolutions learn but its batch-norm weights and statistics stay the pretrained ones
+    (Lightning's own callback trains them), and the scheduler steps on with the backbone's new
+    param group at the lr the callback gives it."""
     from railway_defect.callbacks.finetuning import BackboneFinetuning
 
-    model = _model()
+    model = _model(scheduler=scheduler)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     norm_before = _batch_norm_state(model)
     data = TensorDataset(torch.randn(8, 3, 64, 64), torch.tensor([0, 1] * 4))
@@ -110,6 +122,8 @@ def test_freeze_then_unfreeze_keeps_the_backbones_batch_norm_as_pretrained(unfre
     assert all(torch.equal(norm_before[k], norm_after[k]) for k in norm_before)
     moved = [k for k in backbone_before if not torch.equal(backbone_before[k], after[k])]
     assert moved == [] if unfreeze_at == 2 else "conv1.weight" in moved
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == (1 if unfreeze_at == 2 else 2)
 
 
 def test_warmup_then_cosine_to_zero() -> None:

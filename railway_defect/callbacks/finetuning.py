@@ -1,8 +1,11 @@
-"""Freeze-then-unfreeze (`callbacks=finetune`): Lightning's BackboneFinetuning, with `train_bn=False`
-meaning what it says. Lightning 2.6 freezes the backbone without it (its issue #21531), so the
-batch-norm layers train and their statistics drift while the head learns alone; after unfreezing
-they drift again. A pretrained backbone fine-tuned on ~100 photos should normalise with its ImageNet
-statistics, in training as in evaluation."""
+"""Freeze-then-unfreeze (`callbacks=finetune`): Lightning's BackboneFinetuning, with two fixes.
+- `train_bn=False` means what it says. Lightning 2.6 freezes the backbone without it (its issue
+  #21531), so the batch-norm layers train and their statistics drift while the head learns alone;
+  after unfreezing they drift again. A pretrained backbone fine-tuned on ~100 photos should
+  normalise with its ImageNet statistics, in training as in evaluation.
+- It works with the lr schedulers. Unfreezing adds the backbone to the optimizer as a new param
+  group; torch's schedulers keep one entry per group from their start, and their next step fails
+  ("zip() argument 2 is shorter than argument 1")."""
 
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ class BackboneFinetuning(LightningBackboneFinetuning):
         self.freeze(pl_module.backbone, train_bn=self.train_bn)
         self._hold_batch_norm(pl_module)
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        _schedule_added_groups(trainer)
+
     def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Lightning's schedule; unfreezing makes every layer trainable, batch norm included."""
         super().finetune_function(pl_module, epoch, optimizer)
@@ -44,3 +51,16 @@ class BackboneFinetuning(LightningBackboneFinetuning):
             if isinstance(module, _BatchNorm):
                 module.eval()
                 module.requires_grad_(False)
+
+
+def _schedule_added_groups(trainer: Trainer) -> None:
+    """Each scheduler carries the param groups added since it started (its per-group lists grow,
+    after a resume too). Schedulers here step at epoch end and the callback sets the backbone
+    group's lr at every epoch start, so that lr stays the callback's, as Lightning intends."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        groups = len(scheduler.optimizer.param_groups)
+        for name in ("base_lrs", "_last_lr", "lr_lambdas"):
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and values:
+                values.extend([values[-1]] * (groups - len(values)))
