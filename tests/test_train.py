@@ -155,6 +155,29 @@ def test_a_normal_run_prints_no_warning_a_user_cannot_act_on(tmp_path: Path) -> 
     assert not noise, "\n".join(noise)
 
 
+def test_freeze_then_unfreeze_runs_with_the_default_callbacks(tmp_path: Path) -> None:
+    """callbacks=finetune as users run it (progress bar, model summary, review images with Grad-CAM),
+    with warmup + cosine and a standardised head: the backbone joins at epoch 1 and the scheduler
+    steps on; frozen batch norm is in eval mode on purpose, so Lightning's warning about it is not
+    shown."""
+    data = make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 4})
+    run = tmp_path / "run"
+    result = run_cli(
+        "railway_defect.train",
+        *(o for o in FAST if not o.startswith("callbacks.")),  # the default callbacks, as users run
+        "callbacks=finetune",
+        "callbacks.finetune.unfreeze_backbone_at_epoch=1",
+        "scheduler=warmup_cosine",
+        "model.head_norm=true",
+        f"data.root={data}",
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = RunRecord.read(run)
+    assert record.status == "finished" and [row["epoch"] for row in record.history] == [0, 1]
+    assert "in eval mode at the start of training" not in result.stderr
+
+
 def test_validation_twice_per_epoch(compose_train, tiny_dataset: Path) -> None:
     """lightning-hydra-template's double validation loop: val_check_interval=0.5."""
     cfg = compose_train(

@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from railway_defect.models.module import FROZEN_MODULES_WARNING
+from railway_defect.models.module import ignore_frozen_modules_warning
 
 
 class BackboneFinetuning(LightningBackboneFinetuning):
@@ -26,8 +24,8 @@ class BackboneFinetuning(LightningBackboneFinetuning):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if not self.train_bn:  # Lightning warns about modules in eval mode: here that is the point
-            warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
+        if not self.train_bn:
+            ignore_frozen_modules_warning()
 
     def freeze_before_training(self, pl_module: LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=self.train_bn)

@@ -112,6 +112,12 @@ def _check_arguments(
         )
 
 
+def ignore_frozen_modules_warning() -> None:
+    """Lightning warns about modules in eval mode at the start of training; frozen pretrained layers
+    are in eval mode on purpose."""
+    warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
+
+
 class FeatureNorm(nn.BatchNorm1d):
     """Features standardised by batch statistics in training and running ones in eval (no affine
     parameters); the last batch of an epoch may hold one image, which takes the running ones."""
@@ -244,8 +250,7 @@ class DefectClassifier(LightningModule):
             self.frozen_backbone = True
             # Lightning's loops restore each module's own mode after validation; they never call train()
             self.backbone.eval()
-            # ... and warn about modules in eval mode at the start of training: here that is the point
-            warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
+            ignore_frozen_modules_warning()
 
     def train(self, mode: bool = True) -> DefectClassifier:
         """A frozen backbone stays in eval mode: its batch-norm statistics are the pretrained ones."""
