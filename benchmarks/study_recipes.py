@@ -95,6 +95,16 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "callbacks.finetune.backbone_initial_ratio_lr=1.0",
         "trainer.max_epochs=36",
     ),
+    # ... with the backbone joining at a tenth of the head's lr (then x1.5 per epoch, at most the
+    # head's): the full rate undid the probe
+    "lite2_probe_then_finetune_ratio0.1": _with(
+        PROBE,
+        "model.backbone_lr_scale=1.0",
+        "callbacks=finetune",
+        "callbacks.finetune.unfreeze_backbone_at_epoch=30",
+        "callbacks.finetune.backbone_initial_ratio_lr=0.1",
+        "trainer.max_epochs=36",
+    ),
     "tuned_harmonize_nuisance_lr3e-4_full": _with(
         TUNED,
         "data.harmonize=thumbnail",
