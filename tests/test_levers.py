@@ -124,6 +124,9 @@ def test_freeze_then_unfreeze_keeps_the_backbones_batch_norm_as_pretrained(
     assert moved == [] if unfreeze_at == 2 else "conv1.weight" in moved
     groups = trainer.optimizers[0].param_groups
     assert len(groups) == (1 if unfreeze_at == 2 else 2)
+    model.train()  # e.g. after Grad-CAM, which restores the mode it found
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert model.backbone.training == (unfreeze_at == 1) and model.head.training
 
 
 def test_warmup_then_cosine_to_zero() -> None:

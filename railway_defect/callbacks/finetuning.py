@@ -14,41 +14,30 @@ from lightning.pytorch.callbacks import BackboneFinetuning as LightningBackboneF
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from railway_defect.models.module import ignore_frozen_modules_warning
-
 
 class BackboneFinetuning(LightningBackboneFinetuning):
     """Lightning's BackboneFinetuning; with `train_bn=False` the backbone's batch-norm layers stay as
-    pretrained for the whole run: eval mode (running statistics normalise training batches too),
-    never updated."""
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if not self.train_bn:
-            ignore_frozen_modules_warning()
+    pretrained for the whole run: frozen, and so held in eval mode by the module (running statistics
+    normalise training batches too)."""
 
     def freeze_before_training(self, pl_module: LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=self.train_bn)
-        self._hold_batch_norm(pl_module)
+        pl_module.train(pl_module.training)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         _schedule_added_groups(trainer)
 
     def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        """Lightning's schedule; unfreezing makes every layer trainable, batch norm included."""
+        """Lightning's schedule; unfreezing makes every layer trainable, batch norm included, so at
+        every epoch start (after a resume too) batch norm is frozen again and the module's train()
+        puts the layers that learn in training mode and holds the frozen ones in eval."""
         super().finetune_function(pl_module, epoch, optimizer)
-        self._hold_batch_norm(pl_module)
-
-    def _hold_batch_norm(self, pl_module: LightningModule) -> None:
-        """Runs at every epoch start: Lightning restores each module's mode after validation, and
-        Grad-CAM after explaining, but nothing else calls train() on them."""
-        if self.train_bn:
-            return
-        for module in pl_module.backbone.modules():
-            if isinstance(module, _BatchNorm):
-                module.eval()
-                module.requires_grad_(False)
+        if not self.train_bn:
+            for module in pl_module.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.requires_grad_(False)
+        pl_module.train(pl_module.training)
 
 
 def _schedule_added_groups(trainer: Trainer) -> None:

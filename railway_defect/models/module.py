@@ -118,6 +118,19 @@ def ignore_frozen_modules_warning() -> None:
     warnings.filterwarnings("ignore", message=FROZEN_MODULES_WARNING, module=r"lightning\.pytorch")
 
 
+def hold_frozen_layers(module: nn.Module) -> None:
+    """Put every part of `module` whose parameters are all frozen in eval mode: pretrained layers
+    that do not learn (a linear probe's backbone, batch norm kept as pretrained while fine-tuning)
+    normalise with their pretrained statistics and drop nothing, in training as in use."""
+    parameters = list(module.parameters())
+    if parameters and not any(p.requires_grad for p in parameters):
+        module.eval()
+        ignore_frozen_modules_warning()
+        return
+    for child in module.children():
+        hold_frozen_layers(child)
+
+
 class FeatureNorm(nn.BatchNorm1d):
     """Features standardised by batch statistics in training and running ones in eval (no affine
     parameters); the last batch of an epoch may hold one image, which takes the running ones."""
@@ -206,8 +219,6 @@ class DefectClassifier(LightningModule):
         self.mean, self.std = list(created.spec.mean), list(created.spec.std)
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
         self.positive_index = class_names.index(positive_class)
-        # set by setup("fit") when backbone_lr_scale is 0; scoring a loaded model never freezes it
-        self.frozen_backbone = False
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.mixup = _batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
@@ -244,19 +255,18 @@ class DefectClassifier(LightningModule):
         checkpoint["railway_defect_version"] = __version__  # which code wrote it (the wheel's version)
 
     def setup(self, stage: str) -> None:
-        """backbone_lr_scale=0: the backbone is fixed for training (no gradients, eval mode)."""
+        """backbone_lr_scale=0: the backbone is fixed for training (no gradients, eval mode); scoring
+        a loaded model never freezes it."""
         if stage == "fit" and self.hparams.backbone_lr_scale == 0:
             self.backbone.requires_grad_(False)
-            self.frozen_backbone = True
             # Lightning's loops restore each module's own mode after validation; they never call train()
-            self.backbone.eval()
-            ignore_frozen_modules_warning()
+            self.train(self.training)
 
     def train(self, mode: bool = True) -> DefectClassifier:
-        """A frozen backbone stays in eval mode: its batch-norm statistics are the pretrained ones."""
+        """Frozen backbone layers stay in eval mode (hold_frozen_layers), whoever calls train()."""
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
+        if mode:
+            hold_frozen_layers(self.backbone)
         return self
 
     @property
