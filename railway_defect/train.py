@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -55,6 +57,13 @@ def main(cfg: DictConfig) -> float | None:
             return run_sweep_job(cfg, run_training)
         return run_command(lambda: run_training(cfg), TRAIN_DISK_HINT)
     except SIGTERMException:
+        if multiprocessing.current_process().name != "MainProcess":
+            # a launcher's worker (hydra/launcher=joblib): it ends, so the sweep that forwarded the
+            # signal sees it stop (an exception would return to the worker, ready for the next job)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
         raise SystemExit(128 + signal.SIGTERM) from None  # stopped, not finished: never exit 0
 
 

@@ -246,6 +246,16 @@ def test_ckpt_path_last_falls_back_to_the_newest_readable_checkpoint(tmp_path: P
         resolve_ckpt_path("last", tmp_path / "new_run", runs)
 
 
+def test_ckpt_path_last_in_a_sweep_job_takes_only_the_jobs_own_checkpoint(tmp_path: Path) -> None:
+    """A sweep continued with ckpt_path=last: each job resumes from its own last.ckpt; a job that
+    never ran starts afresh instead of continuing another fold's or seed's model."""
+    sweep = tmp_path / "sweep"
+    own = save_tiny_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt")
+    save_tiny_checkpoint(sweep / "1" / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("last", sweep / "0", None) == own
+    assert resolve_ckpt_path("last", sweep / "2", None) is None
+
+
 # ---- full and read-only disks in every command ---------------------------------------------------------
 
 

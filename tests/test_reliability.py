@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -295,6 +296,64 @@ def test_ctrl_c_or_sigterm_saves_last_ckpt_and_says_how_to_resume(
     assert "Resume with" in output and f"ckpt_path={last}" in output
     assert torch.load(last, weights_only=False)["global_step"] > first_step
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def _sweep_command(sweep: Path, data: Path, epochs: int) -> list[str]:
+    """Three seeds, two at a time in joblib's worker processes, with the default callbacks."""
+    overrides = (
+        "model=resnet18",
+        "model.pretrained=false",
+        "data.image_size=64",
+        "data.cache_size=72",
+        "data.batch_size=4",
+        "trainer.accelerator=cpu",
+        f"trainer.max_epochs={epochs}",
+        f"data.root={data}",
+        "seed=1,2,3",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    return [sys.executable, "-m", "railway_defect.train", "-m", *overrides]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_joblib_sweep_whose_jobs_then_resume(tmp_path: Path, slower_dataset: Path) -> None:
+    """SIGTERM to a sweep whose jobs run in joblib's workers (what `kill` or a scheduler sends)
+    stops the running jobs with last.ckpt saved, instead of leaving them training, orphaned; the same
+    command plus ckpt_path=last continues each job from its own last.ckpt and starts a job that never
+    ran from the beginning, never from another job's checkpoint."""
+    sweep, epochs = tmp_path / "sweep", 8
+    command = _sweep_command(sweep, slower_dataset, epochs)
+    env = {**os.environ, **OFFLINE_ENV}
+    process = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 240
+    while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the sweep's jobs did not start training"
+        time.sleep(0.05)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert f"ckpt_path=last hydra.sweep.dir={sweep}" in output
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    stopped = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert {job: m["status"] for job, m in stopped.items()} == {"0": "interrupted", "1": "interrupted"}
+
+    resumed = subprocess.run(
+        [*command, "ckpt_path=last"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for job in ("0", "1", "2"):
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        assert record["status"] == "finished"
+        assert [row["epoch"] for row in record["history"]] == list(range(epochs))
+        own = str(sweep / job / "checkpoints" / "last.ckpt")
+        assert record["resumed_from"] == (None if job == "2" else own)
 
 
 def test_a_ctrl_c_that_python_drops_is_raised_at_the_next_batch() -> None:

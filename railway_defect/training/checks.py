@@ -107,15 +107,19 @@ def _newest_first(paths: list[Path]) -> list[Path]:
     return sorted(set(paths), key=mtime, reverse=True)
 
 
-def _resolve_last(output_dir: Path, runs_root: Path) -> Path:
+def _resolve_last(output_dir: Path, runs_root: Path | None) -> Path | None:
     """This run dir's last.ckpt, else the newest last.ckpt under `runs_root`; when that one is cut short
-    (a kill or a full disk during an older, non-atomic write) the newest readable checkpoint instead."""
+    (a kill or a full disk during an older, non-atomic write) the newest readable checkpoint instead.
+    Without `runs_root` (a sweep job) only the run dir's own, or None: the job starts afresh."""
     own = output_dir / "checkpoints" / "last.ckpt"
-    others = [p for p in runs_root.glob("*/**/checkpoints/last.ckpt") if output_dir not in p.parents]
+    others = _other_runs(runs_root, output_dir, "last.ckpt")
     if own.is_file():
         chosen = own
     elif others:
         chosen = _newest_first(others)[0]
+    elif runs_root is None:
+        log.info("ckpt_path=last: this sweep job has no last.ckpt yet; it starts from the beginning.")
+        return None
     else:
         raise UserError(
             f"ckpt_path=last: no last.ckpt under {runs_root}; give the checkpoint's path instead."
@@ -126,7 +130,7 @@ def _resolve_last(output_dir: Path, runs_root: Path) -> Path:
         return chosen
     # the run's own checkpoints first (best.ckpt of the same run), then the other runs' ones
     own_dir = list((output_dir / "checkpoints").glob("*.ckpt"))
-    everywhere = [p for p in runs_root.glob("*/**/checkpoints/*.ckpt") if output_dir not in p.parents]
+    everywhere = _other_runs(runs_root, output_dir, "*.ckpt")
     for candidate in [*_newest_first(own_dir), *_newest_first(everywhere)]:
         if candidate != chosen and is_readable_checkpoint(candidate):
             log.warning(
@@ -138,14 +142,22 @@ def _resolve_last(output_dir: Path, runs_root: Path) -> Path:
             return candidate
     raise UserError(
         f"ckpt_path=last: {chosen} is not a readable checkpoint (cut short?) and no other checkpoint under "
-        f"{runs_root} is; give a checkpoint's path or start without ckpt_path."
+        f"{runs_root or output_dir} is; give a checkpoint's path or start without ckpt_path."
     )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path) -> Path | None:
+def _other_runs(runs_root: Path | None, output_dir: Path, name: str) -> list[Path]:
+    """Checkpoints called `name` of the runs under `runs_root` other than `output_dir`'s."""
+    if runs_root is None:
+        return []
+    return [p for p in runs_root.glob(f"*/**/checkpoints/{name}") if output_dir not in p.parents]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, runs_root: Path | None) -> Path | None:
     """`ckpt_path=last`: this run dir's last.ckpt if it has one, else the newest last.ckpt of any
     run under `runs_root` (an unreadable one falls back to the newest readable checkpoint, with a
-    warning); any other value must be an existing file."""
+    warning); without `runs_root` (a sweep job, which must never continue another job's model) the
+    run dir's own or None. Any other value must be an existing file."""
     if not ckpt_path:
         return None
     if str(ckpt_path) == "last":

@@ -1,13 +1,18 @@
 """Hydra callbacks (registered in conf/hydra/default.yaml): a check that must run before Hydra
-creates the run directory, and the sweep summary kept current after every job."""
+creates the run directory, the sweep summary kept current after every job, and SIGTERM reaching
+the jobs of a sweep that runs them in joblib's worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
+import psutil
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -77,3 +82,55 @@ class SweepSummary(Callback):
                 f"{len(summary.not_ok)} of {len(summary.rows)} jobs did not finish ok: {jobs}; "
                 f"see {sweep_dir / 'summary.md'}"
             )
+
+
+class StopJobsOnSigterm(Callback):
+    """SIGTERM to a sweep whose jobs run in joblib's worker processes (`hydra/launcher=joblib`)
+    stops those jobs too. Without this the sweep process dies at once and its workers train on,
+    orphaned, with every job recorded as running. Each worker gets SIGTERM: a job in training stops
+    at the next batch with last.ckpt saved and ends its worker (train.py); the sweep waits up to
+    `shutdown_grace_s`, kills what is left, updates the summary, says how to resume and exits 143."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if "joblib" not in launcher or threading.current_thread() is not threading.main_thread():
+            return
+        grace_s = float(OmegaConf.select(config, "shutdown_grace_s", default=60))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        metric = OmegaConf.select(config, "optimized_metric")
+
+        def stop(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
+            stop_workers(grace_s)
+            with contextlib.suppress(UserError, OSError):
+                summarize_and_write(sweep_dir, metric, show=False)
+            log.warning(
+                "SIGTERM: the sweep stopped; its interrupted jobs saved last.ckpt. Continue it with the "
+                "same command plus ckpt_path=last hydra.sweep.dir=%s (each job resumes from its own).",
+                sweep_dir,
+            )
+            raise SystemExit(128 + signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
+def stop_workers(grace_s: float) -> None:
+    """SIGTERM to this process's worker processes, then SIGKILL to those (and anything they
+    started) still alive `grace_s` seconds later. Resource trackers ignore SIGTERM; they end with
+    this process."""
+    workers = [p for p in psutil.Process().children() if not _is_resource_tracker(p)]
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.terminate()
+    _, alive = psutil.wait_procs(workers, timeout=grace_s)
+    for worker in alive:
+        with contextlib.suppress(psutil.Error):
+            for process in [*worker.children(recursive=True), worker]:
+                process.kill()
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return True

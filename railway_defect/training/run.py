@@ -27,6 +27,7 @@ from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.module import DefectClassifier
+from railway_defect.sweeps import in_multirun
 from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.training.launching import spawn_in_sweep
 from railway_defect.training.record import (
@@ -308,9 +309,9 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path | None, int]:
     check_config(cfg)
     resolve_hardware_defaults(cfg)
     torch_threads = configure_torch_threads(cfg.get("num_threads"))
-    ckpt_path = resolve_ckpt_path(
-        cfg.get("ckpt_path"), Path(cfg.paths.output_dir), Path(cfg.paths.output_root) / cfg.task_name
-    )
+    # a sweep job resumes from its own last.ckpt only: another job's is another fold or seed
+    runs_root = None if in_multirun() else Path(cfg.paths.output_root) / cfg.task_name
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), runs_root)
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, get_spec(cfg.model.backbone).name)
     L.seed_everything(cfg.seed, workers=True)
