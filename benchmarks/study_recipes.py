@@ -5,7 +5,8 @@ one full training took. Recipes are selected by these numbers, never by the Vali
 
 Each recipe is one CV sweep (`data.fold=range(K)` x seeds, as `experiment=cv` runs it) in
 <out>/<recipe>/, summarised by the sweep summary (oof.json); recipes whose sweep already finished
-are read, not run again.
+are read, not run again, and an interrupted sweep continues (`ckpt_path=last`: each job from its
+own last.ckpt). SIGTERM stops the running sweeps, their jobs saving last.ckpt.
 
     python benchmarks/study_recipes.py [--recipes a,b] [--seeds 1,2] [--folds 5] [--n-jobs 2]
         [--parallel 1] [--out outputs/study] [--read-only] [--quick]
@@ -14,8 +15,10 @@ are read, not run again.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,16 +149,17 @@ def run_sweep(name: str, overrides: tuple[str, ...], args: Any) -> dict[str, Any
             "hydra/launcher=joblib",
             f"hydra.launcher.n_jobs={args.n_jobs}",
             f"hydra.sweep.dir={sweep_dir}",
+            "ckpt_path=last",  # an interrupted sweep continues; a job that never ran starts afresh
             *COMMON,
             *overrides,
         ]
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        stdout, stderr = _run_sweep_process(command)
         took = time.perf_counter() - start
         (sweep_dir / "study.log").parent.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "study.log").write_text(result.stdout[-20000:] + result.stderr[-20000:])
+        (sweep_dir / "study.log").write_text(stdout[-20000:] + stderr[-20000:])
         if not done.is_file():
-            return {"recipe": name, "overrides": list(overrides), "error": result.stderr[-500:]}
+            return {"recipe": name, "overrides": list(overrides), "error": stderr[-500:]}
     pooled = json.loads(done.read_text())[0]
     durations = [json.loads(p.read_text()).get("duration_s") or 0.0 for p in sweep_dir.glob("*/metrics.json")]
     return {
@@ -166,6 +170,35 @@ def run_sweep(name: str, overrides: tuple[str, ...], args: Any) -> dict[str, Any
         "mean_job_s": sum(durations) / max(1, len(durations)),
         "sweep_s": took,
     }
+
+
+# the sweeps running now, which SIGTERM to this script stops (their jobs save last.ckpt)
+RUNNING: set[subprocess.Popen] = set()
+RUNNING_LOCK = threading.Lock()
+
+
+def _run_sweep_process(command: list[str]) -> tuple[str, str]:
+    with RUNNING_LOCK:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        RUNNING.add(process)
+    try:
+        return process.communicate()
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.discard(process)
+
+
+def _stop_sweeps(signum: int, frame: Any) -> None:
+    """SIGTERM: pass it on to the sweeps (each stops its jobs), wait for them, exit 143."""
+    with RUNNING_LOCK:
+        sweeps = list(RUNNING)
+    for process in sweeps:
+        process.terminate()
+    for process in sweeps:
+        process.wait()
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def study_markdown(results: list[dict[str, Any]], args: Any) -> str:
@@ -231,6 +264,7 @@ def main() -> None:
         recipes = {"quick": QUICK}
         args.folds, args.seeds = 2, "1"
     print(machine_info(), flush=True)
+    signal.signal(signal.SIGTERM, _stop_sweeps)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda item: run_sweep(*item, args), recipes.items()))
     for r in results:
