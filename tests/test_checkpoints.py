@@ -208,3 +208,5 @@ def _final_model_takes_its_threshold_from_the_sweep(
     assert (final.path.parent / "best.ckpt.calibration.json").is_file()
     with pytest.raises(UserError, match="differ in input_size; give the cross-validation sweep"):
         run_evaluation(str(finals["other_size"]), str(data), oof=str(sweep), bootstrap=20)
+    with pytest.raises(UserError, match="is not a cross-validation sweep directory"):
+        run_evaluation(str(finals["final"]), str(data), oof=str(finals["other_size"]), bootstrap=20)

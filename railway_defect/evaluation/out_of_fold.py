@@ -16,11 +16,13 @@ from railway_defect.inference.model import (
     Calibration,
     EnsemblePredictor,
     Predictor,
-    load_predictor,
+    model_checkpoints,
+    model_info,
     write_calibration,
 )
 from railway_defect.sweeps import oof
 from railway_defect.sweeps.summary import job_dirs, pooled_out_of_fold, read_job
+from railway_defect.training.checks import checkpoint_hparams
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
@@ -36,12 +38,14 @@ def _pooled(sweep: Path, target_recall: float, bootstrap: int) -> oof.OutOfFold:
 
 
 def _check_same_recipe(predictor: Predictor, sweep: Path) -> None:
-    """The final model must see images as the sweep's fold models did, or their threshold means nothing."""
-    members = load_predictor(sweep, device="cpu")
-    if not isinstance(members, EnsemblePredictor):
+    """The final model must see images as the sweep's fold models did, or their threshold means
+    nothing. Reads the fold models' stored hyperparameters only, not their weights."""
+    members = model_checkpoints(sweep) if sweep.is_dir() else []
+    if len(members) < 2:
         raise UserError(f"oof={sweep} is not a cross-validation sweep directory (it holds one model).")
-    ours, theirs = asdict(predictor.info), asdict(members.info)
-    differing = sorted(k for k in ours if ours[k] != theirs[k])
+    ours = asdict(predictor.info)
+    theirs = [asdict(model_info(checkpoint_hparams(member))) for member in members]
+    differing = sorted({k for info in theirs for k in ours if ours[k] != info[k]})
     if differing:
         raise UserError(
             f"ckpt_path and the models of oof={sweep} differ in {', '.join(differing)}; give the "

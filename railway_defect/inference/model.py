@@ -176,18 +176,8 @@ class CheckpointPredictor(Predictor):
 
         self.device = _torch_device(device)
         self.model = load_classifier(path, self.device)
-        hparams = self.model.hparams
-        info = ModelInfo(
-            class_names=list(hparams["class_names"]),
-            positive_class=hparams["positive_class"],
-            input_size=int(hparams["input_size"]),
-            mean=self.model.mean,
-            std=self.model.std,
-            cache_size=int(hparams.get("cache_size") or DEFAULT_CACHE_SIZE),
-            backbone=hparams.get("backbone"),
-            harmonize=hparams.get("harmonize", "none"),
-        )
-        super().__init__(path, sha256, info, _recipe_calibration(hparams), "checkpoint")
+        hparams = {**self.model.hparams, "mean": self.model.mean, "std": self.model.std}
+        super().__init__(path, sha256, model_info(hparams), _recipe_calibration(hparams), "checkpoint")
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -196,6 +186,26 @@ class CheckpointPredictor(Predictor):
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module, for export."""
         return nn.Sequential(self.model.backbone, self.model.head).eval()
+
+
+def model_info(hparams: Any) -> ModelInfo:
+    """A checkpoint's classes and preprocessing, from its stored hyperparameters (on_save_checkpoint
+    stores the input normalisation among them; older checkpoints have their backbone's)."""
+    if "mean" not in hparams or "std" not in hparams:
+        from railway_defect.models.backbones import get_spec
+
+        spec = get_spec(hparams["backbone"])
+        hparams = {**hparams, "mean": spec.mean, "std": spec.std}
+    return ModelInfo(
+        class_names=list(hparams["class_names"]),
+        positive_class=hparams["positive_class"],
+        input_size=int(hparams["input_size"]),
+        mean=list(hparams["mean"]),
+        std=list(hparams["std"]),
+        cache_size=int(hparams.get("cache_size") or DEFAULT_CACHE_SIZE),
+        backbone=hparams.get("backbone"),
+        harmonize=hparams.get("harmonize", "none"),
+    )
 
 
 def _recipe_calibration(hparams: Any) -> Calibration:
