@@ -26,7 +26,7 @@ from typing import Any
 
 from _common import PROJECT_ROOT, SAMPLE_DATA, machine_info, parser
 
-from railway_defect.sweeps.oof import format_metric
+from railway_defect.sweeps.oof import format_metric, one_model_summary
 
 # shared by every recipe: no review images (figures cost time and change no number)
 # and no loader workers (images are decoded once; several jobs share the machine's cores)
@@ -127,6 +127,7 @@ QUICK = (
 )
 # what STUDY.md shows per stratum, from oof.json
 COLUMNS = ("balanced_accuracy", "recall", "specificity")
+ONE_MODEL = ("auroc", "balanced_accuracy@threshold")
 
 
 def run_sweep(name: str, overrides: tuple[str, ...], args: Any) -> dict[str, Any]:
@@ -214,9 +215,15 @@ def study_markdown(results: list[dict[str, Any]], args: Any) -> str:
         "reaches defect recall >= 0.95 on these same out-of-fold scores, so numbers at it are "
         "optimistic; so is the best row of this table, which was selected by it.",
         "",
+        "",
+        "The last two columns estimate one model (such as the recipe's final one) instead of the mean "
+        "over seeds: each seed's out-of-fold predictions alone, mean [min, max] over seeds, point "
+        "values at the same threshold.",
+        "",
         "| recipe | stratum (n) | threshold | BA at 0.5 | BA at threshold | recall at threshold | "
-        "specificity at threshold | AUROC | mean time per fold job (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "specificity at threshold | AUROC | mean time per fold job (s) | one model: AUROC | "
+        "one model: BA at threshold |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "error" in r:
@@ -236,7 +243,9 @@ def study_markdown(results: list[dict[str, Any]], args: Any) -> str:
             lines.append(
                 f"| {r['recipe']} | {stratum} ({at['n']}) | {oof['threshold']:.3f} | "
                 + " | ".join(format_metric(m) for m in cells)
-                + f" | {r['mean_job_s']:.0f} |"
+                + f" | {r['mean_job_s']:.0f} | "
+                + " | ".join(one_model_summary(oof.get("per_seed", {}), stratum, m) for m in ONE_MODEL)
+                + " |"
             )
     lines += ["", "## Recipes", ""]
     lines += [f"- `{r['recipe']}`: `{' '.join(r['overrides'])}`" for r in results]

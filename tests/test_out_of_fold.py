@@ -58,12 +58,36 @@ def test_sweep_summary_pools_out_of_fold_predictions_per_configuration(tmp_path:
     assert result.metrics["all@0.5"]["n"] == 12
     pooled = json.loads((sweep / "oof.json").read_text())[0]
     assert pooled["worst_stratum"] == "other sizes"
-    assert pooled["balanced_accuracy_per_seed"] == pytest.approx([0.75, 0.75])
+    assert [m["all"]["balanced_accuracy@0.5"] for m in pooled["per_seed"].values()] == pytest.approx(
+        [0.75, 0.75]
+    )
     with (sweep / "oof_predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["repeats"] for r in rows} == {"2"}
     markdown = (sweep / "summary.md").read_text()
     assert "Out-of-fold estimates" in markdown and "32x32 (6)" in markdown
+
+
+def test_one_models_estimate_is_each_seeds_predictions_alone(tmp_path: Path) -> None:
+    """The mean over seeds is an ensemble's score: here it ranks every image right though neither
+    seed's models do. One model (the recipe's final one) is estimated by each seed alone."""
+    images = [write_image(tmp_path / "img" / f"{i}.png", size=(32, 32), seed=i) for i in range(8)]
+    labels = ["Defective"] * 4 + ["Non defective"] * 4
+    scores = {
+        1: [0.9, 0.8, 0.7, 0.3, 0.4, 0.2, 0.1, 0.1],  # one defect below one sound image: AUROC 15/16
+        2: [0.8, 0.9, 0.3, 0.9, 0.35, 0.5, 0.2, 0.1],  # one defect below two: 14/16
+    }
+    sweep = tmp_path / "sweep"
+    for seed, seed_scores in scores.items():
+        for fold in (0, 1):
+            rows = [(images[i], labels[i], seed_scores[i]) for i in range(8) if i % 2 == fold]
+            _job(sweep, f"{seed}{fold}", [f"seed={seed}", f"data.fold={fold}"], rows, fold)
+
+    (result,) = summarize_and_write(sweep, show=False).out_of_fold
+    assert result.metrics["all@0.5"]["auroc"]["value"] == pytest.approx(1.0)
+    assert [m["all"]["auroc"] for m in result.per_seed.values()] == pytest.approx([15 / 16, 14 / 16])
+    markdown = (sweep / "summary.md").read_text()
+    assert "One model's estimate" in markdown and "| 0.906 [0.88, 0.94] |" in markdown
 
 
 def test_jobs_without_folds_have_no_out_of_fold_section(tmp_path: Path) -> None:

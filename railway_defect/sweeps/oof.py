@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from railway_defect.data.strata import image_size_strata
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
@@ -45,10 +46,13 @@ class OutOfFold:
     positive_class: str
     images: list[ImagePrediction]
     strata: dict[str, str]
-    repeat_balanced_accuracy: list[float]
+    # seed -> image path -> the score its fold model of that seed gave it
+    repeat_scores: dict[str, dict[str, float]]
     threshold: float = 0.5
     target_recall: float = TARGET_RECALL
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # one model's estimate: each seed's predictions alone (no mean over seeds), per stratum
+    per_seed: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -65,7 +69,7 @@ def pool(
 ) -> OutOfFold | None:
     """Pool the jobs' predictions: an image's score is its mean over repeats (seeds)."""
     images: dict[str, ImagePrediction] = {}
-    per_repeat: dict[str, list[tuple[bool, float]]] = {}
+    repeat_scores: dict[str, dict[str, float]] = {}
     positive = ""
     for file, seed in zip(prediction_files, seeds, strict=True):
         rows = _read_predictions(file)
@@ -76,18 +80,12 @@ def pool(
         for row in rows:
             image = images.setdefault(row["path"], ImagePrediction(row["path"], row["label"]))
             image.scores.append(float(row[column]))
-            per_repeat.setdefault(seed, []).append((row["label"] == positive, float(row[column])))
+            repeat_scores.setdefault(seed, {})[row["path"]] = float(row[column])
     if not images:
         return None
-    repeat_ba = []
-    for pairs in per_repeat.values():
-        is_pos = np.array([p for p, _ in pairs])
-        predicted = np.array([s >= 0.5 for _, s in pairs])
-        if is_pos.any() and not is_pos.all():
-            repeat_ba.append(float((predicted[is_pos].mean() + (~predicted[~is_pos]).mean()) / 2))
     ordered = sorted(images.values(), key=lambda i: i.path)
     strata = image_size_strata([i.path for i in ordered])
-    return OutOfFold(configuration, len(prediction_files), positive, ordered, strata, repeat_ba)
+    return OutOfFold(configuration, len(prediction_files), positive, ordered, strata, repeat_scores)
 
 
 def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: int = 1000) -> OutOfFold:
@@ -104,7 +102,47 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
             result.metrics[f"{name}@{at}"] = binary_metrics(
                 is_pos[mask], scores[mask], threshold, result.positive_class, negative, resamples=resamples
             )
+    labels = {i.path: i.label == result.positive_class for i in result.images}
+    result.per_seed = {
+        seed: _point_metrics(by_path, labels, result.strata, result.threshold)
+        for seed, by_path in result.repeat_scores.items()
+    }
     return result
+
+
+def _point_metrics(
+    scores: dict[str, float], labels: dict[str, bool], strata: dict[str, str], threshold: float
+) -> dict[str, dict[str, float]]:
+    """One seed's predictions alone, overall and per stratum: AUROC, and balanced accuracy at 0.5
+    and at the pooled threshold with the recall there (point values). A single model, such as the
+    recipe's final one, is estimated by these, not by the mean over seeds."""
+    paths = sorted(scores)
+    is_pos = np.array([labels[p] for p in paths])
+    score = np.array([scores[p] for p in paths])
+    stratum = np.array([strata[p] for p in paths])
+    result = {}
+    for name, mask in [("all", np.ones_like(is_pos)), *((s, stratum == s) for s in sorted(set(stratum)))]:
+        pos, sc = is_pos[mask], score[mask]
+        if pos.all() or not pos.any():
+            continue
+        recall, specificity = (sc[pos] >= threshold).mean(), (sc[~pos] < threshold).mean()
+        result[name] = {
+            "auroc": float(roc_auc_score(pos, sc)),
+            "balanced_accuracy@0.5": float(((sc[pos] >= 0.5).mean() + (sc[~pos] < 0.5).mean()) / 2),
+            "balanced_accuracy@threshold": float((recall + specificity) / 2),
+            "recall@threshold": float(recall),
+        }
+    return result
+
+
+def one_model_summary(per_seed: dict[str, dict[str, dict[str, float]]], stratum: str, metric: str) -> str:
+    """A metric of one model over the seeds (OutOfFold.per_seed): mean [min, max]; one seed: its value."""
+    values = [m[stratum][metric] for m in per_seed.values() if stratum in m]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} [{min(values):.2f}, {max(values):.2f}]"
 
 
 def worst_stratum(result: OutOfFold) -> str | None:
@@ -135,7 +173,30 @@ def markdown(results: Sequence[OutOfFold]) -> list[str]:
         "at it are optimistic.",
         "",
         *markdown_table(results),
+        "",
+        "### One model's estimate (each seed's predictions alone, at the same threshold)",
+        "",
+        "The mean over seeds scores each image by several models, an ensemble; one trained model, "
+        "such as the recipe's final one, is estimated by these: mean [min, max] over seeds.",
+        "",
+        *one_model_table(results),
     ]
+
+
+ONE_MODEL_SHOWN = ("auroc", "balanced_accuracy@0.5", "balanced_accuracy@threshold", "recall@threshold")
+
+
+def one_model_table(results: Sequence[OutOfFold]) -> list[str]:
+    lines = [
+        "| configuration | seeds | stratum | " + " | ".join(ONE_MODEL_SHOWN) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in ONE_MODEL_SHOWN) + " |",
+    ]
+    for r in results:
+        config = " ".join(r.configuration) or "(defaults)"
+        for stratum in [k.split("@")[0] for k in r.metrics if k.endswith("@0.5")]:
+            cells = [one_model_summary(r.per_seed, stratum, metric) for metric in ONE_MODEL_SHOWN]
+            lines.append(f"| `{config}` | {len(r.per_seed)} | {stratum} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown_table(results: Sequence[OutOfFold]) -> list[str]:
@@ -146,20 +207,12 @@ def markdown_table(results: Sequence[OutOfFold]) -> list[str]:
     ]
     for r in results:
         config = " ".join(r.configuration) or "(defaults)"
-        spread = ""
-        if len(r.repeat_balanced_accuracy) > 1:
-            mean, std = (
-                statistics.mean(r.repeat_balanced_accuracy),
-                statistics.stdev(r.repeat_balanced_accuracy),
-            )
-            spread = f" (BA@0.5 per seed {mean:.3f} ± {std:.3f})"
         for key, m in r.metrics.items():
             stratum, at = key.split("@")
             at = f"{r.threshold:.3f}" if at == "threshold" else at
             cells = [format_metric(m[name]) for name in SHOWN]
-            lines.append(
-                f"| `{config}`{spread} | {r.jobs} | {stratum} ({m['n']}) | {at} | " + " | ".join(cells) + " |"
-            )
+            row = f"| `{config}` | {r.jobs} | {stratum} ({m['n']}) | {at} | "
+            lines.append(row + " | ".join(cells) + " |")
     return lines
 
 
@@ -184,7 +237,7 @@ def to_json(results: Sequence[OutOfFold]) -> list[dict[str, Any]]:
             "threshold": r.threshold,
             "threshold_target_recall": r.target_recall,
             "worst_stratum": worst_stratum(r),
-            "balanced_accuracy_per_seed": r.repeat_balanced_accuracy,
+            "per_seed": r.per_seed,
             "metrics": r.metrics,
         }
         for r in results
