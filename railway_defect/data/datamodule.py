@@ -138,7 +138,8 @@ class RailwayDataModule(LightningDataModule):
         root / url / sha256: the data folder, and a zip to fetch when it is missing.
         positive_class: the class metrics refer to.
         val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
-            or which cross-validation fold validates.
+            or which cross-validation fold validates; `seed` also orders and augments the batches.
+        split_seed: the split's own seed (default `seed`): repeated training seeds on the same folds.
         train_on: `train`, or `train_and_val` (the final model of a recipe chosen by cross-validation:
             the validation images train too, and nothing validates).
         image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
@@ -180,6 +181,7 @@ class RailwayDataModule(LightningDataModule):
         storage: str = "auto",
         stream_dir: str | Path | None = None,
         train_on: str = "train",
+        split_seed: int | None = None,
     ):
         super().__init__()
         _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size, train_on)
@@ -187,6 +189,7 @@ class RailwayDataModule(LightningDataModule):
         self.positive_class = positive_class
         self.url, self.sha256 = url, sha256
         self.val_fraction, self.seed, self.num_folds, self.fold = val_fraction, seed, num_folds, fold
+        self.split_seed = seed if split_seed is None else split_seed
         self.train_on, self.balance, self.batch_size = train_on, balance, batch_size
         self.image_size, self.cache_size, self.harmonize = image_size, cache_size, harmonize
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -235,7 +238,7 @@ class RailwayDataModule(LightningDataModule):
             index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
         else:
             index = discover(
-                self.root, self.val_fraction, self.seed, self.num_folds, self.fold, self.train_on
+                self.root, self.val_fraction, self.split_seed, self.num_folds, self.fold, self.train_on
             )
         self.storage_used = self._choose_storage(index)
         if self.storage_used == "stream":
