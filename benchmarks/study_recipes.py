@@ -84,9 +84,9 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # = experiment=offline_best (tests/test_study.py checks they compose alike)
     "lite2_probe": PROBE,
     "lite2_probe_noaug": _with(PROBE, "augmentation=none"),
-    # the probe on one fixed split (data.seed) with several training seeds: the mean over seeds is
+    # the probe on one fixed split (data.split_seed) with several training seeds: the mean over seeds is
     # then an ensemble of models trained on the same photos, as a seed ensemble of the final model is
-    "lite2_probe_split1": _with(PROBE, "data.seed=1"),
+    "lite2_probe_split1": _with(PROBE, "data.split_seed=1"),
     # the probe with its features standardised before the linear layer
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
