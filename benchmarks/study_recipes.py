@@ -87,6 +87,8 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # the probe on one fixed split (data.split_seed) with several training seeds: the mean over seeds is
     # then an ensemble of models trained on the same photos, as a seed ensemble of the final model is
     "lite2_probe_split1": _with(PROBE, "data.split_seed=1"),
+    # the probe with mixup of training batches (soft targets between pairs of photos)
+    "lite2_probe_mixup": _with(PROBE, "model.mixup_alpha=0.2"),
     # the probe with its features standardised before the linear layer
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
