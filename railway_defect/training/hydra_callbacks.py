@@ -91,6 +91,9 @@ class StopJobsOnSigterm(Callback):
     at the next batch with last.ckpt saved and ends its worker (train.py); the sweep waits up to
     `shutdown_grace_s`, kills what is left, updates the summary, says how to resume and exits 143."""
 
+    def __init__(self) -> None:
+        self.previous_handler: Any = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if "joblib" not in launcher or threading.current_thread() is not threading.main_thread():
@@ -111,7 +114,12 @@ class StopJobsOnSigterm(Callback):
             )
             raise SystemExit(128 + signal.SIGTERM)
 
-        signal.signal(signal.SIGTERM, stop)
+        self.previous_handler = signal.signal(signal.SIGTERM, stop)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
 
 
 def stop_workers(grace_s: float) -> None:
