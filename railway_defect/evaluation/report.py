@@ -38,6 +38,7 @@ from railway_defect.inference.model import (
     write_calibration,
 )
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.markdown import md_table
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -401,24 +402,16 @@ def _fmt(metric: dict[str, Any]) -> str:
 
 def _metric_table(report: dict[str, Any]) -> list[str]:
     m05, mt = report["metrics"]["at_0.5"], report["metrics"]["at_threshold"]
-    lines = [
-        f"| metric ({report['model']['positive_class']}) | at 0.5 | at threshold {mt['threshold']:.3f} |",
-        "| --- | --- | --- |",
-    ]
-    lines += [f"| {name.replace('_', ' ')} | {_fmt(m05[name])} | {_fmt(mt[name])} |" for name in REPORTED]
-    return lines
+    positive = report["model"]["positive_class"]
+    header = [f"metric ({positive})", "at 0.5", f"at threshold {mt['threshold']:.3f}"]
+    return md_table(header, [[name.replace("_", " "), _fmt(m05[name]), _fmt(mt[name])] for name in REPORTED])
 
 
 def _confusion(block: dict[str, Any]) -> list[str]:
     cm = block["confusion_matrix"]
     (tp, fn), (fp, tn) = cm["matrix"]
     pos, neg = cm["labels"]
-    return [
-        f"| true \\ predicted | {pos} | {neg} |",
-        "| --- | --- | --- |",
-        f"| {pos} | {tp} | {fn} |",
-        f"| {neg} | {fp} | {tn} |",
-    ]
+    return md_table(["true \\ predicted", pos, neg], [[pos, str(tp), str(fn)], [neg, str(fp), str(tn)]])
 
 
 def render_markdown(report: dict[str, Any]) -> str:

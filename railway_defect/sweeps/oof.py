@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from railway_defect.data.strata import image_size_strata
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
+from railway_defect.utils.markdown import md_table
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 OOF_FILE = "oof_predictions.csv"
@@ -187,33 +188,32 @@ ONE_MODEL_SHOWN = ("auroc", "balanced_accuracy@0.5", "balanced_accuracy@threshol
 
 
 def one_model_table(results: Sequence[OutOfFold]) -> list[str]:
-    lines = [
-        "| configuration | seeds | stratum | " + " | ".join(ONE_MODEL_SHOWN) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in ONE_MODEL_SHOWN) + " |",
+    body = [
+        [f"`{_config(r)}`", str(len(r.per_seed)), stratum]
+        + [one_model_summary(r.per_seed, stratum, metric) for metric in ONE_MODEL_SHOWN]
+        for r in results
+        for stratum in [k.split("@")[0] for k in r.metrics if k.endswith("@0.5")]
     ]
-    for r in results:
-        config = " ".join(r.configuration) or "(defaults)"
-        for stratum in [k.split("@")[0] for k in r.metrics if k.endswith("@0.5")]:
-            cells = [one_model_summary(r.per_seed, stratum, metric) for metric in ONE_MODEL_SHOWN]
-            lines.append(f"| `{config}` | {len(r.per_seed)} | {stratum} | " + " | ".join(cells) + " |")
-    return lines
+    return md_table(["configuration", "seeds", "stratum", *ONE_MODEL_SHOWN], body)
 
 
 def markdown_table(results: Sequence[OutOfFold]) -> list[str]:
     """One row per configuration, stratum and threshold."""
-    lines = [
-        "| configuration | jobs | stratum (n) | at | " + " | ".join(SHOWN) + " |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in SHOWN) + " |",
+    body = [
+        [f"`{_config(r)}`", str(r.jobs), f"{key.split('@')[0]} ({m['n']})", _at(r, key)]
+        + [format_metric(m[name]) for name in SHOWN]
+        for r in results
+        for key, m in r.metrics.items()
     ]
-    for r in results:
-        config = " ".join(r.configuration) or "(defaults)"
-        for key, m in r.metrics.items():
-            stratum, at = key.split("@")
-            at = f"{r.threshold:.3f}" if at == "threshold" else at
-            cells = [format_metric(m[name]) for name in SHOWN]
-            row = f"| `{config}` | {r.jobs} | {stratum} ({m['n']}) | {at} | "
-            lines.append(row + " | ".join(cells) + " |")
-    return lines
+    return md_table(["configuration", "jobs", "stratum (n)", "at", *SHOWN], body)
+
+
+def _config(result: OutOfFold) -> str:
+    return " ".join(result.configuration) or "(defaults)"
+
+
+def _at(result: OutOfFold, key: str) -> str:
+    return f"{result.threshold:.3f}" if key.endswith("@threshold") else "0.5"
 
 
 def to_csv(results: Sequence[OutOfFold]) -> str:

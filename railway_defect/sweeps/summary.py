@@ -34,6 +34,7 @@ from railway_defect.training.record import (
     has_record,
 )
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.markdown import md_table
 from railway_defect.utils.outputs import write_text_atomic
 
 DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
@@ -393,16 +394,6 @@ def groups_to_csv(summary: Summary) -> str:
     return out.getvalue()
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
-    return lines
-
-
 def _order_note(summary: Summary) -> str:
     return f"sorted by `{summary.optimized_metric}`, {'smallest' if summary.minimize else 'largest'} first"
 
@@ -416,9 +407,9 @@ def to_markdown(summary: Summary) -> str:
     ]
     if summary.common_overrides:
         lines += ["", "Overrides of every job: `" + " ".join(summary.common_overrides) + "`"]
-    lines += ["", *_md_table(*job_table(summary))]
+    lines += ["", *md_table(*job_table(summary))]
     if summary.groups:
-        lines += ["", "## Mean ± std per configuration (ok jobs)", "", *_md_table(*group_table(summary))]
+        lines += ["", "## Mean ± std per configuration (ok jobs)", "", *md_table(*group_table(summary))]
     if summary.out_of_fold:
         lines += ["", *oof.markdown(summary.out_of_fold)]
     return "\n".join(lines) + "\n"
