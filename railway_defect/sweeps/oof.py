@@ -143,7 +143,7 @@ def one_model_summary(per_seed: dict[str, dict[str, dict[str, float]]], stratum:
         return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} [{min(values):.2f}, {max(values):.2f}]"
+    return f"{statistics.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def worst_stratum(result: OutOfFold) -> str | None:
