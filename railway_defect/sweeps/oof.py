@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from railway_defect.data.strata import image_size_strata
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
@@ -98,7 +98,7 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
     result.target_recall = target_recall
     result.threshold = choose_threshold(is_pos, scores, target_recall) if is_pos.any() else 0.5
     strata = np.array([result.strata[i.path] for i in result.images])
-    for name, mask in [("all", np.ones_like(is_pos)), *((s, strata == s) for s in sorted(set(strata)))]:
+    for name, mask in _stratum_masks(strata):
         for at, threshold in (("0.5", 0.5), ("threshold", result.threshold)):
             result.metrics[f"{name}@{at}"] = binary_metrics(
                 is_pos[mask], scores[mask], threshold, result.positive_class, negative, resamples=resamples
@@ -122,18 +122,22 @@ def _point_metrics(
     score = np.array([scores[p] for p in paths])
     stratum = np.array([strata[p] for p in paths])
     result = {}
-    for name, mask in [("all", np.ones_like(is_pos)), *((s, stratum == s) for s in sorted(set(stratum)))]:
+    for name, mask in _stratum_masks(stratum):
         pos, sc = is_pos[mask], score[mask]
         if pos.all() or not pos.any():
             continue
-        recall, specificity = (sc[pos] >= threshold).mean(), (sc[~pos] < threshold).mean()
         result[name] = {
             "auroc": float(roc_auc_score(pos, sc)),
-            "balanced_accuracy@0.5": float(((sc[pos] >= 0.5).mean() + (sc[~pos] < 0.5).mean()) / 2),
-            "balanced_accuracy@threshold": float((recall + specificity) / 2),
-            "recall@threshold": float(recall),
+            "balanced_accuracy@0.5": float(balanced_accuracy_score(pos, sc >= 0.5)),
+            "balanced_accuracy@threshold": float(balanced_accuracy_score(pos, sc >= threshold)),
+            "recall@threshold": float(recall_score(pos, sc >= threshold)),
         }
     return result
+
+
+def _stratum_masks(strata: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """`all`, then each stratum, with the mask of its images."""
+    return [("all", np.ones(len(strata), dtype=bool)), *((s, strata == s) for s in sorted(set(strata)))]
 
 
 def one_model_summary(per_seed: dict[str, dict[str, dict[str, float]]], stratum: str, metric: str) -> str:
