@@ -12,12 +12,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psutil
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from railway_defect.sweeps.summary import summarize_and_write
+from railway_defect.training.shutdown import stop_workers
 from railway_defect.utils.commands import command_failure
 from railway_defect.utils.errors import UserError
 
@@ -120,25 +120,3 @@ class StopJobsOnSigterm(Callback):
         if self.previous_handler is not None:
             signal.signal(signal.SIGTERM, self.previous_handler)
             self.previous_handler = None
-
-
-def stop_workers(grace_s: float) -> None:
-    """SIGTERM to this process's worker processes, then SIGKILL to those (and anything they
-    started) still alive `grace_s` seconds later. Resource trackers ignore SIGTERM; they end with
-    this process."""
-    workers = [p for p in psutil.Process().children() if not _is_resource_tracker(p)]
-    for worker in workers:
-        with contextlib.suppress(psutil.Error):
-            worker.terminate()
-    _, alive = psutil.wait_procs(workers, timeout=grace_s)
-    for worker in alive:
-        with contextlib.suppress(psutil.Error):
-            for process in [*worker.children(recursive=True), worker]:
-                process.kill()
-
-
-def _is_resource_tracker(process: psutil.Process) -> bool:
-    try:
-        return any("resource_tracker" in part for part in process.cmdline())
-    except psutil.Error:
-        return True

@@ -9,6 +9,9 @@ forwards SIGTERM to the child processes at once and, if the process is still ali
 seconds later, kills those children and ends the process with status 143. A run that fails
 kills the children still alive (Lightning leaves them to finish on their own, which a process
 stuck outside a collective never does).
+
+stop_workers: the same SIGTERM-then-SIGKILL for a sweep's worker processes (StopJobsOnSigterm in
+hydra_callbacks), which waits for them to end instead of for the process itself.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+import psutil
 
 # Lightning's subprocess launcher starts Popen objects, the spawn launcher multiprocessing ones
 Child = subprocess.Popen | multiprocessing.process.BaseProcess
@@ -95,3 +100,25 @@ def sigterm_watchdog(grace_s: float) -> Iterator[Watchdog | None]:
     finally:
         signal.set_wakeup_fd(-1)
         os.close(write_fd)  # ends the thread, unless SIGTERM already came
+
+
+def stop_workers(grace_s: float) -> None:
+    """SIGTERM to this process's worker processes, then SIGKILL to those (and anything they
+    started) still alive `grace_s` seconds later. Resource trackers ignore SIGTERM; they end with
+    this process."""
+    workers = [p for p in psutil.Process().children() if not _is_resource_tracker(p)]
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.terminate()
+    _, alive = psutil.wait_procs(workers, timeout=grace_s)
+    for worker in alive:
+        with contextlib.suppress(psutil.Error):
+            for process in [*worker.children(recursive=True), worker]:
+                process.kill()
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return True
