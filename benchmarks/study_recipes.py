@@ -89,6 +89,12 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_split1": _with(PROBE, "data.split_seed=1"),
     # the probe with mixup of training batches (soft targets between pairs of photos)
     "lite2_probe_mixup": _with(PROBE, "model.mixup_alpha=0.2"),
+    # the probe's head weights averaged over its last steps (Lightning's EMAWeightAveraging)
+    "lite2_probe_ema": _with(PROBE, "callbacks=ema"),
+    # the probe with cutmix of training batches (a patch of one photo pasted into another)
+    "lite2_probe_cutmix": _with(PROBE, "model.cutmix_alpha=1.0"),
+    # the probe with the stronger photometric and geometric augmentation instead of the nuisance one
+    "lite2_probe_strong": _with(PROBE, "augmentation=strong"),
     # the probe with its features standardised before the linear layer
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
@@ -121,6 +127,9 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "model.backbone_lr_scale=1.0",
     ),
     "tuned_harmonize_strong": _with(TUNED, "data.harmonize=thumbnail", "augmentation=strong"),
+    # the fine-tuned Lite2 recipe with the stronger augmentation, and with weight averaging
+    "lite2_harmonize_strong": _with(LITE2, "augmentation=strong"),
+    "lite2_harmonize_nuisance_ema": _with(LITE2, "callbacks=ema"),
 }
 QUICK = (
     "model=resnet18",

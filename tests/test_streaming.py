@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 
+from railway_defect.data import storage as storage_choice
 from railway_defect.data import streaming
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.discovery import Sample, discover
@@ -30,18 +31,18 @@ def datamodule(root: Path, **kwargs) -> RailwayDataModule:
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="sample data not available")
 def test_auto_keeps_the_sample_data_in_memory() -> None:
     paths = [s.path for samples in discover(REAL_DATA).splits.values() for s in samples]
-    assert streaming.choose_storage("auto", paths, 256, "none") == "memory"
+    assert storage_choice.choose_storage("auto", paths, 256, "none") == "memory"
 
 
 def test_auto_streams_when_the_memory_limit_is_small(
     tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(streaming, "available_memory", lambda: 10_000)  # bytes: far below 22 images
+    monkeypatch.setattr(storage_choice, "available_memory", lambda: 10_000)  # bytes: far below 22 images
     dm = datamodule(tiny_dataset, stream_dir=tmp_path / "stream")
     dm.setup("fit")
     assert dm.storage_used == "stream" and dm.report["storage"] == "stream"
     assert dm.decoded is not None and not dm.decoded.images  # nothing decoded into memory
-    monkeypatch.setattr(streaming, "available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(storage_choice, "available_memory", lambda: 8 * 2**30)
     assert datamodule(tiny_dataset, stream_dir=tmp_path / "s2").storage == "auto"
     roomy = datamodule(tiny_dataset, stream_dir=tmp_path / "s2")
     roomy.setup("fit")

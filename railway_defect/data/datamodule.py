@@ -23,6 +23,7 @@ from railway_defect.data.discovery import TRAIN_ON_MODES, DatasetIndex, Sample, 
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
+from railway_defect.data.storage import STORAGE_MODES, choose_storage
 from railway_defect.data.strata import image_size_strata
 from railway_defect.data.table import SampleTable, label_codes, label_counts, to_tables
 from railway_defect.data.transforms import build_transform
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STORAGE_MODES = ("auto", "memory", "stream")
 # the data report and the log list this many problems of each kind, then a count
 REPORT_LIMIT = 100
 BALANCE_MODES = ("none", "sampler", "loss", "stratum")
@@ -257,8 +257,6 @@ class RailwayDataModule(LightningDataModule):
         """data.storage, with `auto` resolved from the image headers and the available memory."""
         if self.storage != "auto":
             return self.storage
-        from railway_defect.data.streaming import choose_storage
-
         paths = [s.path for samples in index.splits.values() for s in samples]
         return choose_storage(self.storage, paths, self.cache_size, self.harmonize)
 
