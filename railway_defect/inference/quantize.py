@@ -140,8 +140,10 @@ def quantize_onnx(
     predictor = OnnxPredictor(fp32_path, file_sha256(fp32_path))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # shape inference and graph folding first, as ONNX Runtime recommends before quantizing
-        quant_pre_process(str(fp32_path), str(prepared))
+        # ONNX shape inference and graph folding first, as ONNX Runtime recommends before quantizing.
+        # Its symbolic shape inference (meant for transformers) is skipped: it adds nothing to this
+        # graph with ONNX Runtime 1.32 and fails on its Range node with 1.30.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared)).graph
         head, shapes = head_nodes(graph), shape_nodes(graph)
         reader = _reader(predictor, list(calibration_images))
