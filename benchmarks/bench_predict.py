@@ -1,15 +1,15 @@
 """Predict throughput (image files on disk -> decode -> model -> CSV, `run_prediction` as
 `python -m railway_defect.predict` runs it) vs the raw model forward on in-memory tensors, same
-batch size and model. Goal: ratio >= 0.85.
+batch size and model, on `--device` (cpu by default; gpu_check.sh passes cuda). Goal: ratio >= 0.85.
 
 Then fp32 PyTorch vs fp32 ONNX Runtime vs int8 ONNX Runtime (`export quantize=int8`): images/s on
-preprocessed batches, and AUROC / balanced accuracy on the validation images. Goal: int8 >= 2x the
+preprocessed batches on the CPU, and AUROC / balanced accuracy on the validation images. Goal: int8 >= 2x the
 fp32 PyTorch images/s with AUROC within 0.01. Give `--ckpt` a trained checkpoint for meaningful
 accuracy (int8 calibrates on its run's training images and is scored on its validation images);
 without it the model has random weights.
 
     python benchmarks/bench_predict.py [--quick] [--repeats 3] [--data PATH] [--backbone resnet50]
-        [--ckpt PATH/checkpoints/best.ckpt]
+        [--ckpt PATH/checkpoints/best.ckpt] [--device cuda]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint (default: random weights)")
+    p.add_argument("--device", default="cpu", help="where predict and the raw forward run (cpu, cuda)")
     args = p.parse_args()
     if args.quick:
         args.backbone, args.batch_size = "resnet18", 4
@@ -48,7 +49,7 @@ def main() -> None:
         torch.manual_seed(0)
         if args.ckpt:
             checkpoint = args.ckpt
-            model = load_predictor(checkpoint, device="cpu").model
+            model = load_predictor(checkpoint, device=args.device).model
             size = model.hparams["input_size"]
         else:
             model = DefectClassifier(
@@ -63,7 +64,7 @@ def main() -> None:
             torch.save(
                 {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, checkpoint
             )
-        model.eval()
+        model.eval().to(args.device)
 
         def predict() -> float:
             start = time.perf_counter()
@@ -72,7 +73,7 @@ def main() -> None:
                 str(data),
                 Path(tmp) / "out.csv",
                 batch_size=args.batch_size,
-                device="cpu",
+                device=args.device,
                 progress=False,
             )
             if summary.failed:
@@ -82,7 +83,7 @@ def main() -> None:
 
         predict()  # warm-up, and counts the files
         batches = [
-            torch.randn(min(args.batch_size, predict.rows - i), 3, size, size)
+            torch.randn(min(args.batch_size, predict.rows - i), 3, size, size, device=args.device)
             for i in range(0, predict.rows, args.batch_size)
         ]
 
@@ -90,11 +91,14 @@ def main() -> None:
         def forward() -> float:
             start = time.perf_counter()
             for x in batches:
-                model(x).softmax(dim=1)
+                model(x).softmax(dim=1).cpu()  # as the predictor returns them (and waits for a GPU)
             return predict.rows / (time.perf_counter() - start)
 
         backbone = model.hparams["backbone"]
-        print(f"config: backbone={backbone} size={size} batch={args.batch_size} files={predict.rows}")
+        print(
+            f"config: backbone={backbone} size={size} batch={args.batch_size} files={predict.rows} "
+            f"device={args.device}"
+        )
         files, raw = alternate(predict, forward, repeats)
         report("predict", "files -> CSV", files, "raw forward", raw, "img/s")
         print("goal: ratio >= 0.85")

@@ -4,7 +4,7 @@
 #   2. the framework / plain-loop ratio and ResNet-50 training images/s at batch 128 (16-mixed,
 #      channels_last) through both
 #   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last)
-#   4. predict images/s (files -> CSV) against the raw forward
+#   4. predict images/s (files -> CSV) against the raw forward, on the GPU
 #   5. ONNX export of the run's model, its parity check, and ONNX Runtime's providers
 #
 #   bash benchmarks/gpu_check.sh                # on a CUDA machine
@@ -16,22 +16,22 @@ PY=${PYTHON:-python}
 OUT=${GPU_CHECK_DIR:-outputs/gpu_check}
 mkdir -p "$OUT"
 if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  ACCEL=gpu; TRAINER=gpu
+  ACCEL=gpu; TRAINER=gpu; DEVICE=cuda
 else
-  ACCEL=cpu; TRAINER=default
+  ACCEL=cpu; TRAINER=default; DEVICE=cpu
   echo "no CUDA GPU here: every step runs on the CPU (only QUICK=1 makes sense)"
 fi
 if [ -n "${QUICK:-}" ]; then
   TRAIN=(model=resnet18 model.pretrained=false data.image_size=32 data.cache_size=40 trainer.max_epochs=1)
   OVERHEAD=(--quick --accelerator "$ACCEL")
   BACKBONES=(--quick)
-  PREDICT=(--quick)
+  PREDICT=(--quick --device "$DEVICE")
 else
   TRAIN=(model=efficientnet_lite0 trainer.max_epochs=3)
   OVERHEAD=(--accelerator "$ACCEL" --backbone resnet50 --batch-size 128 --synthetic 1024 --epochs 3
             --repeats 2 --num-workers 8)
   BACKBONES=(--backbones resnet50 --batch-size 128 --steps 10 --repeats 2)
-  PREDICT=(--repeats 2 --batch-size 64)
+  PREDICT=(--repeats 2 --batch-size 64 --device "$DEVICE")
 fi
 
 step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note failures
