@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path in one script (issue 13), about 8 minutes on one GPU; prints one table at the end.
-#   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger
+# The GPU path in one script (issue 13), about 9 minutes on one H100; prints one table at the end.
+#   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger; then
+#      the same with cuDNN autotuning off (trainer.benchmark=false): its cost on a small run
 #   2. the framework / plain-loop ratio and ResNet-50 training images/s at batch 128 (16-mixed,
 #      channels_last) through both
 #   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last)
@@ -43,6 +44,8 @@ step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note
 }
 
 step train $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" "hydra.run.dir=$OUT/train"
+step train_nobench $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" trainer.benchmark=false \
+  "hydra.run.dir=$OUT/train_nobench"
 step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
 step backbones $PY benchmarks/bench_backbones.py "${BACKBONES[@]}"
 step predict $PY benchmarks/bench_predict.py "${PREDICT[@]}"

@@ -37,11 +37,8 @@ def medians(log: Path, prefix: str) -> list[str]:
 def main() -> None:
     out = Path(sys.argv[1])
     rows = [("machine", machine_line(out / "overhead.log"))]
-    if has_record(out / "train"):
-        record = RunRecord.read(out / "train")
-        rows.append(("training run (default callbacks)", f"{record.status}, precision {record.precision}"))
-    else:
-        rows.append(("training run (default callbacks)", "no metrics.json: see train.log"))
+    rows.append(("training run (default callbacks)", run_line(out / "train")))
+    rows.append(("the same, trainer.benchmark=false (no cuDNN autotuning)", run_line(out / "train_nobench")))
     for log, label, prefix in LINES:
         rows.append((label, ", ".join(medians(out / f"{log}.log", prefix)) or "n/a"))
     export = (out / "export.log").read_text(errors="replace") if (out / "export.log").is_file() else ""
@@ -52,6 +49,15 @@ def main() -> None:
     print("| check | result |\n| --- | --- |")
     for label, value in rows:
         print(f"| {label} | {value} |")
+
+
+def run_line(run_dir: Path) -> str:
+    """How a training run of the check ended, its precision and its duration."""
+    if not has_record(run_dir):
+        return f"no metrics.json: see {run_dir.name}.log"
+    record = RunRecord.read(run_dir)
+    took = f", {record.duration_s:.0f} s" if record.duration_s is not None else ""
+    return f"{record.status}, precision {record.precision}{took}"
 
 
 def machine_line(log: Path) -> str:
