@@ -99,6 +99,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_norm": _with(PROBE, "model.head_norm=true"),
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
     "lite2_probe_norm_lr1e-3": _with(PROBE, "model.head_norm=true", "optimizer.lr=0.001"),
+    # ... with flip-invariant features (the mean over the photo and its three flips, in training
+    # and in use): the head sees one less noisy feature per photo
+    "lite2_probe_flips": _with(
+        PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001"
+    ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more
     "lite2_probe_then_finetune": _with(

@@ -37,6 +37,7 @@ OPTIONS = {
     "mixup_cutmix": ("model.mixup_alpha=0.2", "model.cutmix_alpha=1.0"),
     "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
     "frozen_backbone_head_norm": ("model.backbone_lr_scale=0", "model.head_norm=true"),
+    "flip_invariant": ("model.flip_invariant=true",),
     "decision_threshold": ("model.decision_threshold=0.3",),
 }
 

@@ -8,6 +8,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -68,3 +69,26 @@ def test_torchscript_export_hides_only_its_deprecation_notices(checkpoint: Path,
             torch.jit.trace(DataDependent(), torch.ones(2))
     assert not deprecations(caught)
     assert any(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+
+
+def test_export_of_a_flip_invariant_model_averages_the_flips_as_the_checkpoint(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """model.flip_invariant lives in the forward pass: the exported graph scores the mean of the four
+    flipped views too (a head sharpened here, so that one view alone would score differently)."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    stored["hyper_parameters"]["flip_invariant"] = True
+    weight = stored["state_dict"]["head.1.weight"]
+    stored["state_dict"]["head.1.weight"] = (
+        torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    )
+    torch.save(stored, tmp_path / "flip.ckpt")
+    for fmt, name in (("onnx", "flip.onnx"), ("torchscript", "flip.pt")):
+        assert export_model(str(tmp_path / "flip.ckpt"), fmt, tmp_path / name)["max_abs_diff"] <= 1e-4
+        exported = load_predictor(tmp_path / name)
+        batch = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+        for axis in (-1, -2):
+            flipped = np.ascontiguousarray(np.flip(batch, axis=axis))
+            np.testing.assert_allclose(
+                exported.probabilities(flipped), exported.probabilities(batch), atol=1e-5
+            )

@@ -38,3 +38,16 @@ def test_overlay_keeps_the_image_shape() -> None:
     image = np.zeros((20, 30, 3), dtype=np.uint8)
     result = overlay(image, np.ones((20, 30), dtype=np.float32))
     assert result.shape == (20, 30, 3) and result.dtype == np.uint8
+
+
+def test_heatmaps_of_a_flip_invariant_model_follow_the_photo() -> None:
+    """model.flip_invariant: the model looks at four flipped views; its heatmap is drawn on the photo
+    as given, so the heatmap of a flipped photo is the flipped heatmap."""
+    model = DefectClassifier(
+        "resnet18", ["Defective", "Non defective"], "Defective", pretrained=False, flip_invariant=True
+    )
+    images = torch.randn(2, 3, 64, 64)
+    heatmaps = gradcam_heatmaps(model, images, [0, 1])
+    assert heatmaps.shape == (2, 64, 64) and heatmaps.max() > 0.0
+    flipped = gradcam_heatmaps(model, images.flip(-1), [0, 1])
+    np.testing.assert_allclose(flipped, heatmaps[..., ::-1], atol=1e-4)

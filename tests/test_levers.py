@@ -77,6 +77,20 @@ def test_head_norm_standardises_features_by_batch_and_keeps_a_last_batch_of_one(
         torch.testing.assert_close(model.head[:2](features), expected)
 
 
+def test_flip_invariant_model_scores_a_photo_and_its_flips_alike_and_each_photo_alone() -> None:
+    """model.flip_invariant: the same score for the photo and its horizontal, vertical and double flip,
+    and each photo of a batch scored from its own four views only."""
+    images = torch.randn(3, 3, 64, 64)
+    model = _model(flip_invariant=True).eval()
+    plain_model = _model().eval()
+    with torch.no_grad():
+        scores = model(images)
+        for flipped in (images.flip(-1), images.flip(-2), images.flip(-2, -1)):
+            torch.testing.assert_close(model(flipped), scores, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(images[1:2]), scores[1:2], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain_model(images.flip(-1)), plain_model(images), atol=1e-4)
+
+
 def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.clone()

@@ -185,7 +185,7 @@ class CheckpointPredictor(Predictor):
 
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module, for export."""
-        return nn.Sequential(self.model.backbone, self.model.head).eval()
+        return self.model.network()
 
 
 def model_info(hparams: Any) -> ModelInfo:

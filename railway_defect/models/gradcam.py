@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from railway_defect.models.backbones import get_spec
-from railway_defect.models.module import DefectClassifier
+from railway_defect.models.module import FLIP_VIEWS, DefectClassifier
 
 
 def gradcam_heatmaps(
@@ -27,9 +27,17 @@ def gradcam_heatmaps(
         with torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
             targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
             # gradients from the input too, so that a frozen backbone (no parameter gradients) is explained
-            return cam(input_tensor=images.detach().clone().requires_grad_(True), targets=targets)
+            heatmaps = cam(input_tensor=images.detach().clone().requires_grad_(True), targets=targets)
     finally:
         model.train(was_training)
+    return _unflipped_mean(heatmaps) if model.hparams.get("flip_invariant") else heatmaps
+
+
+def _unflipped_mean(heatmaps: np.ndarray) -> np.ndarray:
+    """A flip-invariant model looks at four views (DefectClassifier.features): each view's heatmap
+    flipped back onto the photo, then their mean."""
+    photo, horizontal, vertical, both = np.split(heatmaps, FLIP_VIEWS)
+    return (photo + horizontal[..., ::-1] + vertical[..., ::-1, :] + both[..., ::-1, ::-1]) / FLIP_VIEWS
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

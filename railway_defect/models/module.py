@@ -29,6 +29,8 @@ from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+# the photo and its horizontal, vertical and double flips (flip_invariant)
+FLIP_VIEWS = 4
 # metrics computed per class; the positive class's value is logged
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
@@ -151,6 +153,26 @@ def _head(num_features: int, num_classes: int, dropout: float, norm: bool) -> nn
     return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(num_features, num_classes))
 
 
+def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: bool) -> torch.Tensor:
+    """The backbone's pooled features, or with `flip_invariant` their mean over the photo and its
+    three flips (one backbone pass over the stacked views; the batch size stays dynamic for export)."""
+    if not flip_invariant:
+        return backbone(images)
+    views = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-2, -1)])
+    return backbone(views).unflatten(0, (FLIP_VIEWS, -1)).mean(0)
+
+
+class Network(nn.Module):
+    """DefectClassifier's images -> logits path without Lightning, for export."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool):
+        super().__init__()
+        self.backbone, self.head, self.flip_invariant = backbone, head, flip_invariant
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled_features(self.backbone, images, self.flip_invariant))
+
+
 class DefectClassifier(LightningModule):
     """An ImageNet backbone from the factory with a dropout + linear head, trained with
     cross-entropy; every constructor argument is saved in the checkpoint (load it with
@@ -165,6 +187,11 @@ class DefectClassifier(LightningModule):
         head_norm: standardise the features before the linear layer (batch norm without affine
             parameters, as linear probes usually do): the head then sees every feature on one
             scale, which ranked thumbnails better out of fold for a frozen backbone (STUDY.md).
+        flip_invariant: the head sees the mean of the backbone's pooled features over the photo and
+            its horizontal, vertical and double flips, in training and in use (4x the backbone's
+            compute): a rail defect is one whichever way the photo is flipped, and with few photos
+            the mean of four views is a less noisy feature than one view plus flip augmentation
+            (a frozen Lite2 ranked thumbnails better out of fold, STUDY.md).
         backbone_lr_scale: the backbone's learning rate relative to the head's; 0 freezes it (a
             linear probe: weights and batch-norm statistics stay the pretrained ones, only the
             head learns, which over-fits less than fine-tuning when there are few photos).
@@ -191,6 +218,7 @@ class DefectClassifier(LightningModule):
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
         head_norm: bool = False,
+        flip_invariant: bool = False,
         backbone_lr_scale: float = 1.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -276,7 +304,12 @@ class DefectClassifier(LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:  # a no-op when the batch already is
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(images))
+        return self.head(pooled_features(self.backbone, images, self.hparams.flip_invariant))
+
+    def network(self) -> nn.Module:
+        """Normalised images -> logits as a plain module (export traces it; a LightningModule
+        outside a Trainer cannot be)."""
+        return Network(self.backbone, self.head, self.hparams.flip_invariant).eval()
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor]
