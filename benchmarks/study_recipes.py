@@ -81,7 +81,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # offline_best with every class x image-size cell drawn evenly instead of the class-weighted loss
     "lite2_harmonize_nuisance_stratum": _with(LITE2, "data.balance=stratum"),
     "lite2_harmonize_nuisance_384": _with(LITE2, "data.image_size=384", "data.cache_size=384"),
-    # = experiment=offline_best (tests/test_study.py checks they compose alike)
+    # experiment=offline_best from repetition 4 until flip-invariant features replaced it
     "lite2_probe": PROBE,
     "lite2_probe_noaug": _with(PROBE, "augmentation=none"),
     # the probe on one fixed split (data.split_seed) with several training seeds: the mean over seeds is
@@ -100,7 +100,8 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
     "lite2_probe_norm_lr1e-3": _with(PROBE, "model.head_norm=true", "optimizer.lr=0.001"),
     # ... with flip-invariant features (the mean over the photo and its three flips, in training
-    # and in use): the head sees one less noisy feature per photo
+    # and in use), standardised: = experiment=offline_best (tests/test_study.py checks they
+    # compose alike)
     "lite2_probe_flips": _with(
         PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001"
     ),

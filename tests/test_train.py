@@ -200,7 +200,10 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
         f"data.root={data}",
         "data.train_on=train_and_val",
         "callbacks.model_checkpoint.monitor=null",
-        "model.backbone_lr_scale=0",  # as experiment=offline_best trains: a frozen backbone
+        # as experiment=offline_best trains: a frozen backbone, flip-invariant standardised features
+        "model.backbone_lr_scale=0",
+        "model.flip_invariant=true",
+        "model.head_norm=true",
         f"hydra.run.dir={run}",
     )
     assert result.returncode == 0, result.stderr
