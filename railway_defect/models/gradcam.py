@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from railway_defect.models.backbones import get_spec
-from railway_defect.models.module import FLIP_VIEWS, DefectClassifier
+from railway_defect.models.module import FLIP_AXES, DefectClassifier
 
 
 def gradcam_heatmaps(
@@ -34,10 +34,10 @@ def gradcam_heatmaps(
 
 
 def _unflipped_mean(heatmaps: np.ndarray) -> np.ndarray:
-    """A flip-invariant model looks at four views (DefectClassifier.features): each view's heatmap
-    flipped back onto the photo, then their mean."""
-    photo, horizontal, vertical, both = np.split(heatmaps, FLIP_VIEWS)
-    return (photo + horizontal[..., ::-1] + vertical[..., ::-1, :] + both[..., ::-1, ::-1]) / FLIP_VIEWS
+    """A flip-invariant model looks at the views of FLIP_AXES (module.pooled_features): each view's
+    heatmap flipped back onto the photo, then their mean."""
+    views = np.split(heatmaps, len(FLIP_AXES))
+    return np.mean([np.flip(view, axis=axes) for view, axes in zip(views, FLIP_AXES, strict=True)], axis=0)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

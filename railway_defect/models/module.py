@@ -29,8 +29,9 @@ from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
-# the photo and its horizontal, vertical and double flips (flip_invariant)
-FLIP_VIEWS = 4
+# the views a flip_invariant model averages: the photo and its horizontal, vertical and double flip
+# (image axes flipped in each)
+FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 # metrics computed per class; the positive class's value is logged
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
@@ -158,8 +159,8 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: b
     three flips (one backbone pass over the stacked views; the batch size stays dynamic for export)."""
     if not flip_invariant:
         return backbone(images)
-    views = torch.cat([images, images.flip(-1), images.flip(-2), images.flip(-2, -1)])
-    return backbone(views).unflatten(0, (FLIP_VIEWS, -1)).mean(0)
+    views = torch.cat([images.flip(axes) if axes else images for axes in FLIP_AXES])
+    return backbone(views).unflatten(0, (len(FLIP_AXES), -1)).mean(0)
 
 
 class Network(nn.Module):
