@@ -221,7 +221,22 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoints(
     assert metrics["status"] == "failed" and "No space left" in metrics["error"]
 
 
+def _spawn(command: list[str], log: Path) -> subprocess.Popen:
+    """The command in a child process whose output goes to `log`, not to a pipe: a pipe nobody
+    reads while the test waits fills up and blocks the child."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        return subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _log_of(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".log")
+
+
 def _train_process(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
+    """Training into `run_dir`, its output in `<run_dir>.log`."""
     args = [
         *FAST,
         f"data.root={data}",
@@ -229,26 +244,23 @@ def _train_process(run_dir: Path, data: Path, *extra: str) -> subprocess.Popen:
         "trainer.max_epochs=5",
         "trainer.deterministic=true",
     ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "railway_defect.train", *args, *extra],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **OFFLINE_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return _spawn([sys.executable, "-m", "railway_defect.train", *args, *extra], _log_of(run_dir))
 
 
-def _wait_for_checkpoints(last: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    """Block until last.ckpt has been written `count` times (once per finished epoch)."""
-    seen: set[int] = set()
+def _wait_for_checkpoints(
+    last: Path, count: int, process: subprocess.Popen, timeout: float = 240
+) -> list[float]:
+    """Block until last.ckpt (in <run>/checkpoints/) has been written `count` times (once per
+    finished epoch); when each write was seen (time.monotonic)."""
+    seen: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while len(seen) < count:
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, _log_of(last.parent.parent).read_text()
         assert time.monotonic() < deadline, "training did not progress"
         if last.is_file():
-            seen.add(last.stat().st_mtime_ns)
+            seen.setdefault(last.stat().st_mtime_ns, time.monotonic())
         time.sleep(0.005)
+    return sorted(seen.values())
 
 
 @pytest.fixture
@@ -260,7 +272,7 @@ def slower_dataset(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path: Path, slower_dataset: Path) -> None:
     reference = _train_process(tmp_path / "reference", slower_dataset)
-    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+    assert reference.wait(timeout=600) == 0, _log_of(tmp_path / "reference").read_text()
 
     killed = _train_process(tmp_path / "killed", slower_dataset)
     _wait_for_checkpoints(tmp_path / "killed" / "checkpoints" / "last.ckpt", 2, killed)
@@ -270,7 +282,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path: Path, slowe
     assert torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] < 5
 
     resumed = _train_process(tmp_path / "killed", slower_dataset, "ckpt_path=last")
-    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert resumed.wait(timeout=600) == 0, _log_of(tmp_path / "killed").read_text()
     expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     actual = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert actual["status"] == "finished"
@@ -287,11 +299,12 @@ def test_ctrl_c_or_sigterm_saves_last_ckpt_and_says_how_to_resume(
 ) -> None:
     process = _train_process(tmp_path / "run", slower_dataset, "trainer.max_epochs=50")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    _wait_for_checkpoints(last, 1, process)
+    seen = _wait_for_checkpoints(last, 2, process)
     first_step = torch.load(last, weights_only=False)["global_step"]
-    time.sleep(0.3)  # into the next epoch
+    time.sleep((seen[1] - seen[0]) / 2)  # half an epoch, however busy the machine: into the next one
     process.send_signal(signum)
-    output, _ = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    output = _log_of(tmp_path / "run").read_text()
     assert process.returncode != 0
     assert "Resume with" in output and f"ckpt_path={last}" in output
     assert torch.load(last, weights_only=False)["global_step"] > first_step
@@ -325,18 +338,17 @@ def test_sigterm_stops_a_joblib_sweep_whose_jobs_then_resume(tmp_path: Path, slo
     ran from the beginning, never from another job's checkpoint."""
     sweep, epochs = tmp_path / "sweep", 8
     command = _sweep_command(sweep, slower_dataset, epochs)
-    env = {**os.environ, **OFFLINE_ENV}
-    process = subprocess.Popen(
-        command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = _log_of(sweep)
+    process = _spawn(command, log)
     deadline = time.monotonic() + 240
     while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the sweep's jobs did not start training"
         time.sleep(0.05)
     workers = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=180)
+    process.wait(timeout=180)
+    output = log.read_text()
     assert process.returncode == 128 + signal.SIGTERM, output
     assert f"ckpt_path=last hydra.sweep.dir={sweep}" in output
     _, alive = psutil.wait_procs(workers, timeout=30)
@@ -345,7 +357,12 @@ def test_sigterm_stops_a_joblib_sweep_whose_jobs_then_resume(tmp_path: Path, slo
     assert {job: m["status"] for job, m in stopped.items()} == {"0": "interrupted", "1": "interrupted"}
 
     resumed = subprocess.run(
-        [*command, "ckpt_path=last"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*command, "ckpt_path=last"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     for job in ("0", "1", "2"):
