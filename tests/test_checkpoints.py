@@ -177,6 +177,25 @@ def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) ->
         load_predictor(other, device="cpu")
 
 
+def _with_second_seed(sweep: Path) -> Path:
+    """A copy of a one-seed, two-fold sweep plus a second seed whose fold models score every defect
+    1 but one, which they score 0, and every sound image 0.5."""
+    two = sweep.with_name(sweep.name + "_two_seeds")
+    for fold in (0, 1):
+        for seed, job in ((1, two / str(fold)), (2, two / str(fold + 2))):
+            shutil.copytree(sweep / str(fold), job)
+            overrides = job / ".hydra" / "overrides.yaml"
+            overrides.write_text(overrides.read_text() + f"- seed={seed}\n")
+    for fold in (0, 1):
+        predictions = pd.read_csv(two / str(fold + 2) / "predictions_val.csv")
+        defective = predictions["label"] == "Defective"
+        predictions["p_Defective"] = np.where(defective, 1.0, 0.5)
+        if fold == 0:
+            predictions.loc[defective.idxmax(), "p_Defective"] = 0.0
+        predictions.to_csv(two / str(fold + 2) / "predictions_val.csv", index=False)
+    return two
+
+
 def _final_model_takes_its_threshold_from_the_sweep(
     data: Path, sweep: Path, threshold: float, tmp_path: Path
 ) -> None:
@@ -207,6 +226,13 @@ def _final_model_takes_its_threshold_from_the_sweep(
     final = load_predictor(finals["final"], device="cpu")
     assert final.calibration.threshold == pytest.approx(threshold)
     assert (final.path.parent / "best.ckpt.calibration.json").is_file()
+
+    # with two seeds, a final model (one model) takes the threshold chosen on every seed's scores
+    # together, not the one on their mean: the second seed's models score one defect 0
+    report = run_evaluation(str(finals["final"]), str(data), oof=str(_with_second_seed(sweep)), bootstrap=20)
+    assert report["out_of_fold"]["threshold"] > 0.0
+    assert report["out_of_fold"]["one_model_threshold"] == pytest.approx(0.0)
+    assert load_predictor(finals["final"], device="cpu").calibration.threshold == pytest.approx(0.0)
     with pytest.raises(UserError, match="differ in input_size; give the cross-validation sweep"):
         run_evaluation(str(finals["other_size"]), str(data), oof=str(sweep), bootstrap=20)
     with pytest.raises(UserError, match="is not a cross-validation sweep directory"):

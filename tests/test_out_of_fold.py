@@ -89,6 +89,14 @@ def test_one_models_estimate_is_each_seeds_predictions_alone(tmp_path: Path) -> 
     markdown = (sweep / "summary.md").read_text()
     assert "One model's estimate" in markdown and "| 0.906 [0.875, 0.938] |" in markdown
 
+    # the means' threshold (halfway between 0.5 and 0.375) misses each seed's defect scored 0.3;
+    # one model's threshold, chosen on both seeds' scores together, catches every defect of each
+    assert result.threshold == pytest.approx(0.4375)
+    assert result.metrics["all@threshold"]["recall"]["value"] == pytest.approx(1.0)
+    assert result.one_model_threshold == pytest.approx(0.25)
+    assert [m["all"]["recall@threshold"] for m in result.per_seed.values()] == pytest.approx([1.0, 1.0])
+    assert [(np.array(s[:4]) >= result.threshold).mean() for s in scores.values()] == [0.75, 0.75]
+
 
 def test_jobs_without_folds_have_no_out_of_fold_section(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"

@@ -80,8 +80,9 @@ def evaluate_out_of_fold(
     if not is_ensemble:
         _check_same_recipe(predictor, sweep)
     pooled = _pooled(sweep, target_recall, bootstrap)
+    threshold = pooled.threshold if is_ensemble else pooled.one_model_threshold
     calibration = Calibration(
-        threshold=pooled.threshold,
+        threshold=threshold,
         temperature=1.0,
         details={
             "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
@@ -92,7 +93,7 @@ def evaluate_out_of_fold(
     sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
     out = Path(output_dir) if output_dir else _default_output(predictor, is_ensemble)
     report = {
-        "model": {**predictor.describe(), "threshold": pooled.threshold},
+        "model": {**predictor.describe(), "threshold": threshold},
         "out_of_fold_sweep": str(sweep),
         "out_of_fold": oof.to_json([pooled])[0],
         "calibration_file": str(sidecar) if sidecar else None,
@@ -121,17 +122,18 @@ def _markdown(
 ) -> list[str]:
     if is_ensemble:
         title = f"# Evaluation of the ensemble {sweep.name} ({len(predictor.members)} fold models)"
-        whose = "The ensemble averages models that each saw more data than any single fold model"
+        chosen = (
+            f"Threshold {pooled.threshold:.4f}: defect recall >= {target_recall} on the pooled "
+            "out-of-fold predictions, an image's score the mean over seeds (chosen on them, so metrics "
+            "at it are optimistic). The ensemble averages models that each saw more data than any "
+            "single fold model; out-of-fold numbers estimate one fold model."
+        )
     else:
         title = f"# Evaluation of {predictor.path} by its recipe's cross-validation ({sweep.name})"
-        whose = "The final model saw every image these fold models were scored on"
-    return [
-        title,
-        "",
-        f"Threshold {pooled.threshold:.4f}: defect recall >= {target_recall} on the pooled out-of-fold "
-        "predictions (chosen on them, so metrics at it are optimistic). "
-        f"{whose}; out-of-fold numbers estimate one fold model.",
-        "",
-        *oof.markdown_table([pooled]),
-        "",
-    ]
+        chosen = (
+            f"Threshold {pooled.one_model_threshold:.4f}: defect recall >= {target_recall} on every "
+            "seed's out-of-fold predictions together, as one model scores (chosen on them, so "
+            "metrics at it are optimistic). The final model saw every image these fold models were "
+            "scored on; it is estimated by one model's rows below, not by the mean over seeds."
+        )
+    return [title, "", chosen, "", *oof.markdown_table([pooled]), "", *oof.one_model_table([pooled]), ""]
