@@ -186,13 +186,12 @@ def _with_second_seed(sweep: Path) -> Path:
             shutil.copytree(sweep / str(fold), job)
             overrides = job / ".hydra" / "overrides.yaml"
             overrides.write_text(overrides.read_text() + f"- seed={seed}\n")
-    for fold in (0, 1):
-        predictions = pd.read_csv(two / str(fold + 2) / "predictions_val.csv")
+        predictions = pd.read_csv(job / "predictions_val.csv")  # the second seed's job
         defective = predictions["label"] == "Defective"
         predictions["p_Defective"] = np.where(defective, 1.0, 0.5)
         if fold == 0:
             predictions.loc[defective.idxmax(), "p_Defective"] = 0.0
-        predictions.to_csv(two / str(fold + 2) / "predictions_val.csv", index=False)
+        predictions.to_csv(job / "predictions_val.csv", index=False)
     return two
 
 

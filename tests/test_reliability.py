@@ -356,15 +356,8 @@ def test_sigterm_stops_a_joblib_sweep_whose_jobs_then_resume(tmp_path: Path, slo
     stopped = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert {job: m["status"] for job, m in stopped.items()} == {"0": "interrupted", "1": "interrupted"}
 
-    resumed = subprocess.run(
-        [*command, "ckpt_path=last"],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **OFFLINE_ENV},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = _spawn([*command, "ckpt_path=last"], log)
+    assert resumed.wait(timeout=600) == 0, log.read_text()
     for job in ("0", "1", "2"):
         record = json.loads((sweep / job / "metrics.json").read_text())
         assert record["status"] == "finished"
