@@ -105,6 +105,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_flips": _with(
         PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001"
     ),
+    # ... without random augmentation: the frozen backbone then sees each photo once per fit (the
+    # feature cache), and the head learns from the features it will meet in use
+    "lite2_probe_flips_noaug": _with(
+        PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001", "augmentation=none"
+    ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more
     "lite2_probe_then_finetune": _with(

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from railway_defect.models.module import DefectClassifier
+from railway_defect.models.module import FLIP_AXES, DefectClassifier
 from railway_defect.models.schedules import warmup_cosine
 from railway_defect.utils.errors import UserError
 
@@ -89,6 +89,48 @@ def test_flip_invariant_model_scores_a_photo_and_its_flips_alike_and_each_photo_
             torch.testing.assert_close(model(flipped), scores, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(model(images[1:2]), scores[1:2], atol=1e-4, rtol=1e-4)
         assert not torch.allclose(plain_model(images.flip(-1)), plain_model(images), atol=1e-4)
+
+
+def _fit_counting_backbone_images(model: DefectClassifier, epochs: int = 3) -> int:
+    """Fits on 8 training and 4 validation images (fixed tensors, no augmentation); returns how many
+    images the backbone computed."""
+    seen = [0]
+    model.backbone.register_forward_hook(
+        lambda module, inputs, output: seen.__setitem__(0, seen[0] + len(output))
+    )
+    generator = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(8, 3, 32, 32, generator=generator), torch.tensor([0, 1] * 4))
+    val = TensorDataset(torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1] * 2))
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    torch.manual_seed(0)
+    trainer.fit(model, DataLoader(train, batch_size=3, shuffle=True), DataLoader(val, batch_size=3))
+    return seen[0]
+
+
+def test_a_frozen_backbone_computes_each_image_once_per_fit_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Feature cache: a linear probe without random augmentation runs the backbone once per distinct
+    image (a fit of 3 epochs, 12 images: 12 images, not 3 x 12 + the sanity check's) and learns
+    exactly what it learns without the cache; a backbone that learns is run every time."""
+    probe = dict(backbone_lr_scale=0, flip_invariant=True, head_norm=True)
+    cached = _model(**probe)
+    uncached = _model(**probe)
+    uncached.load_state_dict(cached.state_dict())
+    assert _fit_counting_backbone_images(cached) == 12 * len(FLIP_AXES)
+    assert cached.feature_cache is None  # released with the fit
+    monkeypatch.setattr(DefectClassifier, "on_fit_start", lambda self: None)
+    assert _fit_counting_backbone_images(uncached) > 3 * 12 * len(FLIP_AXES)
+    for name, value in cached.head.state_dict().items():
+        torch.testing.assert_close(value, uncached.head.state_dict()[name], atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    assert _fit_counting_backbone_images(_model(backbone_lr_scale=1.0)) > 3 * 12
 
 
 def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:
