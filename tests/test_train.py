@@ -200,7 +200,9 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
         f"data.root={data}",
         "data.train_on=train_and_val",
         "callbacks.model_checkpoint.monitor=null",
-        # as experiment=offline_best trains: a frozen backbone, flip-invariant standardised features
+        # as experiment=offline_best trains: a frozen backbone (features cached: no random
+        # augmentation), flip-invariant standardised features
+        "augmentation=none",
         "model.backbone_lr_scale=0",
         "model.flip_invariant=true",
         "model.head_norm=true",
