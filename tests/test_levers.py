@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from railway_defect.models.module import FLIP_AXES, DefectClassifier
+from railway_defect.models.module import FLIP_AXES, DefectClassifier, FrozenFeatureCache
 from railway_defect.models.schedules import warmup_cosine
 from railway_defect.utils.errors import UserError
 
@@ -131,6 +131,22 @@ def test_a_frozen_backbone_computes_each_image_once_per_fit_with_the_same_result
         torch.testing.assert_close(value, uncached.head.state_dict()[name], atol=1e-5, rtol=1e-4)
     monkeypatch.undo()
     assert _fit_counting_backbone_images(_model(backbone_lr_scale=1.0)) > 3 * 12
+
+
+def test_feature_cache_computes_a_repeated_image_once_and_stops_growing_at_its_size() -> None:
+    calls: list[int] = []
+
+    def compute(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return images.flatten(1)[:, :4] * 2
+
+    images = torch.randn(3, 3, 8, 8)
+    cache = FrozenFeatureCache(max_bytes=2 * 4 * 4)  # room for two features of 4 floats
+    batch = torch.cat([images, images[:1]])  # the first image twice
+    torch.testing.assert_close(cache(batch, compute), compute(batch))
+    assert calls[0] == 3 and len(cache.features) == 2 and cache.bytes == 32
+    torch.testing.assert_close(cache(images, compute), compute(images))
+    assert calls[2] == 1  # the one image the cache had no room for
 
 
 def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:

@@ -175,10 +175,11 @@ class FrozenFeatureCache:
     """A frozen backbone's pooled features by image content, for one fit. Without random
     augmentation a linear probe shows the backbone the same images every epoch: each is computed
     once, not once per epoch (30 epochs: about 30x less backbone compute, same results). Randomly
-    augmented images never repeat; they are computed as usual and kept up to `max_images`."""
+    augmented images never repeat; they are computed as usual, and the cache stops growing at
+    `max_bytes`."""
 
-    def __init__(self, max_images: int = 100_000):
-        self.max_images = max_images
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes, self.bytes = max_bytes, 0
         self.features: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -192,8 +193,9 @@ class FrozenFeatureCache:
             computed = compute(images[list(first_of_missing.values())]).detach()
             fresh = dict(zip(first_of_missing, computed, strict=True))
         for key, value in fresh.items():
-            if len(self.features) < self.max_images:
-                self.features[key] = value
+            size = value.numel() * value.element_size()
+            if self.bytes + size <= self.max_bytes:
+                self.features[key], self.bytes = value, self.bytes + size
         return torch.stack([fresh[key] if key in fresh else self.features[key] for key in keys])
 
 
@@ -333,7 +335,10 @@ class DefectClassifier(LightningModule):
         self.feature_cache = None
 
     def _backbone_frozen(self) -> bool:
-        return not self.backbone.training and not any(p.requires_grad for p in self.backbone.parameters())
+        """Its output a fixed function of the image: no parameter learns, no layer in training mode."""
+        return not any(p.requires_grad for p in self.backbone.parameters()) and not any(
+            m.training for m in self.backbone.modules()
+        )
 
     def train(self, mode: bool = True) -> DefectClassifier:
         """Frozen backbone layers stay in eval mode (hold_frozen_layers), whoever calls train()."""
@@ -353,7 +358,7 @@ class DefectClassifier(LightningModule):
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features; while fitting with a frozen backbone, through the feature cache (a
-        backbone unfrozen mid-fit, e.g. by BackboneFinetuning, empties it; Grad-CAM, which needs
+        backbone unfrozen mid-fit, e.g. by BackboneFinetuning, ends it; Grad-CAM, which needs
         gradients from the images, bypasses it)."""
 
         def compute(batch: torch.Tensor) -> torch.Tensor:
@@ -362,7 +367,7 @@ class DefectClassifier(LightningModule):
         if self.feature_cache is None or images.requires_grad:
             return compute(images)
         if not self._backbone_frozen():
-            self.feature_cache.features.clear()
+            self.feature_cache = None
             return compute(images)
         return self.feature_cache(images, compute)
 
