@@ -165,9 +165,9 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: b
 
 
 def _content_key(image: torch.Tensor) -> bytes:
-    """A digest of one image tensor's shape and values (whatever its memory layout)."""
+    """A digest of one image tensor's shape and values (whatever its memory layout); on the CPU."""
     digest = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=16)
-    digest.update(image.detach().cpu().numpy().tobytes())
+    digest.update(image.numpy().tobytes())
     return digest.digest()
 
 
@@ -183,7 +183,7 @@ class FrozenFeatureCache:
         self.features: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        keys = [_content_key(image) for image in images]
+        keys = [_content_key(image) for image in images.detach().cpu()]  # one copy off a GPU
         first_of_missing: dict[bytes, int] = {}
         for index, key in enumerate(keys):
             if key not in self.features:
