@@ -3,7 +3,6 @@ Everything else (checkpoints, images for review, summaries) lives in callbacks."
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from torchmetrics.classification import (
 )
 
 from railway_defect import __version__
+from railway_defect.data.images import content_digest
 from railway_defect.models.backbones import create_backbone, get_spec
 from railway_defect.utils.errors import UserError
 
@@ -164,11 +164,14 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: b
     return backbone(views).unflatten(0, (len(FLIP_AXES), -1)).mean(0)
 
 
-def _content_key(image: torch.Tensor) -> bytes:
-    """A digest of one image tensor's shape and values (whatever its memory layout); on the CPU."""
-    digest = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=16)
-    digest.update(image.numpy().tobytes())
-    return digest.digest()
+# an image tensor by its shape and the digest of its values
+ContentKey = tuple[tuple[int, ...], str]
+
+
+def _content_key(image: torch.Tensor) -> ContentKey:
+    """One image tensor (on the CPU) by its shape and the digest of its values, whatever its memory
+    layout."""
+    return tuple(image.shape), content_digest(image.numpy().tobytes())
 
 
 class FrozenFeatureCache:
@@ -180,15 +183,15 @@ class FrozenFeatureCache:
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes, self.bytes = max_bytes, 0
-        self.features: dict[bytes, torch.Tensor] = {}
+        self.features: dict[ContentKey, torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         keys = [_content_key(image) for image in images.detach().cpu()]  # one copy off a GPU
-        first_of_missing: dict[bytes, int] = {}
+        first_of_missing: dict[ContentKey, int] = {}
         for index, key in enumerate(keys):
             if key not in self.features:
                 first_of_missing.setdefault(key, index)
-        fresh: dict[bytes, torch.Tensor] = {}
+        fresh: dict[ContentKey, torch.Tensor] = {}
         if first_of_missing:
             computed = compute(images[list(first_of_missing.values())]).detach()
             fresh = dict(zip(first_of_missing, computed, strict=True))
