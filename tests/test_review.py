@@ -130,6 +130,36 @@ def test_review_images_do_not_change_training(trained_run: Path, tmp_path: Path)
     assert not events_of(tmp_path).Tags()["images"]
 
 
+@pytest.mark.slow
+def test_a_cached_frozen_probe_gets_gradcam_and_trains_as_without_review(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """experiment=offline_best's path with the default callbacks: a frozen, flip-invariant probe
+    without random augmentation serves training and validation from the feature cache, while
+    Grad-CAM (gradients from the images) goes around it; the review leaves training as it was."""
+    probe = (
+        "augmentation=none",
+        "model.backbone_lr_scale=0",
+        "model.flip_invariant=true",
+        "model.head_norm=true",
+    )
+    histories = {}
+    for name, switch in (("with", ()), ("without", ("callbacks.review=null",))):
+        result = run_cli(
+            "railway_defect.train",
+            *FAST_WITH_REVIEW,
+            *probe,
+            *switch,
+            f"data.root={trained_run.parent / 'data'}",
+            f"trainer.max_epochs={EPOCHS}",
+            f"hydra.run.dir={tmp_path / name}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        histories[name] = json.loads((tmp_path / name / "metrics.json").read_text())["history"]
+    assert histories["with"] == histories["without"]
+    assert set(events_of(tmp_path / "with").Tags()["images"]) >= IMAGE_TAGS
+
+
 def test_review_defaults_log_every_epoch(compose_train) -> None:
     cfg = compose_train()
     assert cfg.callbacks.review.every_n_epochs == 1
