@@ -12,9 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = PROJECT_ROOT.parent / "shared" / "datasets" / "railway-track-fault"
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
+
+from railway_defect.utils.paths import default_data_root  # noqa: E402
+
+# the data the commands use: $RAILWAY_DATA_DIR, else the sample set beside the checkout
+SAMPLE_DATA = Path(default_data_root())
 
 
 def cpu_model() -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one script (issue 13), about 9 minutes on one H100; prints one table at the end.
 #   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger; then
-#      the same with cuDNN autotuning off (trainer.benchmark=false): its cost on a small run
+#      the recommended offline recipe (experiment=offline_best: a frozen backbone, its feature cache)
 #   2. the framework / plain-loop ratio and ResNet-50 training images/s at batch 128 (16-mixed,
 #      channels_last) through both
 #   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last)
@@ -10,6 +10,7 @@
 #
 #   bash benchmarks/gpu_check.sh                # on a CUDA machine
 #   QUICK=1 bash benchmarks/gpu_check.sh        # tiny sizes on whatever device there is (the tests)
+#   SKIP="overhead backbones" bash benchmarks/gpu_check.sh   # leave out steps (their log names)
 # Logs and the table (gpu_check.md) go to $GPU_CHECK_DIR (default outputs/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,13 @@ else
 fi
 if [ -n "${QUICK:-}" ]; then
   TRAIN=(model=resnet18 model.pretrained=false data.image_size=32 data.cache_size=40 trainer.max_epochs=1)
+  OFFLINE=(experiment=offline_best data.image_size=64 data.cache_size=64 trainer.max_epochs=2)
   OVERHEAD=(--quick --accelerator "$ACCEL")
   BACKBONES=(--quick)
   PREDICT=(--quick --device "$DEVICE")
 else
   TRAIN=(model=efficientnet_lite0 trainer.max_epochs=3)
+  OFFLINE=(experiment=offline_best)
   OVERHEAD=(--accelerator "$ACCEL" --backbone resnet50 --batch-size 128 --synthetic 1024 --epochs 3
             --repeats 2 --num-workers 8)
   BACKBONES=(--backbones resnet50 --batch-size 128 --steps 10 --repeats 2)
@@ -37,6 +40,7 @@ fi
 
 step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note failures
   local name=$1; shift
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped (SKIP)"; return; fi
   echo "== $name: $*"
   if ! "$@" > "$OUT/$name.log" 2>&1; then
     echo "$name FAILED (see $OUT/$name.log)"; tail -5 "$OUT/$name.log"
@@ -44,8 +48,7 @@ step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note
 }
 
 step train $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" "hydra.run.dir=$OUT/train"
-step train_nobench $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" trainer.benchmark=false \
-  "hydra.run.dir=$OUT/train_nobench"
+step offline_best $PY -m railway_defect.train trainer=$TRAINER "${OFFLINE[@]}" "hydra.run.dir=$OUT/offline_best"
 step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
 step backbones $PY benchmarks/bench_backbones.py "${BACKBONES[@]}"
 step predict $PY benchmarks/bench_predict.py "${PREDICT[@]}"

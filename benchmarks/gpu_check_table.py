@@ -38,7 +38,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     rows = [("machine", machine_line(out / "overhead.log"))]
     rows.append(("training run (default callbacks)", run_line(out / "train")))
-    rows.append(("the same, trainer.benchmark=false (no cuDNN autotuning)", run_line(out / "train_nobench")))
+    rows.append(("experiment=offline_best (frozen Lite2, feature cache)", run_line(out / "offline_best")))
     for log, label, prefix in LINES:
         rows.append((label, ", ".join(medians(out / f"{log}.log", prefix)) or "n/a"))
     export = (out / "export.log").read_text(errors="replace") if (out / "export.log").is_file() else ""

@@ -107,7 +107,7 @@ def test_gpu_check_script_runs_its_steps_and_prints_one_table(tmp_path) -> None:
     assert "FAILED" not in result.stdout, result.stdout[-3000:]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| training run (default callbacks) | finished" in table
-    assert "| the same, trainer.benchmark=false (no cuDNN autotuning) | finished" in table
+    assert "| experiment=offline_best (frozen Lite2, feature cache) | finished" in table
     for label in ("framework / plain loop (training)", "predict / raw forward", "ONNX export parity"):
         (row,) = [line for line in table.splitlines() if label in line]
         assert "n/a" not in row, row

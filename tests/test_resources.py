@@ -95,24 +95,18 @@ def test_precision_auto_is_16_mixed_on_cuda_only(monkeypatch, precision, acceler
     assert resources.resolve_precision(precision, accelerator) == expected
 
 
-def test_cudnn_benchmark_auto_yields_to_deterministic() -> None:
-    assert resources.resolve_benchmark("auto", False) is True
-    assert resources.resolve_benchmark("auto", True) is False
-    assert resources.resolve_benchmark(False, False) is False
-
-
 def test_the_default_trainer_config_resolves_for_this_machine(compose_train) -> None:
     cfg = compose_train()
-    assert (cfg.trainer.precision, cfg.trainer.benchmark) == ("auto", "auto")
+    assert (cfg.trainer.precision, cfg.trainer.benchmark) == ("auto", False)
     resolve_hardware_defaults(cfg)
     expected = "16-mixed" if torch.cuda.is_available() else "32-true"
-    assert (cfg.trainer.precision, cfg.trainer.benchmark) == (expected, True)
+    assert (cfg.trainer.precision, cfg.trainer.benchmark) == (expected, False)
     assert cfg.model.channels_last is True
     assert cfg.model.compile is False
 
-    cfg = compose_train("trainer=gpu", "trainer.deterministic=true")
+    cfg = compose_train("trainer=gpu")
     resolve_hardware_defaults(cfg)
-    assert (cfg.trainer.precision, cfg.trainer.benchmark) == ("16-mixed", False)
+    assert cfg.trainer.precision == "16-mixed"
 
 
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 0), (2, 0), (4, 2), (16, 8), (64, 8)])

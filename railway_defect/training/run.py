@@ -41,7 +41,7 @@ from railway_defect.training.record import (
 from railway_defect.training.shutdown import Watchdog, sigterm_watchdog
 from railway_defect.utils.console import print_config_tree
 from railway_defect.utils.errors import UserError
-from railway_defect.utils.resources import configure_torch_threads, resolve_benchmark, resolve_precision
+from railway_defect.utils.resources import configure_torch_threads, resolve_precision
 from railway_defect.utils.warning_filters import quiet_known_noise
 
 log = logging.getLogger(__name__)
@@ -211,14 +211,13 @@ def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassif
 
 
 def resolve_hardware_defaults(cfg: DictConfig) -> None:
-    """Replace `auto` in trainer.precision / trainer.benchmark by what suits this machine, in the
-    config itself, so that HParams and metrics.json record the value really used."""
+    """Replace `auto` in trainer.precision by what suits this machine, in the config itself, so
+    that HParams and metrics.json record the value really used."""
     trainer = cfg.trainer
     with open_dict(cfg):
         trainer.precision = resolve_precision(
             trainer.get("precision", "auto"), trainer.get("accelerator", "auto")
         )
-        trainer.benchmark = resolve_benchmark(trainer.get("benchmark"), trainer.get("deterministic"))
 
 
 def _model_checkpoint(callbacks: list[Any]) -> ModelCheckpoint | None:

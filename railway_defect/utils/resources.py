@@ -5,7 +5,6 @@
   2 cores run slower than one job after the other); `num_threads=N` or OMP_NUM_THREADS override;
 - `trainer.precision: auto`: 16-mixed on CUDA (tensor cores), else 32-true (bf16 autocast is ~12x
   slower on a CPU without native bf16);
-- `trainer.benchmark: auto`: cuDNN autotuning on, unless `trainer.deterministic` asks otherwise.
 
 DataLoader workers and pinned memory are decided by the DataModule (`default_num_workers`); whether
 decoded images are kept in memory by `available_memory` (`data.storage: auto`)."""
@@ -167,11 +166,3 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     if str(precision) != "auto":
         return precision
     return "16-mixed" if uses_cuda(accelerator) else "32-true"
-
-
-def resolve_benchmark(benchmark: bool | str | None, deterministic: bool | str | None) -> bool | None:
-    """`auto` -> cuDNN autotuning (fixed 224 px inputs: it picks the fastest kernels once) unless
-    the run must be deterministic. It has no effect on the CPU."""
-    if benchmark != "auto":
-        return benchmark
-    return not deterministic
