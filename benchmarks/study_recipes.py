@@ -110,6 +110,15 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lite2_probe_flips_noaug": _with(
         PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001", "augmentation=none"
     ),
+    # ... with five linear heads trained side by side on their own losses, scored by their mean logit
+    "lite2_probe_flips_noaug_heads5": _with(
+        PROBE,
+        "model.flip_invariant=true",
+        "model.head_norm=true",
+        "optimizer.lr=0.001",
+        "augmentation=none",
+        "model.num_heads=5",
+    ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more
     "lite2_probe_then_finetune": _with(

@@ -38,6 +38,7 @@ OPTIONS = {
     "freeze_then_unfreeze": ("callbacks=finetune", "callbacks.finetune.unfreeze_backbone_at_epoch=1"),
     "frozen_backbone_head_norm": ("model.backbone_lr_scale=0", "model.head_norm=true"),
     "flip_invariant": ("model.flip_invariant=true",),
+    "num_heads": ("model.backbone_lr_scale=0", "model.head_norm=true", "model.num_heads=3"),
     "decision_threshold": ("model.decision_threshold=0.3",),
 }
 

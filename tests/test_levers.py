@@ -91,6 +91,34 @@ def test_flip_invariant_model_scores_a_photo_and_its_flips_alike_and_each_photo_
         assert not torch.allclose(plain_model(images.flip(-1)), plain_model(images), atol=1e-4)
 
 
+def test_each_of_several_heads_learns_as_it_would_alone_and_the_model_scores_their_mean() -> None:
+    """model.num_heads: heads initialised differently, each trained on its own loss (trained on their
+    mean logit they would be one linear layer); the model's logits, and its exported network's, are
+    the heads' mean."""
+    probe = dict(backbone_lr_scale=0, head_norm=True)
+    several = _model(num_heads=3, **probe)
+    linear = several.head[-1]
+    assert linear.out_features == 3 * 2 and not torch.allclose(linear.weight[:2], linear.weight[2:4])
+    alone = _model(**probe)
+    alone.backbone.load_state_dict(several.backbone.state_dict())
+    with torch.no_grad():  # the second head's initial weights
+        alone.head[-1].weight.copy_(linear.weight[2:4])
+        alone.head[-1].bias.copy_(linear.bias[2:4])
+    _fit_counting_backbone_images(several)
+    _fit_counting_backbone_images(alone)
+    torch.testing.assert_close(linear.weight[2:4], alone.head[-1].weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(linear.bias[2:4], alone.head[-1].bias, atol=1e-5, rtol=1e-4)
+
+    images = torch.randn(4, 3, 32, 32)
+    several.eval()
+    with torch.no_grad():
+        per_head = several.head(several.backbone(images)).unflatten(1, (3, 2))
+        torch.testing.assert_close(several(images), per_head.mean(1))
+        torch.testing.assert_close(several.network()(images), per_head.mean(1))
+    with pytest.raises(UserError, match="num_heads=0 must be a whole number >= 1"):
+        _model(num_heads=0)
+
+
 def _fit_counting_backbone_images(model: DefectClassifier, epochs: int = 3) -> int:
     """Fits on 8 training and 4 validation images (fixed tensors, no augmentation); returns how many
     images the backbone computed."""

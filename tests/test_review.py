@@ -142,6 +142,7 @@ def test_a_cached_frozen_probe_gets_gradcam_and_trains_as_without_review(
         "model.backbone_lr_scale=0",
         "model.flip_invariant=true",
         "model.head_norm=true",
+        "model.num_heads=5",
     )
     histories = {}
     for name, switch in (("with", ()), ("without", ("callbacks.review=null",))):

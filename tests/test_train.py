@@ -201,11 +201,12 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
         "data.train_on=train_and_val",
         "callbacks.model_checkpoint.monitor=null",
         # as experiment=offline_best trains: a frozen backbone (features cached: no random
-        # augmentation), flip-invariant standardised features
+        # augmentation), flip-invariant standardised features, five heads
         "augmentation=none",
         "model.backbone_lr_scale=0",
         "model.flip_invariant=true",
         "model.head_norm=true",
+        "model.num_heads=5",
         f"hydra.run.dir={run}",
     )
     assert result.returncode == 0, result.stderr

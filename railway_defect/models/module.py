@@ -100,6 +100,7 @@ def _check_arguments(
     backbone_lr_scale: float,
     decision_threshold: float,
     monitor: str,
+    num_heads: int,
 ) -> None:
     if positive_class not in class_names:
         raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
@@ -114,6 +115,8 @@ def _check_arguments(
         raise UserError(
             f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
         )
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise UserError(f"model.num_heads={num_heads} must be a whole number >= 1 (1 = one linear head).")
 
 
 def ignore_frozen_modules_warning() -> None:
@@ -150,9 +153,15 @@ class FeatureNorm(nn.BatchNorm1d):
         return super().forward(features)
 
 
-def _head(num_features: int, num_classes: int, dropout: float, norm: bool) -> nn.Sequential:
+def _head(num_features: int, num_classes: int, dropout: float, norm: bool, num_heads: int) -> nn.Sequential:
+    """Features -> the logits of `num_heads` linear heads side by side (batch, heads x classes)."""
     layers = [FeatureNorm(num_features)] if norm else []
-    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(num_features, num_classes * num_heads))
+
+
+def logits_per_head(head_output: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(batch, heads x classes) -> (batch, heads, classes)."""
+    return head_output.unflatten(1, (num_heads, -1))
 
 
 def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: bool) -> torch.Tensor:
@@ -205,12 +214,14 @@ class FrozenFeatureCache:
 class Network(nn.Module):
     """DefectClassifier's images -> logits path without Lightning, for export."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool):
+    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int = 1):
         super().__init__()
         self.backbone, self.head, self.flip_invariant = backbone, head, flip_invariant
+        self.num_heads = num_heads
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.backbone, images, self.flip_invariant))
+        output = self.head(pooled_features(self.backbone, images, self.flip_invariant))
+        return logits_per_head(output, self.num_heads).mean(1)
 
 
 class DefectClassifier(LightningModule):
@@ -235,6 +246,11 @@ class DefectClassifier(LightningModule):
         backbone_lr_scale: the backbone's learning rate relative to the head's; 0 freezes it (a
             linear probe: weights and batch-norm statistics stay the pretrained ones, only the
             head learns, which over-fits less than fine-tuning when there are few photos).
+        num_heads: linear heads over the same features, initialised differently, each trained
+            on its own loss; the model's logits are their mean. A seed ensemble of heads at the
+            cost of one: on frozen features one head's ranking of the thumbnails moved with its
+            initialisation, and the mean of five moved less and ranked better (STUDY.md). Trained
+            on their mean logit instead, they would be one linear layer.
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
         class_weights: loss weights per class (data.balance=loss), or None.
         decision_threshold: p(positive) at which the model calls a photo positive until evaluate
@@ -260,6 +276,7 @@ class DefectClassifier(LightningModule):
         head_norm: bool = False,
         flip_invariant: bool = False,
         backbone_lr_scale: float = 1.0,
+        num_heads: int = 1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         class_weights: Sequence[float] | None = None,
@@ -276,13 +293,15 @@ class DefectClassifier(LightningModule):
         super().__init__()
         class_names = [str(c) for c in class_names]
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
-        _check_arguments(class_names, positive_class, backbone_lr_scale, decision_threshold, monitor)
+        _check_arguments(
+            class_names, positive_class, backbone_lr_scale, decision_threshold, monitor, num_heads
+        )
         input_size = input_size or get_spec(backbone).input_size
         cache_size = cache_size or input_size
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
         self.backbone = created.model
-        self.head = _head(created.spec.num_features, len(class_names), dropout, head_norm)
+        self.head = _head(created.spec.num_features, len(class_names), dropout, head_norm, num_heads)
         # facts of the construction, stored beside the arguments by on_save_checkpoint
         self.mean, self.std = list(created.spec.mean), list(created.spec.std)
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
@@ -355,9 +374,13 @@ class DefectClassifier(LightningModule):
         return list(self.hparams.class_names)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits: the mean of the heads' (one head: its own)."""
+        return self._logits_per_head(images).mean(1)
+
+    def _logits_per_head(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:  # a no-op when the batch already is
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.head(self._features(images))
+        return logits_per_head(self.head(self._features(images)), self.hparams.num_heads)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features; while fitting with a frozen backbone, through the feature cache (a
@@ -377,7 +400,7 @@ class DefectClassifier(LightningModule):
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module (export traces it; a LightningModule
         outside a Trainer cannot be)."""
-        return Network(self.backbone, self.head, self.hparams.flip_invariant).eval()
+        return Network(self.backbone, self.head, self.hparams.flip_invariant, self.hparams.num_heads).eval()
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor]
@@ -388,13 +411,15 @@ class DefectClassifier(LightningModule):
 
     # ---- train --------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Each head learns from its own loss (their mean is the loss logged)."""
+        images, targets = batch
+        loss_targets = targets
         if self.mixup is not None:
-            images, targets = batch
-            mixed, soft = _mix(self.mixup, images, targets)
-            logits = self(mixed)
-            loss = self.criterion(logits, soft)
-        else:
-            loss, logits, targets = self._shared_step(batch)
+            images, loss_targets = _mix(self.mixup, images, targets)
+        per_head = self._logits_per_head(images)
+        heads = per_head.shape[1]
+        loss = self.criterion(per_head.flatten(0, 1), loss_targets.repeat_interleave(heads, dim=0))
+        logits = per_head.mean(1)
         self.train_loss(loss)
         self.train_acc(logits, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
