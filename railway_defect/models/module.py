@@ -214,7 +214,7 @@ class FrozenFeatureCache:
 class Network(nn.Module):
     """DefectClassifier's images -> logits path without Lightning, for export."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int = 1):
+    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int):
         super().__init__()
         self.backbone, self.head, self.flip_invariant = backbone, head, flip_invariant
         self.num_heads = num_heads
