@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from railway_defect.utils.outputs import write_text_atomic
 
 PREDICTIONS_FILE = "predictions_val.csv"
+TEST_PREDICTIONS_FILE = "predictions_test.csv"
 
 
 def probability_column(positive_class: str) -> str:
@@ -32,12 +33,25 @@ def _in_sample_order(trainer: Trainer, scores: torch.Tensor) -> torch.Tensor:
 
 
 class ValidationPredictions(Callback):
-    def __init__(self, filename: str = PREDICTIONS_FILE) -> None:
-        self.filename = filename
+    """predictions_val.csv at every validation epoch (the last one stays), and predictions_test.csv
+    when best.ckpt is tested (nested CV's outer-fold scores)."""
+
+    def __init__(self, filename: str = PREDICTIONS_FILE, test_filename: str = TEST_PREDICTIONS_FILE) -> None:
+        self.filenames = {"val": filename, "test": test_filename}
         self._scores: list[torch.Tensor] = []
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _start(self) -> None:
         self._scores = []
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, outputs: Any) -> None:
+        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
+            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start()
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start()
 
     def on_validation_batch_end(
         self,
@@ -48,18 +62,35 @@ class ValidationPredictions(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
-            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
+        self._collect(trainer, pl_module, outputs)
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(trainer, pl_module, outputs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self._scores:
+        if not trainer.sanity_checking:
+            self._write(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
+        if not self._scores:
             return
         scores = torch.cat(self._scores)
         if trainer.world_size > 1:
             scores = _in_sample_order(trainer, scores.to(pl_module.device))
         if not trainer.is_global_zero:
             return
-        samples = trainer.datamodule.splits["val"]
+        samples = trainer.datamodule.splits[split]
         scores = scores.tolist()
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -67,4 +98,4 @@ class ValidationPredictions(Callback):
         # limit_val_batches may have scored only the first images
         for sample, score in zip(samples, scores, strict=False):
             writer.writerow([str(sample.path), sample.label, f"{score:.6f}", trainer.current_epoch])
-        write_text_atomic(Path(trainer.default_root_dir) / self.filename, buffer.getvalue())
+        write_text_atomic(Path(trainer.default_root_dir) / self.filenames[split], buffer.getvalue())

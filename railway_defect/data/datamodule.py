@@ -9,6 +9,7 @@ import logging
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.audit import audit_and_warn
-from railway_defect.data.discovery import TRAIN_ON_MODES, DatasetIndex, Sample, discover
+from railway_defect.data.discovery import (
+    BURST_SECONDS,
+    REFIT,
+    TRAIN_AND_VAL,
+    TRAIN_ON_MODES,
+    DatasetIndex,
+    GroupWindow,
+    Sample,
+    HeldOutTestFold,
+    discover,
+)
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
@@ -141,7 +152,12 @@ class RailwayDataModule(LightningDataModule):
             or which cross-validation fold validates; `seed` also orders and augments the batches.
         split_seed: the split's own seed (default `seed`): repeated training seeds on the same folds.
         train_on: `train`, or `train_and_val` (the final model of a recipe chosen by cross-validation:
-            the validation images train too, and nothing validates).
+            the validation images train too, and nothing validates). `fold=refit` trains on the
+            whole cross-validation pool the same way (nested CV's refit of each outer fold).
+        group_window_s: photos taken within this many seconds of each other (chained), or on one
+            day (`day`), never sit on both sides of a split made here.
+        test_fraction: hold out a grouped Test split (fixed seed of its own) that no study step reads;
+            outer_folds, outer_fold: nested CV's outer fold as the Test split instead.
         image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
             size, decompression guard, on-disk cache) and the model's input size.
         batch_size, num_workers, balance: the loaders and balancing: none, sampler (classes drawn
@@ -182,6 +198,10 @@ class RailwayDataModule(LightningDataModule):
         stream_dir: str | Path | None = None,
         train_on: str = "train",
         split_seed: int | None = None,
+        group_window_s: GroupWindow = BURST_SECONDS,
+        test_fraction: float | None = None,
+        outer_folds: int | None = None,
+        outer_fold: int = 0,
     ):
         super().__init__()
         _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size, train_on)
@@ -190,7 +210,13 @@ class RailwayDataModule(LightningDataModule):
         self.url, self.sha256 = url, sha256
         self.val_fraction, self.seed, self.num_folds, self.fold = val_fraction, seed, num_folds, fold
         self.split_seed = seed if split_seed is None else split_seed
-        self.train_on, self.balance, self.batch_size = train_on, balance, batch_size
+        self.group_window_s = group_window_s
+        self.test_holdout = HeldOutTestFold.from_settings(
+            test_fraction, outer_folds, outer_fold, self.split_seed
+        )
+        # the refit of a cross-validation trains on the whole pool, as train_and_val does
+        self.train_on = TRAIN_AND_VAL if fold == REFIT else train_on
+        self.balance, self.batch_size = balance, batch_size
         self.image_size, self.cache_size, self.harmonize = image_size, cache_size, harmonize
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_pixels = max_pixels
@@ -238,7 +264,14 @@ class RailwayDataModule(LightningDataModule):
             index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
         else:
             index = discover(
-                self.root, self.val_fraction, self.split_seed, self.num_folds, self.fold, self.train_on
+                self.root,
+                self.val_fraction,
+                self.split_seed,
+                self.num_folds,
+                self.fold,
+                self.train_on,
+                self.group_window_s,
+                self.test_holdout,
             )
         self.storage_used = self._choose_storage(index)
         if self.storage_used == "stream":
@@ -407,6 +440,8 @@ class RailwayDataModule(LightningDataModule):
             "classes": self.classes,
             "positive_class": self.positive_class,
             "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
+            "group_window_s": self.group_window_s,
+            "test_holdout": asdict(self.test_holdout) if self.test_holdout else None,
             "counts": {
                 split: dict(sorted(label_counts(samples).items())) for split, samples in self.splits.items()
             },

@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,15 @@ MANIFEST_NAME = "manifest.csv"
 # difflib ratio above which a rare manifest label is taken for a typo of a frequent one
 TYPO_SIMILARITY = 0.85
 # photos whose file-name timestamps are this close were taken in one burst at one spot
+# (data.group_window_s; `day` groups every photo of one calendar day: a session)
 BURST_SECONDS = 10
+SESSION = "day"
+GroupWindow = float | int | str
+# the seed of the locked Test split (data.test_fraction): never a training or fold seed, so that no
+# study step that varies those can move a Test photo into training
+TEST_SPLIT_SEED = 0
+# data.fold=refit: the fold models' recipe trained on the whole pool (nested CV's refit)
+REFIT = "refit"
 _TIMESTAMP = re.compile(r"(20\d\d)(\d\d)(\d\d)[_-]?(\d\d)(\d\d)(\d\d)")
 
 
@@ -118,18 +126,39 @@ def _scan_class_folders(folder: Path, root: Path, ignored: list[dict[str, str]])
     return samples
 
 
-def infer_groups(paths: list[Path]) -> list[str]:
-    """Group photos taken within BURST_SECONDS of each other (by file-name timestamp); others stand alone."""
-    stamped = []
-    for i, path in enumerate(paths):
-        match = _TIMESTAMP.search(path.name)
-        if match:
-            with contextlib.suppress(ValueError):
-                stamped.append((datetime(*map(int, match.groups())), i))
+def _timestamp(path: Path) -> datetime | None:
+    match = _TIMESTAMP.search(path.name)
+    if match:
+        with contextlib.suppress(ValueError):
+            return datetime(*map(int, match.groups()))
+    return None
+
+
+def check_group_window(window_s: GroupWindow) -> GroupWindow:
+    if window_s == SESSION:
+        return window_s
+    if isinstance(window_s, bool) or not isinstance(window_s, int | float) or window_s < 0:
+        raise UserError(
+            f"data.group_window_s must be a number of seconds >= 0 or {SESSION!r} (one group per "
+            f"day of photos), got {window_s!r}."
+        )
+    return window_s
+
+
+def infer_groups(paths: list[Path], window_s: GroupWindow = BURST_SECONDS) -> list[str]:
+    """Group photos by file-name timestamp: each photo joins the previous one when taken within
+    `window_s` seconds of it (a chain: a burst, or a walk for a wider window), or with `day` every
+    photo of one calendar day. Photos without a timestamp stand alone."""
+    check_group_window(window_s)
+    stamped = sorted((t, i) for i, p in enumerate(paths) if (t := _timestamp(p)) is not None)
     groups = [str(p) for p in paths]
-    stamped.sort()
     for (prev_time, prev_i), (time, i) in itertools.pairwise(stamped):
-        if (time - prev_time).total_seconds() <= BURST_SECONDS:
+        same = (
+            prev_time.date() == time.date()
+            if window_s == SESSION
+            else (time - prev_time).total_seconds() <= window_s
+        )
+        if same:
             groups[i] = groups[prev_i]
     return groups
 
@@ -324,33 +353,75 @@ def holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sam
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
-def pooled_groups(samples: list[Sample], layout: str) -> list[str]:
-    """Groups for samples pooled across splits: declared manifest groups stay; everything else is
-    grouped by file-name timestamp over the whole pool (a burst may have been cut by the splits)."""
-    if layout != "manifest":
-        return infer_groups([s.path for s in samples])
-    undeclared = [i for i, s in enumerate(samples) if s.group == str(s.path)]
-    groups = [s.group for s in samples]
-    for i, group in zip(undeclared, infer_groups([samples[i].path for i in undeclared]), strict=True):
-        groups[i] = group
-    return groups
+def pooled_groups(samples: Sequence[Sample], window_s: GroupWindow = BURST_SECONDS) -> list[str]:
+    """Groups for samples pooled across splits: declared groups (a manifest's `group`, or the
+    bursts found per split folder) joined with the photos taken within `window_s` of each other
+    over the whole pool (a burst may have been cut by the splits; a wider window joins a walk)."""
+    parent = list(range(len(samples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(names: Sequence[str]) -> None:
+        first: dict[str, int] = {}
+        for i, name in enumerate(names):
+            a, b = root(i), root(first.setdefault(name, i))
+            parent[max(a, b)] = min(a, b)
+
+    join([s.group for s in samples])
+    join(infer_groups([s.path for s in samples], window_s))
+    return [samples[root(i)].group for i in range(len(samples))]
+
+
+def group_counts(samples: Sequence[Sample]) -> str:
+    """'Defective: 12 groups, Non defective: 3 groups', for errors about too few groups."""
+    groups: dict[str, set[str]] = {}
+    for s in samples:
+        groups.setdefault(s.label, set()).add(s.group)
+    return ", ".join(f"{label}: {len(g)} groups" for label, g in sorted(groups.items()))
+
+
+def _check_enough_groups(samples: Sequence[Sample], folds: int, what: str, ask: str) -> None:
+    """Every class needs a group in each fold, or some fold cannot estimate (or train) it."""
+    fewest = min(len({s.group for s in samples if s.label == c}) for c in {s.label for s in samples})
+    if fewest < folds:
+        raise UserError(
+            f"{what} needs at least {folds} independent photo groups per class; {group_counts(samples)}. "
+            f"{ask}"
+        )
+
+
+def _regrouped(samples: Sequence[Sample], window_s: GroupWindow) -> list[Sample]:
+    groups = pooled_groups(samples, window_s)
+    return [replace(s, group=g) for s, g in zip(samples, groups, strict=True)]
 
 
 def cross_validation_fold(
-    samples: list[Sample], layout: str, num_folds: int, fold: int, seed: int
+    samples: list[Sample], num_folds: int, fold: int | str, seed: int, window_s: GroupWindow = BURST_SECONDS
 ) -> tuple[list[Sample], list[Sample]]:
     """Fold `fold` of a stratified, group-aware K-fold split: (train, val). The same `seed` gives
-    the same partition in every job, so the K validation folds cover every sample exactly once."""
+    the same partition in every job, so the K validation folds cover every sample exactly once.
+    `fold=refit`: the recipe refitted on the whole pool (nothing validates), as the final model of
+    a cross-validation is; nested CV scores it on the outer fold."""
     if num_folds < 2:
         raise UserError(f"data.num_folds must be 2 or more, got {num_folds}.")
-    if not 0 <= fold < num_folds:
-        raise UserError(f"data.fold must be between 0 and {num_folds - 1} for {num_folds} folds, got {fold}.")
-    groups = pooled_groups(samples, layout)
-    samples = [replace(s, group=g) for s, g in zip(samples, groups, strict=True)]
+    if fold == REFIT:
+        return list(samples), []
+    if not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise UserError(
+            f"data.fold must be between 0 and {num_folds - 1} for {num_folds} folds "
+            f"(or {REFIT!r}), got {fold}."
+        )
+    samples = _regrouped(samples, window_s)
+    groups = [s.group for s in samples]
     if len(set(groups)) < num_folds:
         raise UserError(
-            f"Only {len(set(groups))} independent photo groups for {num_folds} folds; "
-            "lower data.num_folds or add images."
+            f"Only {len(set(groups))} independent photo groups for {num_folds} folds "
+            f"({group_counts(samples)}); "
+            "lower data.num_folds, narrow data.group_window_s or add images."
         )
     folds = _group_folds([s.label for s in samples], groups, num_folds, seed)
     train_idx, val_idx = folds[fold]
@@ -358,6 +429,67 @@ def cross_validation_fold(
     if missing:
         log.warning("Fold %d of %d has no validation images of %s.", fold, num_folds, sorted(missing))
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+@dataclass(frozen=True)
+class HeldOutTestFold:
+    """Which photos form the Test split when the data have none: `folds` stratified, group-aware
+    folds of the labelled photos, fold `fold` held out (data.test_fraction: fold 0 of 1/fraction,
+    with a seed of its own; nested CV: its outer fold)."""
+
+    folds: int
+    fold: int
+    seed: int
+    what: str
+
+    @classmethod
+    def from_settings(
+        cls, test_fraction: float | None, outer_folds: int | None, outer_fold: int, seed: int
+    ) -> HeldOutTestFold | None:
+        if test_fraction and outer_folds:
+            raise UserError(
+                "data.test_fraction and data.outer_folds both hold out a Test split; nested CV's outer "
+                "folds already test every photo once, so set only one of them."
+            )
+        if test_fraction:
+            if not 0 < test_fraction < 0.5:
+                raise UserError(f"data.test_fraction must be between 0 and 0.5, got {test_fraction}.")
+            return cls(
+                max(2, round(1 / test_fraction)), 0, TEST_SPLIT_SEED, f"data.test_fraction={test_fraction}"
+            )
+        if outer_folds:
+            if outer_folds < 2 or not 0 <= outer_fold < outer_folds:
+                raise UserError(
+                    f"data.outer_folds must be 2 or more and data.outer_fold between 0 and outer_folds - 1, "
+                    f"got {outer_folds} and {outer_fold}."
+                )
+            return cls(outer_folds, outer_fold, seed, f"data.outer_folds={outer_folds}")
+        return None
+
+    def split(self, splits: dict[str, list[Sample]], window_s: GroupWindow) -> dict[str, list[Sample]]:
+        """`splits` with the held-out fold as Test, the other photos in their own splits."""
+        if "test" in splits:
+            log.info(
+                "%s: the data's own Test split (%d images) is set aside unread.",
+                self.what,
+                len(splits["test"]),
+            )
+        pool = _regrouped(splits.get("train", []) + splits.get("val", []), window_s)
+        _check_enough_groups(
+            pool,
+            self.folds,
+            self.what,
+            "Lower the number of folds (or raise the fraction), narrow data.group_window_s, or add photos.",
+        )
+        _, test_idx = _group_folds([s.label for s in pool], [s.group for s in pool], self.folds, self.seed)[
+            self.fold
+        ]
+        held = {pool[i].path for i in test_idx}
+        kept = {split: [s for s in splits.get(split, []) if s.path not in held] for split in ("train", "val")}
+        kept = {split: samples for split, samples in kept.items() if samples}
+        test = [s for split in ("train", "val") for s in splits.get(split, []) if s.path in held]
+        log.info("%s: %d photos held out as the Test split.", self.what, len(test))
+        return {**kept, "test": test}
 
 
 def _split_folders(root: Path, ignored: list[dict[str, str]]) -> dict[str, Path]:
@@ -392,13 +524,18 @@ def discover(
     val_fraction: float = 0.2,
     seed: int = 42,
     num_folds: int | None = None,
-    fold: int = 0,
+    fold: int | str = 0,
     train_on: str = "train",
+    group_window_s: GroupWindow = BURST_SECONDS,
+    test_holdout: HeldOutTestFold | None = None,
 ) -> DatasetIndex:
     """Index `root`; when it has no validation split, hold one out of the training data. With
     `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation;
-    with `train_on=train_and_val` they are pooled into the training split and nothing validates."""
+    with `train_on=train_and_val` they are pooled into the training split and nothing validates.
+    `test_holdout` first holds a Test split out of the labelled photos; `group_window_s` says which
+    photos are too close in time to sit on both sides of a split made here."""
     root = Path(root)
+    check_group_window(group_window_s)
     ignored: list[dict[str, str]] = []
     layout, splits = _read_layout(root, ignored)
     splits = {split: samples for split, samples in splits.items() if samples}
@@ -409,22 +546,28 @@ def discover(
         )
     if "train" not in splits:
         raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
+    if test_holdout is not None:
+        splits = test_holdout.split(splits, group_window_s)
     if num_folds is not None:
         pool = splits["train"] + splits.pop("val", [])
-        splits["train"], splits["val"] = cross_validation_fold(pool, layout, num_folds, fold, seed)
+        splits["train"], splits["val"] = cross_validation_fold(pool, num_folds, fold, seed, group_window_s)
+        if fold == REFIT:
+            splits.pop("val")
         log.info(
-            "Fold %d of %d: %d training and %d validation images (train and validation pooled).",
+            "Fold %s of %d: %d training and %d validation images (train and validation pooled).",
             fold,
             num_folds,
             len(splits["train"]),
-            len(splits["val"]),
+            len(splits.get("val", [])),
         )
     elif fold != 0:
         raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
-    if train_on == TRAIN_AND_VAL:
+    if train_on == TRAIN_AND_VAL and fold != REFIT:
         return _pool_for_training(root, layout, splits, ignored, num_folds)
-    if "val" not in splits:
-        splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed)
+    if "val" not in splits and fold != REFIT:
+        splits["train"], splits["val"] = holdout(
+            _regrouped(splits["train"], group_window_s), val_fraction, seed
+        )
         log.info(
             "No validation split in %s: held out %d images (data.val_fraction=%s).",
             root,

@@ -113,14 +113,16 @@ def negative_label(class_names: list[str] | set[str], positive_class: str) -> st
 def binary_metrics(
     is_positive: np.ndarray,
     scores: np.ndarray,
-    threshold: float,
+    threshold: float | np.ndarray,
     positive_class: str,
     negative_label: str,
     confidence: float = 0.95,
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Positive-class metrics of `scores >= threshold`, each with its interval, and the confusion matrix."""
+    """Positive-class metrics of `scores >= threshold`, each with its interval, and the confusion
+    matrix. `threshold` may be one per image (nested CV: each outer fold's own); it is then
+    reported as None."""
     is_positive = np.asarray(is_positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     predicted = scores >= threshold
@@ -130,7 +132,7 @@ def binary_metrics(
     tn = int(np.sum(~predicted & ~is_positive))
     boot = _bootstrap(is_positive, predicted, scores, confidence, resamples, seed)
     return {
-        "threshold": float(threshold),
+        "threshold": float(threshold) if np.ndim(threshold) == 0 else None,
         "n": int(is_positive.size),
         "accuracy": _proportion(tp + tn, is_positive.size, confidence),
         "balanced_accuracy": boot["balanced_accuracy"],

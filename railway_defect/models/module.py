@@ -3,6 +3,7 @@ Everything else (checkpoints, images for review, summaries) lives in callbacks."
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -184,11 +185,10 @@ def _content_key(image: torch.Tensor) -> ContentKey:
 
 
 class FrozenFeatureCache:
-    """A frozen backbone's pooled features by image content, for one fit. Without random
-    augmentation a linear probe shows the backbone the same images every epoch: each is computed
-    once, not once per epoch (30 epochs: about 30x less backbone compute, same results). Randomly
-    augmented images never repeat; they are computed as usual, and the cache stops growing at
-    `max_bytes`."""
+    """A frozen backbone's pooled features by image content. Without random augmentation a linear
+    probe shows the backbone the same images every epoch: each is computed once, not once per
+    epoch (30 epochs: about 30x less backbone compute, same results). Randomly augmented images
+    never repeat; they are computed as usual, and the cache stops growing at `max_bytes`."""
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -209,6 +209,26 @@ class FrozenFeatureCache:
             if self.bytes + size <= self.max_bytes:
                 self.features[key], self.bytes = value, self.bytes + size
         return torch.stack([fresh[key] if key in fresh else self.features[key] for key in keys])
+
+
+# the feature cache of the last frozen backbone fitted in this process, by its fingerprint: the
+# fits of a sweep run one after another in one process (Hydra's basic launcher), so the folds of a
+# cross-validation, and the inner folds and refits of a nested one, compute each photo once
+_shared_cache: dict[str, FrozenFeatureCache] = {}
+
+
+def shared_feature_cache(backbone: nn.Module, *setting: object) -> FrozenFeatureCache:
+    """The cache for this backbone's exact weights and feature `setting` (flips, device,
+    precision); a new backbone replaces the last one's, so at most one cache is held."""
+    digest = hashlib.blake2b(repr(setting).encode(), digest_size=16)
+    for name, tensor in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = digest.hexdigest()
+    if key not in _shared_cache:
+        _shared_cache.clear()
+        _shared_cache[key] = FrozenFeatureCache()
+    return _shared_cache[key]
 
 
 class Network(nn.Module):
@@ -351,9 +371,22 @@ class DefectClassifier(LightningModule):
             self.train(self.training)
 
     def on_fit_start(self) -> None:
-        self.feature_cache = FrozenFeatureCache()
+        """A frozen backbone's features come from the process's cache for its exact weights (the
+        folds of a sweep share it); a learning one never uses a cache."""
+        self.feature_cache = None
+        if self._backbone_frozen():
+            precision = self.trainer.precision if self._trainer is not None else None
+            setting = (self.hparams.flip_invariant, str(self.device), precision)
+            self.feature_cache = shared_feature_cache(self.backbone, *setting)
 
     def on_fit_end(self) -> None:
+        self.feature_cache = None
+
+    def on_test_start(self) -> None:
+        """Testing best.ckpt after a fit (nested CV's outer fold) reads the same cache."""
+        self.on_fit_start()
+
+    def on_test_end(self) -> None:
         self.feature_cache = None
 
     def _backbone_frozen(self) -> bool:
@@ -436,10 +469,13 @@ class DefectClassifier(LightningModule):
         self.val_metrics.update(probs, targets)
         return probs
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the class probabilities (predictions_test.csv: nested CV's outer-fold scores)."""
         loss, logits, targets = self._shared_step(batch)
+        probs = logits.softmax(dim=1)
         self.test_loss.update(loss, weight=len(targets))
-        self.test_metrics.update(logits.softmax(dim=1), targets)
+        self.test_metrics.update(probs, targets)
+        return probs
 
     def _epoch_metrics(
         self, stage: str, loss: MeanMetric, metrics: MetricCollection

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from railway_defect.callbacks.predictions import PREDICTIONS_FILE
-from railway_defect.sweeps import oof
+from railway_defect.callbacks.predictions import PREDICTIONS_FILE, TEST_PREDICTIONS_FILE
+from railway_defect.data.discovery import REFIT
+from railway_defect.sweeps import label_issues, nested, oof
 from railway_defect.training.record import (
     DIVERGED,
     FAILED,
@@ -41,7 +43,7 @@ DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
 # validation metrics of best.ckpt shown for every job, beside the optimised metric
 METRICS = ("val/f1", "val/balanced_acc", "val/auroc")
 # overrides that only repeat a configuration: jobs differing in these alone are averaged
-REPEAT_KEYS = {"seed": "seeds", "data.fold": "folds"}
+REPEAT_KEYS = {"seed": "seeds", "data.fold": "folds", "data.outer_fold": "outer folds"}
 # metrics.json status -> summary status
 STATUS = {FINISHED: "ok", FAILED: "failed", DIVERGED: "diverged", INTERRUPTED: "interrupted"}
 INCOMPLETE = "incomplete"
@@ -96,8 +98,12 @@ class Summary:
     optimized_metric: str
     minimize: bool
     common_overrides: list[str]
-    # cross-validation configurations: pooled out-of-fold estimates
+    # cross-validation configurations: pooled out-of-fold estimates (per outer fold in nested CV)
     out_of_fold: list[oof.OutOfFold] = field(default_factory=list)
+    # nested cross-validation: the selection-aware outer-fold estimates
+    nested: list[nested.NestedEstimate] = field(default_factory=list)
+    # the photos whose label those predictions doubt most
+    label_audit: label_issues.LabelAudit | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -238,13 +244,71 @@ def summarize(sweep_dir: str | Path, optimized_metric: str | None = None) -> Sum
     rows = sorted(rows, key=order)  # stable: ties and rows without a value keep the job order
     shared = set(rows[0].overrides).intersection(*(r.overrides for r in rows[1:]))
     common = [o for o in rows[0].overrides if o in shared]
-    return Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common, out_of_fold(rows))
+    scored = out_of_fold(rows)
+    estimates = nested_estimates(rows, scored)
+    summary = Summary(sweep_dir, rows, group_jobs(rows), metric, minimize, common, scored, estimates)
+    summary.label_audit = audit_labels(scored, estimates)
+    return summary
+
+
+def audit_labels(
+    scored: Sequence[oof.OutOfFold], estimates: Sequence[nested.NestedEstimate]
+) -> label_issues.LabelAudit | None:
+    """The label audit of the first configuration's nested outer-fold scores (first seed), else
+    of its pooled out-of-fold scores at their threshold. Several configurations of a study each
+    doubt their own photos; the first is the one a CV or nested sweep has."""
+    if estimates:
+        first = estimates[0]
+        mine = [s for s in first.scores if s.seed == first.seeds()[0]]
+        return label_issues.audit(
+            "nested outer-fold",
+            [s.path for s in mine],
+            [s.label for s in mine],
+            np.array([s.score for s in mine]),
+            np.array([s.threshold for s in mine]),
+            first.positive_class,
+        )
+    if not scored or len({tuple(r.configuration) for r in scored}) != len(scored) or _has_outer(scored):
+        return None
+    first = scored[0]
+    return label_issues.audit(
+        "out-of-fold",
+        [i.path for i in first.images],
+        [i.label for i in first.images],
+        np.array([i.score for i in first.images]),
+        np.full(len(first.images), first.threshold),
+        first.positive_class,
+    )
+
+
+def _has_outer(scored: Sequence[oof.OutOfFold]) -> bool:
+    """Inner out-of-fold sets of a nested sweep still missing its refits: no audit of those."""
+    return any(o.startswith("data.outer_fold=") for r in scored for o in r.configuration)
+
+
+def _data_config(row: JobRow) -> dict[str, Any]:
+    return (_read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}).get("data") or {}
 
 
 def _fold(row: JobRow) -> tuple[int, int] | None:
-    """(data.num_folds, data.fold) of a cross-validation job, else None."""
-    data = (_read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}).get("data") or {}
-    return (int(data["num_folds"]), int(data.get("fold") or 0)) if data.get("num_folds") else None
+    """(data.num_folds, data.fold) of a cross-validation fold job, else None (also for a refit)."""
+    data = _data_config(row)
+    if not data.get("num_folds") or data.get("fold") == REFIT:
+        return None
+    return int(data["num_folds"]), int(data.get("fold") or 0)
+
+
+def _outer_fold(row: JobRow) -> tuple[int, int] | None:
+    """(data.outer_folds, data.outer_fold) of a nested cross-validation job, else None."""
+    data = _data_config(row)
+    return (int(data["outer_folds"]), int(data.get("outer_fold") or 0)) if data.get("outer_folds") else None
+
+
+def _oof_key(row: JobRow) -> tuple[str, ...]:
+    """The configuration whose fold jobs pool into one out-of-fold set: in nested CV, one per
+    outer fold (recipe_key leaves the outer fold out, as it does seeds and folds)."""
+    outer = _outer_fold(row)
+    return (*recipe_key(row), f"data.outer_fold={outer[1]}") if outer else recipe_key(row)
 
 
 def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
@@ -252,15 +316,39 @@ def out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
     return [oof.score(pooled) for pooled in pooled_out_of_fold(rows)]
 
 
+def nested_estimates(rows: Sequence[JobRow], scored: Sequence[oof.OutOfFold]) -> list[nested.NestedEstimate]:
+    """Per recipe of a nested sweep: each outer fold's inner out-of-fold threshold (from `scored`)
+    applied to its refits' outer-fold predictions."""
+    inner: dict[tuple[str, ...], dict[int, oof.OutOfFold]] = {}
+    refits: dict[tuple[str, ...], dict[int, list[tuple[str, Path]]]] = {}
+    folds: dict[tuple[str, ...], int] = {}
+    by_configuration = {tuple(r.configuration): r for r in scored}
+    for row in rows:
+        outer = _outer_fold(row)
+        if outer is None:
+            continue
+        recipe, (folds[recipe_key(row)], k) = recipe_key(row), outer
+        predictions = row.run_dir / TEST_PREDICTIONS_FILE
+        if row.ok and _data_config(row).get("fold") == REFIT and predictions.is_file():
+            refits.setdefault(recipe, {}).setdefault(k, []).append((_value(row, "seed") or "", predictions))
+        elif (result := by_configuration.get(_oof_key(row))) is not None:
+            inner.setdefault(recipe, {})[k] = result
+    results = [
+        nested.estimate(list(recipe), inner.get(recipe, {}), refits.get(recipe, {}), count)
+        for recipe, count in folds.items()
+    ]
+    return [r for r in results if r is not None]
+
+
 def pooled_out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
     """Per configuration, the pooled validation predictions of its finished fold jobs, when they
     cover every fold of some seed (a part of the folds would be an estimate on a part of the data)."""
-    by_config: dict[tuple[str, ...], list[JobRow]] = {}
+    by_config: dict[tuple[str, ...], list[JobRow]] = {}  # per outer fold, in nested CV
     folds: dict[str, tuple[int, int] | None] = {}
     for row in rows:
         folds[row.job] = _fold(row)
         if row.ok and (row.run_dir / PREDICTIONS_FILE).is_file() and folds[row.job]:
-            by_config.setdefault(recipe_key(row), []).append(row)
+            by_config.setdefault(_oof_key(row), []).append(row)
     results = []
     for configuration, jobs in by_config.items():
         seeds = [_value(job, "seed") or "" for job in jobs]
@@ -410,8 +498,12 @@ def to_markdown(summary: Summary) -> str:
     lines += ["", *md_table(*job_table(summary))]
     if summary.groups:
         lines += ["", "## Mean ± std per configuration (ok jobs)", "", *md_table(*group_table(summary))]
+    if summary.nested:
+        lines += ["", *nested.markdown(summary.nested)]
     if summary.out_of_fold:
         lines += ["", *oof.markdown(summary.out_of_fold)]
+    if summary.label_audit:
+        lines += ["", *label_issues.markdown(summary.label_audit)]
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +525,9 @@ def write_summary(summary: Summary) -> list[Path]:
     if summary.out_of_fold:
         oof.write(summary.sweep_dir, summary.out_of_fold)
         paths += [summary.sweep_dir / oof.OOF_FILE, summary.sweep_dir / "oof.json"]
+    if summary.nested:
+        paths += nested.write(summary.sweep_dir, summary.nested)
+    paths += label_issues.write(summary.sweep_dir, summary.label_audit)
     return paths
 
 
@@ -473,6 +568,9 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         console.print(groups)
     for result in summary.out_of_fold:
         _print_out_of_fold(console, result)
+    for estimate in summary.nested:
+        line = f"nested estimate (all photos): {nested.summary_line(estimate)}"
+        console.print(line, soft_wrap=True, markup=False)
     best = next((row for row in summary.rows if row.ok and row.checkpoint), None)
     if best is not None:
         console.print(f"best job {best.job}: {best.checkpoint}", soft_wrap=True, markup=False)

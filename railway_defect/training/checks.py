@@ -76,12 +76,13 @@ def _needs_validation(callback: DictConfig) -> bool:
 
 def _check_validation_needs(cfg: DictConfig) -> None:
     """Training on the validation images leaves nothing to select a checkpoint or stop early on."""
-    if cfg.data.get("train_on", "train") != "train_and_val":
+    pooled = "data.fold=refit" if cfg.data.get("fold") == "refit" else "data.train_on=train_and_val"
+    if cfg.data.get("train_on", "train") != "train_and_val" and pooled == "data.train_on=train_and_val":
         return
     needing = _configured_callbacks(cfg, _needs_validation)
     if needing:
         raise UserError(
-            f"data.train_on=train_and_val leaves no validation split, but {', '.join(needing)} needs one; "
+            f"{pooled} leaves no validation split, but {', '.join(needing)} needs one; "
             "set callbacks.model_checkpoint.monitor=null (best.ckpt = the final epoch) "
             "or data.train_on=train."
         )

@@ -75,6 +75,8 @@ def register_resolvers() -> None:
         "work_dir": lambda: str(work_dir()),
         "default_output_root": default_output_root,
         "default_data_root": default_data_root,
+        # nested CV's inner jobs: the folds 0 .. K-1 and the refit on all of them
+        "folds_and_refit": lambda k: ",".join([*map(str, range(int(k))), "refit"]),
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
