@@ -25,8 +25,10 @@ from railway_defect.data.transforms import build_transform
 from railway_defect.models.backbones import create_backbone
 from railway_defect.models.module import pooled_features
 
-# name -> (backbone, storage form, decode size, input size)
+# name -> (backbone, storage form, decode size, input size[, flip-invariant: default true])
 VARIANTS = {
+    "lite2_none448_noflip": ("efficientnet_lite2", "none", 448, 448, False),
+    "lite2_none640_noflip": ("efficientnet_lite2", "none", 640, 640, False),
     "lite2_thumb260": ("efficientnet_lite2", "thumbnail", 260, 260),
     "lite2_none260": ("efficientnet_lite2", "none", 260, 260),
     "lite2_none320": ("efficientnet_lite2", "none", 320, 320),
@@ -50,7 +52,7 @@ def sources(root: Path) -> dict[str, str]:
 
 @torch.inference_mode()
 def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
-    name, mode, decode_size, input_size = VARIANTS[variant]
+    name, mode, decode_size, input_size, *flips = VARIANTS[variant]
     index = discover(root, train_on="train_and_val")
     samples = [s for split in index.splits.values() for s in split]
     decoded = decode_files([s.path for s in samples], decode_size, mode=mode)
@@ -61,7 +63,7 @@ def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
     features = []
     for start in range(0, len(kept), batch):
         images = torch.stack([transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]])
-        features.append(pooled_features(model, images, flip_invariant=True).numpy())
+        features.append(pooled_features(model, images, flip_invariant=flips[0] if flips else True).numpy())
     source = sources(root)
     return {
         "paths": np.array([str(s.path) for s in kept]),

@@ -70,10 +70,13 @@ def train_head(x: np.ndarray, y: np.ndarray, seed: int, heads: int = 5, epochs: 
     return model.eval()
 
 
-def scores_of(model: torch.nn.Module, x: np.ndarray, heads: int = 5) -> np.ndarray:
+def scores_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        logits = model(torch.from_numpy(x)).unflatten(1, (heads, 2)).mean(1)
+        logits = model(torch.from_numpy(x)).unflatten(1, (-1, 2)).mean(1)
     return logits.softmax(1)[:, 1].numpy()
+
+
+HEAD: dict[str, float] = {}
 
 
 def nested_once(x, y, groups, split_seed: int, train_seed: int, outer: int = 5, inner: int = 5):
@@ -84,10 +87,10 @@ def nested_once(x, y, groups, split_seed: int, train_seed: int, outer: int = 5, 
         inner_scores = np.zeros(len(rest))
         inner_labels = [labels[i] for i in rest]
         for tr, va in _group_folds(inner_labels, list(groups[rest]), inner, split_seed):
-            model = train_head(x[rest[tr]], y[rest[tr]], train_seed)
+            model = train_head(x[rest[tr]], y[rest[tr]], train_seed, **HEAD)
             inner_scores[va] = scores_of(model, x[rest[va]])
         chosen = choose_threshold(y[rest] == 1, inner_scores, TARGET_RECALL)
-        model = train_head(x[rest], y[rest], train_seed)
+        model = train_head(x[rest], y[rest], train_seed, **HEAD)
         score[test], threshold[test], fold_of[test] = scores_of(model, x[test]), chosen, k
     return score, threshold, fold_of
 
@@ -112,7 +115,12 @@ def main() -> None:
     p.add_argument("--windows", default="10")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--head", default="", help="train_head settings, e.g. epochs=60,lr=0.003")
     args = p.parse_args()
+    HEAD.update({k: float(v) for k, v in (kv.split("=") for kv in args.head.split(",") if kv)})
+    for key in ("epochs", "heads", "batch"):
+        if key in HEAD:
+            HEAD[key] = int(HEAD[key])
     windows = [w if w == "day" else float(w) for w in args.windows.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
@@ -136,7 +144,7 @@ def main() -> None:
             f"AUC {m.get('auroc', float('nan')):.3f}"
             for name, m in summary.items()
         )
-        print(f"{variant} window={window} groups={len(set(groups))}: {cells}", flush=True)
+        print(f"{variant} {args.head} window={window} groups={len(set(groups))}: {cells}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

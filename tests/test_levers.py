@@ -256,3 +256,21 @@ def test_mixup_mixes_pairs_into_soft_targets_and_keeps_an_odd_last_image() -> No
     torch.testing.assert_close(mixed[4], images[4])  # the odd one out is not mixed
     torch.testing.assert_close(soft[4], torch.tensor([0.0, 1.0]))
     assert not torch.equal(mixed[:4], images[:4])  # the pairs are
+
+
+def test_fits_of_the_same_frozen_backbone_share_its_feature_cache() -> None:
+    """The folds of a sweep run one after another in one process (Hydra's basic launcher): a second
+    fit of a probe on the very same backbone weights computes no image again, and its test stage
+    reads the cache too; a backbone whose weights differ in one value computes every image."""
+    probe = dict(backbone_lr_scale=0, flip_invariant=True, head_norm=True)
+    first, second, other = _model(**probe), _model(**probe), _model(**probe)
+    with torch.no_grad():
+        next(first.backbone.parameters()).add_(torch.rand(()) + 0.5)  # weights no other test fitted
+    second.load_state_dict(first.state_dict())
+    other.load_state_dict(first.state_dict())
+    assert _fit_counting_backbone_images(first) == 12 * len(FLIP_AXES)
+    assert _fit_counting_backbone_images(second) == 0
+    with torch.no_grad():
+        weight = next(other.backbone.parameters())
+        weight[(0,) * weight.dim()] += 1e-3
+    assert _fit_counting_backbone_images(other) == 12 * len(FLIP_AXES)

@@ -268,3 +268,20 @@ def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estima
         rows = list(csv.DictReader(f))
     assert len({r["path"] for r in rows}) == 24
     assert "nested estimate (all photos): balanced_accuracy" in result.stdout
+
+
+def test_a_nested_cv_with_too_few_groups_stops_before_its_first_job(tmp_path: Path) -> None:
+    root = _walks(tmp_path / "data", walks=6)
+    sweep = tmp_path / "nested"
+    result = run_cli(
+        "railway_defect.train",
+        "experiment=nested_cv",
+        f"data.root={root}",
+        "data.group_window_s=300",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.outer_folds=5 needs at least 5 independent photo groups per class")
+    assert "Defective: 3 groups, Non defective: 3 groups" in last
+    assert not list(sweep.glob("[0-9]*"))  # no job started

@@ -218,10 +218,20 @@ def test_train_on_train_and_val_trains_the_final_model_on_every_labelled_photo(t
     assert "no validation split" in record.selection and record.best_epoch == 1
     assert [row["epoch"] for row in record.history] == [0, 1] and "train/loss_epoch" in record.history[-1]
     assert (run / "checkpoints" / "best.ckpt").is_file()
-    # nothing to fit a threshold on: evaluate says what to use instead, in one line
+    # the held-out Test split is scored once, at the model's own threshold (nothing fitted on it)
     evaluated = run_cli("railway_defect.evaluate", f"ckpt_path={run}", f"data.root={data}", "bootstrap=10")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((run / "evaluation" / "best_test" / "evaluation.json").read_text())
+    assert report["data"]["n"] == 4 and report["threshold"]["value"] == 0.5
+    assert "held out of every study step" in evaluated.stdout and "already scored" not in evaluated.stdout
+    again = run_cli("railway_defect.evaluate", f"ckpt_path={run}", f"data.root={data}", "bootstrap=10")
+    assert again.returncode == 0 and "The locked Test split was already scored" in again.stdout + again.stderr
+    # nothing to fit a threshold on: evaluate says what to use instead, in one line
+    evaluated = run_cli(
+        "railway_defect.evaluate", f"ckpt_path={run}", f"data.root={data}", "split=Validation", "bootstrap=10"
+    )
     assert evaluated.returncode == 1
-    assert "records no Validation split" in evaluated.stderr.strip().splitlines()[-1]
+    assert "no Validation split" in evaluated.stderr.strip().splitlines()[-1]
     with pytest.raises(UserError, match="has no validation split"):  # the review notebook's evaluation
         evaluate_checkpoint(run, data_root=data)
     assert evaluate_checkpoint(run, split="test", data_root=data).targets.size == 4

@@ -27,8 +27,8 @@ from railway_defect.data.discovery import (
     TRAIN_ON_MODES,
     DatasetIndex,
     GroupWindow,
-    Sample,
     HeldOutTestFold,
+    Sample,
     discover,
 )
 from railway_defect.data.download import download_and_extract

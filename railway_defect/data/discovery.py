@@ -492,6 +492,24 @@ class HeldOutTestFold:
         return {**kept, "test": test}
 
 
+def check_nested_groups(
+    root: Path, outer_folds: int, inner_folds: int, seed: int, window_s: GroupWindow
+) -> None:
+    """Before a nested CV starts its jobs: every outer fold, and every inner fold of each outer
+    training set, needs a group of each class; else one line with the counts and what to ask."""
+    for outer_fold in range(outer_folds):
+        holdout = HeldOutTestFold.from_settings(None, outer_folds, outer_fold, seed)
+        assert holdout is not None
+        splits = holdout.split(_read_layout(Path(root), [])[1], window_s)
+        rest = _regrouped(splits.get("train", []) + splits.get("val", []), window_s)
+        _check_enough_groups(
+            rest,
+            inner_folds,
+            f"data.num_folds={inner_folds} within outer fold {outer_fold}",
+            "Lower data.num_folds or data.outer_folds, narrow data.group_window_s, or add photos.",
+        )
+
+
 def _split_folders(root: Path, ignored: list[dict[str, str]]) -> dict[str, Path]:
     """The split folders (Train, Validation, Test and their aliases) directly under `root`."""
     split_dirs: dict[str, Path] = {}

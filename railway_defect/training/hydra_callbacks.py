@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from railway_defect.data.discovery import check_nested_groups
 from railway_defect.sweeps.summary import summarize_and_write
 from railway_defect.training.shutdown import stop_workers
 from railway_defect.utils.commands import command_failure
@@ -49,6 +50,27 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+class NestedGroupsCheck(Callback):
+    """A nested cross-validation whose folds cannot all hold each class stops before its first job,
+    with one line (how many groups each class has, what to ask instead), not once per job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        data = config.get("data") or {}
+        if not data.get("outer_folds") or not data.get("num_folds"):
+            return
+        seed = data.get("split_seed") if data.get("split_seed") is not None else data.get("seed", 42)
+        try:
+            check_nested_groups(
+                Path(str(data.root)).expanduser(),
+                int(data.outer_folds),
+                int(data.num_folds),
+                int(seed),
+                data.get("group_window_s", 10),
+            )
+        except UserError as e:
+            raise command_failure(str(e)) from None
 
 
 def _sweep_dir(config: DictConfig) -> Path | None:

@@ -1,0 +1,101 @@
+"""The locked Test split (data.test_fraction) of a final model trained on every other labelled
+photo: scored at the threshold the model carries (its recipe's, or one chosen out of fold), with
+nothing fitted on these photos, so the metrics are a held-out estimate. Cross-validate to choose,
+then test once: a second look at the same split warns, since a recipe changed after seeing it has
+made it a validation split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import rich
+
+from railway_defect.data.splits import read_split_record
+from railway_defect.evaluation.calibration import softmax
+from railway_defect.evaluation.metrics import binary_metrics, negative_label
+from railway_defect.inference.model import Predictor
+from railway_defect.utils.markdown import md_table
+from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+SHOWN = ("balanced_accuracy", "recall", "specificity", "precision", "auroc")
+
+
+def has_locked_test(record: Path, root: Path) -> bool:
+    """The run recorded a Test split and no Validation split (a final model with a locked test)."""
+    if not record.is_file():
+        return False
+    splits, _ = read_split_record(record, root)
+    return bool(splits.get("test")) and not splits.get("val")
+
+
+def evaluate_locked_test(
+    predictor: Predictor,
+    root: Path,
+    record: Path,
+    out: Path,
+    score_split: Any,
+    confidence: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Score the recorded Test split once at the model's own threshold; `score_split(samples,
+    record)` gives (logits, targets, skipped, samples) as evaluate scores any split."""
+    from railway_defect.evaluation.report import write_predictions
+
+    splits, digests = read_split_record(record, root)
+    previous = out / "evaluation.json"
+    if previous.is_file():
+        log.warning(
+            "The locked Test split was already scored (%s, %s): report that number; a recipe changed "
+            "after seeing it needs a new Test split (another data.test_fraction seed or new photos).",
+            previous,
+            json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
+        )
+    logits, targets, skipped, samples = score_split(splits["test"], (record, digests))
+    info, threshold = predictor.info, predictor.calibration.threshold
+    p_positive = softmax(logits, predictor.calibration.temperature)[:, info.positive_index]
+    is_positive = targets == info.positive_index
+    negative = negative_label(info.class_names, info.positive_class)
+    settings = dict(confidence=confidence, resamples=bootstrap, seed=seed)
+    metrics = binary_metrics(is_positive, p_positive, threshold, info.positive_class, negative, **settings)
+    predictions = write_predictions(out / "predictions_test.csv", samples, p_positive, threshold, info)
+    report = {
+        "model": {**predictor.describe(), "sha256": predictor.sha256},
+        "data": {"root": str(root), "splits": str(record), "split": "Test (locked)", "n": int(targets.size)},
+        "threshold": {"value": threshold, "chosen_on": predictor.calibration.details or "the recipe"},
+        "metrics": {"at_threshold": metrics},
+        "skipped": skipped,
+        "predictions": str(predictions),
+        "scored_at": datetime.now().isoformat(timespec="seconds"),
+        "output_dir": str(out),
+    }
+    write_json_atomic(previous, report)
+    lines = markdown(report)
+    write_text_atomic(out / "evaluation.md", "\n".join(lines) + "\n")
+    rich.get_console().print("\n".join(lines[2:]), markup=False, soft_wrap=True)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> list[str]:
+    m = report["metrics"]["at_threshold"]
+    rows = [[name.replace("_", " "), _fmt(m[name])] for name in SHOWN]
+    return [
+        f"# The locked Test split of {report['data']['splits']}",
+        "",
+        f"{report['data']['n']} photos held out of every study step (data.test_fraction), scored once at "
+        f"the model's threshold {report['threshold']['value']:.4f}: nothing was fitted on them, so these "
+        "are held-out numbers. 95% intervals.",
+        "",
+        *md_table(["metric", "value"], rows),
+    ]
+
+
+def _fmt(metric: dict[str, Any]) -> str:
+    if metric.get("value") is None:
+        return "n/a"
+    return f"{metric['value']:.3f} [{metric['low']:.2f}, {metric['high']:.2f}]"
