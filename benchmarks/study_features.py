@@ -62,7 +62,9 @@ def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
     kept = [s for s in samples if s.path in decoded.images]
     features = []
     for start in range(0, len(kept), batch):
-        images = torch.stack([transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]])
+        images = torch.stack(
+            [transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]]
+        )
         features.append(pooled_features(model, images, flip_invariant=flips[0] if flips else True).numpy())
     source = sources(root)
     return {

@@ -37,22 +37,38 @@ def load(features: Path, variants: list[str]) -> dict[str, np.ndarray]:
 
 
 def groups_for(data: dict[str, np.ndarray], window: float | str) -> np.ndarray:
-    samples = [Sample(Path(p), str(lab), str(g)) for p, lab, g in zip(data["paths"], data["labels"], data["groups"])]
+    columns = zip(data["paths"], data["labels"], data["groups"], strict=True)
+    samples = [Sample(Path(p), str(lab), str(g)) for p, lab, g in columns]
     return np.array(pooled_groups(samples, window))
 
 
-def train_head(x: np.ndarray, y: np.ndarray, seed: int, heads: int = 5, epochs: int = 30, lr: float = 1e-3,
-               weight_decay: float = 0.01, batch: int = 32) -> torch.nn.Module:
+def train_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    heads: int = 5,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    batch: int = 32,
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-    model = torch.nn.Sequential(torch.nn.BatchNorm1d(x.shape[1], affine=False), torch.nn.Linear(x.shape[1], 2 * heads))
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(x.shape[1], affine=False), torch.nn.Linear(x.shape[1], 2 * heads)
+    )
     counts = np.bincount(y, minlength=2)
     weights = torch.tensor(len(y) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(y) / batch)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
     )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     generator = torch.Generator().manual_seed(seed)
@@ -128,7 +144,10 @@ def main() -> None:
         data = load(args.features, variant.split("+"))
         x, y = data["features"], (data["labels"] == POSITIVE).astype(int)
         groups = groups_for(data, window)
-        strata = {"all": np.ones(len(y), bool), **{s: data["sources"] == s for s in sorted(set(data["sources"]))}}
+        strata = {
+            "all": np.ones(len(y), bool),
+            **{s: data["sources"] == s for s in sorted(set(data["sources"]))},
+        }
         per_seed = []
         for seed in seeds:
             score, threshold, _ = nested_once(x, y, groups, seed, seed + 100)
@@ -137,8 +156,16 @@ def main() -> None:
             name: {k: float(np.mean([r[name][k] for r in per_seed])) for k in per_seed[0][name] if k != "n"}
             for name in strata
         }
-        results.append({"variant": variant, "window": window, "groups": len(set(groups)), "seeds": seeds,
-                        "mean": summary, "per_seed": per_seed})
+        results.append(
+            {
+                "variant": variant,
+                "window": window,
+                "groups": len(set(groups)),
+                "seeds": seeds,
+                "mean": summary,
+                "per_seed": per_seed,
+            }
+        )
         cells = " | ".join(
             f"{name} BA {m.get('ba', float('nan')):.3f} R {m.get('recall', float('nan')):.3f} "
             f"AUC {m.get('auroc', float('nan')):.3f}"

@@ -16,8 +16,8 @@ import yaml
 
 from railway_defect.data.discovery import (
     REFIT,
-    Sample,
     HeldOutTestFold,
+    Sample,
     discover,
     infer_groups,
     pooled_groups,
