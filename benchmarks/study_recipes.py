@@ -63,6 +63,16 @@ LITE2 = _with(
 # a linear probe: the pretrained backbone frozen, only the head learns (more steps at a higher lr)
 PROBE = _with(LITE2, "model.backbone_lr_scale=0", "optimizer.lr=0.01", "trainer.max_epochs=30")
 
+# the flip-invariant standardised probe without random augmentation, five heads (repetition 11)
+HEADS5 = _with(
+    PROBE,
+    "model.flip_invariant=true",
+    "model.head_norm=true",
+    "optimizer.lr=0.001",
+    "augmentation=none",
+    "model.num_heads=5",
+)
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
     "tuned": TUNED,
@@ -100,8 +110,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     # ... at a tenth of the lr: standardised features make lr 0.01 over-confident
     "lite2_probe_norm_lr1e-3": _with(PROBE, "model.head_norm=true", "optimizer.lr=0.001"),
     # ... with flip-invariant features (the mean over the photo and its three flips, in training
-    # and in use), standardised: = experiment=offline_best (tests/test_study.py checks they
-    # compose alike)
+    # and in use), standardised
     "lite2_probe_flips": _with(
         PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001"
     ),
@@ -111,13 +120,15 @@ RECIPES: dict[str, tuple[str, ...]] = {
         PROBE, "model.flip_invariant=true", "model.head_norm=true", "optimizer.lr=0.001", "augmentation=none"
     ),
     # ... with five linear heads trained side by side on their own losses, scored by their mean logit
-    "lite2_probe_flips_noaug_heads5": _with(
-        PROBE,
-        "model.flip_invariant=true",
-        "model.head_norm=true",
-        "optimizer.lr=0.001",
-        "augmentation=none",
-        "model.num_heads=5",
+    "lite2_probe_flips_noaug_heads5": HEADS5,
+    # ... at 448 px with every photo in its own storage form (issue 27, the full data: nested,
+    # group-aware CV on frozen features ranked it first; benchmarks/study_frozen_heads.py):
+    # = experiment=offline_best (tests/test_study.py checks they compose alike)
+    "lite2_probe_flips_noaug_heads5_448": _with(
+        HEADS5,
+        "data.harmonize=none",
+        "data.image_size=448",
+        "data.cache_size=448",
     ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more

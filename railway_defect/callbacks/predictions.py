@@ -40,18 +40,8 @@ class ValidationPredictions(Callback):
         self.filenames = {"val": filename, "test": test_filename}
         self._scores: list[torch.Tensor] = []
 
-    def _start(self) -> None:
-        self._scores = []
-
-    def _collect(self, trainer: Trainer, pl_module: LightningModule, outputs: Any) -> None:
-        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
-            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
-
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start()
-
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start()
+        self._scores = []
 
     def on_validation_batch_end(
         self,
@@ -62,18 +52,8 @@ class ValidationPredictions(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(trainer, pl_module, outputs)
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collect(trainer, pl_module, outputs)
+        if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
+            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -81,6 +61,10 @@ class ValidationPredictions(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer, pl_module, "test")
+
+    # the test loop collects as the validation loop does
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
         if not self._scores:
