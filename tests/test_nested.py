@@ -19,6 +19,7 @@ from railway_defect.data.discovery import (
     HeldOutTestFold,
     Sample,
     discover,
+    held_out_test_folds,
     infer_groups,
     pooled_groups,
 )
@@ -93,10 +94,10 @@ def test_test_fraction_holds_out_whole_groups_whatever_the_seeds(tmp_path: Path)
     """The locked Test split has a seed of its own: runs with other training or fold seeds never
     move one of its photos into training."""
     root = _walks(tmp_path, walks=10)
-    held = HeldOutTestFold.from_settings(0.2, None, 0, seed=7)
+    held = [HeldOutTestFold.locked(0.2)]
     tests = []
     for seed in (1, 2, 3):
-        index = discover(root, seed=seed, num_folds=3, fold=seed % 3, group_window_s=300, test_holdout=held)
+        index = discover(root, seed=seed, num_folds=3, fold=seed % 3, group_window_s=300, holdouts=held)
         test = {s.path for s in index.splits["test"]}
         assert test.isdisjoint(s.path for s in index.splits["train"] + index.splits["val"])
         tests.append(test)
@@ -111,12 +112,12 @@ def test_outer_folds_test_every_photo_once_and_the_refit_trains_on_the_rest(tmp_
     every = {p for p in root.glob("*.jpg")}
     tested = []
     for k in range(3):
-        outer = HeldOutTestFold.from_settings(None, 3, k, seed=0)
-        refit = discover(root, num_folds=3, fold=REFIT, group_window_s=300, test_holdout=outer)
+        outer = [HeldOutTestFold.outer(3, k, seed=0)]
+        refit = discover(root, num_folds=3, fold=REFIT, group_window_s=300, holdouts=outer)
         assert "val" not in refit.splits
         test = {s.path for s in refit.splits["test"]}
         assert {s.path for s in refit.splits["train"]} == every - test
-        inner = discover(root, num_folds=3, fold=0, group_window_s=300, test_holdout=outer)
+        inner = discover(root, num_folds=3, fold=0, group_window_s=300, holdouts=outer)
         assert {s.path for s in inner.splits["test"]} == test
         tested.append(test)
     assert sum(len(t) for t in tested) == len(every) == len(set().union(*tested))
@@ -124,9 +125,9 @@ def test_outer_folds_test_every_photo_once_and_the_refit_trains_on_the_rest(tmp_
 
 def test_too_few_groups_for_the_outer_folds_is_one_line_with_the_counts(tmp_path: Path) -> None:
     root = _walks(tmp_path, walks=4)
-    outer = HeldOutTestFold.from_settings(None, 5, 0, seed=0)
+    outer = [HeldOutTestFold.outer(5, 0, seed=0)]
     with pytest.raises(UserError) as error:
-        discover(root, num_folds=2, fold=0, group_window_s=300, test_holdout=outer)
+        discover(root, num_folds=2, fold=0, group_window_s=300, holdouts=outer)
     message = str(error.value)
     assert "\n" not in message
     assert (
@@ -134,8 +135,22 @@ def test_too_few_groups_for_the_outer_folds_is_one_line_with_the_counts(tmp_path
         in message
     )
     assert "Lower the number of folds" in message
-    with pytest.raises(UserError, match="set only one of them"):
-        HeldOutTestFold.from_settings(0.2, 5, 0, seed=0)
+    with pytest.raises(UserError, match="data.test_fraction must be between 0 and 0.5"):
+        HeldOutTestFold.locked(0.5)
+
+
+def test_nested_cv_never_reads_the_locked_test_split(tmp_path: Path) -> None:
+    """With data.test_fraction, the outer folds cover every other photo once and none of the locked ones."""
+    root = _walks(tmp_path, walks=15)
+    (locked,) = held_out_test_folds(0.2, None, 0, seed=0)
+    locked_photos = {s.path for s in discover(root, holdouts=[locked], group_window_s=300).splits["test"]}
+    outer_tests = []
+    for k in range(3):
+        holdouts = held_out_test_folds(0.2, 3, k, 0)
+        index = discover(root, num_folds=2, fold=REFIT, group_window_s=300, holdouts=holdouts)
+        outer_tests.append({s.path for s in index.splits["test"]})
+    assert locked_photos and all(test.isdisjoint(locked_photos) for test in outer_tests)
+    assert set().union(*outer_tests) == set(root.glob("*.jpg")) - locked_photos
 
 
 def _job(sweep: Path, name: str, data: dict, overrides: list[str], files: dict[str, list]) -> None:

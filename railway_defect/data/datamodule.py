@@ -27,9 +27,9 @@ from railway_defect.data.discovery import (
     TRAIN_ON_MODES,
     DatasetIndex,
     GroupWindow,
-    HeldOutTestFold,
     Sample,
     discover,
+    held_out_test_folds,
 )
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
@@ -211,9 +211,7 @@ class RailwayDataModule(LightningDataModule):
         self.val_fraction, self.seed, self.num_folds, self.fold = val_fraction, seed, num_folds, fold
         self.split_seed = seed if split_seed is None else split_seed
         self.group_window_s = group_window_s
-        self.test_holdout = HeldOutTestFold.from_settings(
-            test_fraction, outer_folds, outer_fold, self.split_seed
-        )
+        self.test_holdouts = held_out_test_folds(test_fraction, outer_folds, outer_fold, self.split_seed)
         # the refit of a cross-validation trains on the whole pool, as train_and_val does
         self.train_on = TRAIN_AND_VAL if fold == REFIT else train_on
         self.balance, self.batch_size = balance, batch_size
@@ -271,7 +269,7 @@ class RailwayDataModule(LightningDataModule):
                 self.fold,
                 self.train_on,
                 self.group_window_s,
-                self.test_holdout,
+                self.test_holdouts,
             )
         self.storage_used = self._choose_storage(index)
         if self.storage_used == "stream":
@@ -441,7 +439,7 @@ class RailwayDataModule(LightningDataModule):
             "positive_class": self.positive_class,
             "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
             "group_window_s": self.group_window_s,
-            "test_holdout": asdict(self.test_holdout) if self.test_holdout else None,
+            "test_holdouts": [asdict(holdout) for holdout in self.test_holdouts],
             "counts": {
                 split: dict(sorted(label_counts(samples).items())) for split, samples in self.splits.items()
             },

@@ -443,28 +443,22 @@ class HeldOutTestFold:
     what: str
 
     @classmethod
-    def from_settings(
-        cls, test_fraction: float | None, outer_folds: int | None, outer_fold: int, seed: int
-    ) -> HeldOutTestFold | None:
-        if test_fraction and outer_folds:
+    def locked(cls, test_fraction: float) -> HeldOutTestFold:
+        """data.test_fraction: fold 0 of 1/fraction folds, with a seed of its own."""
+        if not 0 < test_fraction < 0.5:
+            raise UserError(f"data.test_fraction must be between 0 and 0.5, got {test_fraction}.")
+        folds = max(2, round(1 / test_fraction))
+        return cls(folds, 0, TEST_SPLIT_SEED, f"data.test_fraction={test_fraction}")
+
+    @classmethod
+    def outer(cls, outer_folds: int, outer_fold: int, seed: int) -> HeldOutTestFold:
+        """Nested CV's outer fold `outer_fold` of `outer_folds`."""
+        if outer_folds < 2 or not 0 <= outer_fold < outer_folds:
             raise UserError(
-                "data.test_fraction and data.outer_folds both hold out a Test split; nested CV's outer "
-                "folds already test every photo once, so set only one of them."
+                f"data.outer_folds must be 2 or more and data.outer_fold between 0 and outer_folds - 1, "
+                f"got {outer_folds} and {outer_fold}."
             )
-        if test_fraction:
-            if not 0 < test_fraction < 0.5:
-                raise UserError(f"data.test_fraction must be between 0 and 0.5, got {test_fraction}.")
-            return cls(
-                max(2, round(1 / test_fraction)), 0, TEST_SPLIT_SEED, f"data.test_fraction={test_fraction}"
-            )
-        if outer_folds:
-            if outer_folds < 2 or not 0 <= outer_fold < outer_folds:
-                raise UserError(
-                    f"data.outer_folds must be 2 or more and data.outer_fold between 0 and outer_folds - 1, "
-                    f"got {outer_folds} and {outer_fold}."
-                )
-            return cls(outer_folds, outer_fold, seed, f"data.outer_folds={outer_folds}")
-        return None
+        return cls(outer_folds, outer_fold, seed, f"data.outer_folds={outer_folds}")
 
     def split(self, splits: dict[str, list[Sample]], window_s: GroupWindow) -> dict[str, list[Sample]]:
         """`splits` with the held-out fold as Test, the other photos in their own splits."""
@@ -492,15 +486,29 @@ class HeldOutTestFold:
         return {**kept, "test": test}
 
 
+def held_out_test_folds(
+    test_fraction: float | None, outer_folds: int | None, outer_fold: int, seed: int
+) -> list[HeldOutTestFold]:
+    """The Test splits to hold out, in order: the locked one (data.test_fraction), then nested
+    CV's outer fold among the other photos (the locked split is then set aside unread)."""
+    held = [HeldOutTestFold.locked(test_fraction)] if test_fraction else []
+    return held + ([HeldOutTestFold.outer(outer_folds, outer_fold, seed)] if outer_folds else [])
+
+
 def check_nested_groups(
-    root: Path, outer_folds: int, inner_folds: int, seed: int, window_s: GroupWindow
+    root: Path,
+    outer_folds: int,
+    inner_folds: int,
+    seed: int,
+    window_s: GroupWindow,
+    test_fraction: float | None = None,
 ) -> None:
     """Before a nested CV starts its jobs: every outer fold, and every inner fold of each outer
     training set, needs a group of each class; else one line with the counts and what to ask."""
     for outer_fold in range(outer_folds):
-        holdout = HeldOutTestFold.from_settings(None, outer_folds, outer_fold, seed)
-        assert holdout is not None
-        splits = holdout.split(_read_layout(Path(root), [])[1], window_s)
+        splits = _read_layout(Path(root), [])[1]
+        for held_out in held_out_test_folds(test_fraction, outer_folds, outer_fold, seed):
+            splits = held_out.split(splits, window_s)
         rest = _regrouped(splits.get("train", []) + splits.get("val", []), window_s)
         _check_enough_groups(
             rest,
@@ -545,13 +553,14 @@ def discover(
     fold: int | str = 0,
     train_on: str = "train",
     group_window_s: GroupWindow = BURST_SECONDS,
-    test_holdout: HeldOutTestFold | None = None,
+    holdouts: Sequence[HeldOutTestFold] = (),
 ) -> DatasetIndex:
     """Index `root`; when it has no validation split, hold one out of the training data. With
     `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation;
     with `train_on=train_and_val` they are pooled into the training split and nothing validates.
-    `test_holdout` first holds a Test split out of the labelled photos; `group_window_s` says which
-    photos are too close in time to sit on both sides of a split made here."""
+    `holdouts` first hold a Test split out of the labelled photos (held_out_test_folds);
+    `group_window_s` says which photos are too close in time to sit on both sides of a split made
+    here."""
     root = Path(root)
     check_group_window(group_window_s)
     ignored: list[dict[str, str]] = []
@@ -564,8 +573,8 @@ def discover(
         )
     if "train" not in splits:
         raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
-    if test_holdout is not None:
-        splits = test_holdout.split(splits, group_window_s)
+    for held_out in holdouts:
+        splits = held_out.split(splits, group_window_s)
     if num_folds is not None:
         pool = splits["train"] + splits.pop("val", [])
         splits["train"], splits["val"] = cross_validation_fold(pool, num_folds, fold, seed, group_window_s)

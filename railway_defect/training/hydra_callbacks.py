@@ -68,6 +68,7 @@ class NestedGroupsCheck(Callback):
                 int(data.num_folds),
                 int(seed),
                 data.get("group_window_s", 10),
+                data.get("test_fraction"),
             )
         except UserError as e:
             raise command_failure(str(e)) from None
