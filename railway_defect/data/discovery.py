@@ -505,8 +505,9 @@ def check_nested_groups(
 ) -> None:
     """Before a nested CV starts its jobs: every outer fold, and every inner fold of each outer
     training set, needs a group of each class; else one line with the counts and what to ask."""
+    given = _read_layout(Path(root), [])[1]
     for outer_fold in range(outer_folds):
-        splits = _read_layout(Path(root), [])[1]
+        splits = given
         for held_out in held_out_test_folds(test_fraction, outer_folds, outer_fold, seed):
             splits = held_out.split(splits, window_s)
         rest = _regrouped(splits.get("train", []) + splits.get("val", []), window_s)

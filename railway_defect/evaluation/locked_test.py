@@ -14,10 +14,12 @@ from typing import Any
 
 import rich
 
+from railway_defect.data.discovery import Sample
 from railway_defect.data.splits import read_split_record
 from railway_defect.evaluation.calibration import softmax
 from railway_defect.evaluation.metrics import binary_metrics, negative_label
 from railway_defect.inference.model import Predictor
+from railway_defect.sweeps.oof import format_metric
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
@@ -25,29 +27,31 @@ log = logging.getLogger(__name__)
 SHOWN = ("balanced_accuracy", "recall", "specificity", "precision", "auroc")
 
 
-def has_locked_test(record: Path, root: Path) -> bool:
-    """The run recorded a Test split and no Validation split (a final model with a locked test)."""
+def locked_test_split(record: Path, root: Path) -> tuple[list[Sample], dict[Path, str]] | None:
+    """The Test split a run recorded, with the digests, when it recorded no Validation split (a
+    final model with a locked test); else None."""
     if not record.is_file():
-        return False
-    splits, _ = read_split_record(record, root)
-    return bool(splits.get("test")) and not splits.get("val")
+        return None
+    splits, digests = read_split_record(record, root)
+    return (splits["test"], digests) if splits.get("test") and not splits.get("val") else None
 
 
 def evaluate_locked_test(
     predictor: Predictor,
     root: Path,
     record: Path,
+    test: tuple[list[Sample], dict[Path, str]],
     out: Path,
     score_split: Any,
     confidence: float = 0.95,
     bootstrap: int = 1000,
     seed: int = 42,
 ) -> dict[str, Any]:
-    """Score the recorded Test split once at the model's own threshold; `score_split(samples,
-    record)` gives (logits, targets, skipped, samples) as evaluate scores any split."""
+    """Score the recorded Test split (`test`: samples and digests) once at the model's own
+    threshold; `score_split(samples, record)` gives (logits, targets, skipped, samples) as
+    evaluate scores any split."""
     from railway_defect.evaluation.report import write_predictions
 
-    splits, digests = read_split_record(record, root)
     previous = out / "evaluation.json"
     if previous.is_file():
         log.warning(
@@ -56,7 +60,7 @@ def evaluate_locked_test(
             previous,
             json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
         )
-    logits, targets, skipped, samples = score_split(splits["test"], (record, digests))
+    logits, targets, skipped, samples = score_split(test[0], (record, test[1]))
     info, threshold = predictor.info, predictor.calibration.threshold
     p_positive = softmax(logits, predictor.calibration.temperature)[:, info.positive_index]
     is_positive = targets == info.positive_index
@@ -83,7 +87,7 @@ def evaluate_locked_test(
 
 def markdown(report: dict[str, Any]) -> list[str]:
     m = report["metrics"]["at_threshold"]
-    rows = [[name.replace("_", " "), _fmt(m[name])] for name in SHOWN]
+    rows = [[name.replace("_", " "), format_metric(m[name])] for name in SHOWN]
     return [
         f"# The locked Test split of {report['data']['splits']}",
         "",
@@ -93,9 +97,3 @@ def markdown(report: dict[str, Any]) -> list[str]:
         "",
         *md_table(["metric", "value"], rows),
     ]
-
-
-def _fmt(metric: dict[str, Any]) -> str:
-    if metric.get("value") is None:
-        return "n/a"
-    return f"{metric['value']:.3f} [{metric['low']:.2f}, {metric['high']:.2f}]"

@@ -28,7 +28,7 @@ from railway_defect.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
-from railway_defect.evaluation.locked_test import evaluate_locked_test, has_locked_test
+from railway_defect.evaluation.locked_test import evaluate_locked_test, locked_test_split
 from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.inference.inputs import batched
 from railway_defect.inference.model import (
@@ -167,14 +167,15 @@ def run_evaluation(
         raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
     record = run_dir_of(predictor.path) / SPLITS_FILE
     wants_test = split is None or SPLIT_ALIASES.get(str(split).strip().lower()) == "test"
-    if splits == "run" and wants_test and has_locked_test(record, root):
+    locked = locked_test_split(record, root) if splits == "run" and wants_test else None
+    if locked is not None:
         out = run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_test"
         out = Path(output_dir) if output_dir else out
 
         def score(samples: list[Sample], checked: tuple[Path, dict[Path, str]]) -> tuple:
             return _score_split(predictor, samples, cache_dir, batch_size, checked)
 
-        return evaluate_locked_test(predictor, root, record, out, score, confidence, bootstrap, seed)
+        return evaluate_locked_test(predictor, root, record, locked, out, score, confidence, bootstrap, seed)
     scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
     fitted = fit_calibration(scored, predictor.info.positive_index, target_recall)
     out = (

@@ -65,6 +65,8 @@ class JobRow:
     checkpoint: str | None = None
     # the final epoch's weights (last.ckpt): what the job's out-of-fold predictions came from
     final_checkpoint: str | None = None
+    # the job's `data` config (.hydra/config.yaml): its folds and outer fold
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -142,7 +144,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def read_job(job_dir: Path) -> JobRow:
     overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
     row = JobRow(
-        job=job_dir.name, run_dir=job_dir, overrides=[str(o) for o in overrides or []], status=INCOMPLETE
+        job=job_dir.name,
+        run_dir=job_dir,
+        overrides=[str(o) for o in overrides or []],
+        status=INCOMPLETE,
+        data=(_read_yaml(job_dir / ".hydra" / "config.yaml") or {}).get("data") or {},
     )
     if not has_record(job_dir):
         row.error = "no metrics.json: the job stopped before training started"
@@ -286,13 +292,9 @@ def _has_outer(scored: Sequence[oof.OutOfFold]) -> bool:
     return any(o.startswith("data.outer_fold=") for r in scored for o in r.configuration)
 
 
-def _data_config(row: JobRow) -> dict[str, Any]:
-    return (_read_yaml(row.run_dir / ".hydra" / "config.yaml") or {}).get("data") or {}
-
-
 def _fold(row: JobRow) -> tuple[int, int] | None:
     """(data.num_folds, data.fold) of a cross-validation fold job, else None (also for a refit)."""
-    data = _data_config(row)
+    data = row.data
     if not data.get("num_folds") or data.get("fold") == REFIT:
         return None
     return int(data["num_folds"]), int(data.get("fold") or 0)
@@ -300,7 +302,7 @@ def _fold(row: JobRow) -> tuple[int, int] | None:
 
 def _outer_fold(row: JobRow) -> tuple[int, int] | None:
     """(data.outer_folds, data.outer_fold) of a nested cross-validation job, else None."""
-    data = _data_config(row)
+    data = row.data
     return (int(data["outer_folds"]), int(data.get("outer_fold") or 0)) if data.get("outer_folds") else None
 
 
@@ -329,7 +331,7 @@ def nested_estimates(rows: Sequence[JobRow], scored: Sequence[oof.OutOfFold]) ->
             continue
         recipe, (folds[recipe_key(row)], k) = recipe_key(row), outer
         predictions = row.run_dir / TEST_PREDICTIONS_FILE
-        if row.ok and _data_config(row).get("fold") == REFIT and predictions.is_file():
+        if row.ok and row.data.get("fold") == REFIT and predictions.is_file():
             refits.setdefault(recipe, {}).setdefault(k, []).append((_value(row, "seed") or "", predictions))
         elif (result := by_configuration.get(_oof_key(row))) is not None:
             inner.setdefault(recipe, {})[k] = result

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from railway_defect.data.discovery import REFIT, TRAIN_AND_VAL
 from railway_defect.models.module import MONITORABLE
 from railway_defect.utils.errors import UserError
 
@@ -76,9 +77,10 @@ def _needs_validation(callback: DictConfig) -> bool:
 
 def _check_validation_needs(cfg: DictConfig) -> None:
     """Training on the validation images leaves nothing to select a checkpoint or stop early on."""
-    pooled = "data.fold=refit" if cfg.data.get("fold") == "refit" else "data.train_on=train_and_val"
-    if cfg.data.get("train_on", "train") != "train_and_val" and pooled == "data.train_on=train_and_val":
+    refit = cfg.data.get("fold") == REFIT
+    if cfg.data.get("train_on", "train") != TRAIN_AND_VAL and not refit:
         return
+    pooled = f"data.fold={REFIT}" if refit else f"data.train_on={TRAIN_AND_VAL}"
     needing = _configured_callbacks(cfg, _needs_validation)
     if needing:
         raise UserError(
