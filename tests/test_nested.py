@@ -250,7 +250,8 @@ def test_the_label_audit_skips_with_one_line_when_it_cannot_run(
 
 @pytest.mark.slow
 def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estimate(tmp_path: Path) -> None:
-    """The one command, with the default callbacks and logger: 2 outer x (2 inner + refit) jobs."""
+    """The one command, with the default callbacks and logger: 2 outer x (2 inner + refit) jobs,
+    a frozen probe as experiment=offline_best trains, so the jobs share the feature cache."""
     root = _walks(tmp_path / "data", walks=8, per_walk=3)
     sweep = tmp_path / "nested"
     result = run_cli(
@@ -262,6 +263,8 @@ def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estima
         "data.group_window_s=300",
         "model=resnet18",
         "model.pretrained=false",
+        "model.backbone_lr_scale=0",
+        "augmentation=none",
         "data.image_size=32",
         "data.cache_size=40",
         "trainer.max_epochs=1",
