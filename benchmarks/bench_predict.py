@@ -22,6 +22,8 @@ from pathlib import Path
 
 from _common import SAMPLE_DATA, alternate, machine_info, make_synthetic_dataset, offline, parser, report
 
+from railway_defect.utils.layout import run_dir_of
+
 
 def main() -> None:
     p = parser(__doc__)
@@ -126,7 +128,6 @@ def compare_formats(
     from railway_defect.data.discovery import discover
     from railway_defect.data.images import decode_files
     from railway_defect.data.splits import SPLITS_FILE, read_split_record
-    from railway_defect.evaluation.report import run_dir_of
     from railway_defect.inference.exporting import export_model
     from railway_defect.inference.model import load_predictor
 

@@ -9,7 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from railway_defect.training.record import RunRecord, has_record
+from railway_defect.training.record import RunRecord
+from railway_defect.utils.layout import has_record
 
 # (log, label, the line's prefix): the median of each matching `ratio ...` or `<side>: ...` line
 LINES = (

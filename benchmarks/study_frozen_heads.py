@@ -22,7 +22,7 @@ from _common import parser
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from railway_defect.data.discovery import Sample, _group_folds, pooled_groups
-from railway_defect.evaluation.metrics import choose_threshold
+from railway_defect.utils.metrics import choose_threshold
 
 POSITIVE = "Defective"
 TARGET_RECALL = 0.95

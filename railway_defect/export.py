@@ -10,6 +10,9 @@ import railway_defect  # noqa: F401  (registers the config resolvers)
 from railway_defect.utils.commands import call_with_config, run_command
 from railway_defect.utils.paths import CONFIG_DIR
 
+# no sections, nothing read here: every key of export.yaml is one of export_model's parameters
+EXPORT_CONFIG: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
@@ -17,7 +20,7 @@ def main(cfg: DictConfig) -> None:
 
     from railway_defect.inference.exporting import export_model
 
-    result = run_command(lambda: call_with_config(export_model, cfg))
+    result = run_command(lambda: call_with_config(export_model, cfg, *EXPORT_CONFIG))
     console = rich.get_console()
     console.print(f"exported: {result['output']} ({result['format']})", soft_wrap=True, markup=False)
     if "fp32_max_abs_diff" in result:

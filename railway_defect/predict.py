@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 EXIT_SOME_FAILED = 2
 
 
+# no sections; ckpt_path reaches run_prediction as model_path's default (conf/inference)
+PREDICT_CONFIG = ((), ("ckpt_path",))
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     from railway_defect.inference.predicting import run_prediction
@@ -25,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     def run():
         if not cfg.input:
             raise UserError("Give what to score: input=IMAGE|FOLDER|GLOB|VIDEO.")
-        return call_with_config(run_prediction, cfg, input=str(cfg.input))
+        return call_with_config(run_prediction, cfg, *PREDICT_CONFIG, input=str(cfg.input))
 
     summary = run_command(run)
     log.info(

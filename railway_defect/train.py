@@ -14,9 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 import railway_defect  # noqa: F401  (registers the config resolvers)
-from railway_defect.sweeps import in_multirun
+from railway_defect.data.discovery import REFIT, TRAIN_AND_VAL
 from railway_defect.utils.commands import run_command
 from railway_defect.utils.errors import user_message
+from railway_defect.utils.layout import in_multirun
 from railway_defect.utils.paths import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def accept_logger_null(argv: list[str]) -> list[str]:
 
 def run_sweep_job(cfg: DictConfig, run_training: Callable[[DictConfig], float | None]) -> float:
     """In a sweep a failing job must not stop the others: its metrics.json records why and it
-    returns NaN; the sweep summary (railway_defect.training.hydra_callbacks) then makes the sweep
+    returns NaN; the sweep summary (railway_defect.sweeps.hydra_callbacks) then makes the sweep
     exit non-zero."""
     try:
         value = run_training(cfg)
@@ -40,7 +41,9 @@ def run_sweep_job(cfg: DictConfig, run_training: Callable[[DictConfig], float | 
         log.error("Job failed: %s", message) if message else log.exception("Job failed: %s", e)
         return math.nan
     if value is None:
-        log.warning("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
+        validates = cfg.data.get("fold") != REFIT and cfg.data.get("train_on") != TRAIN_AND_VAL
+        report = log.warning if cfg.optimized_metric and validates else log.info
+        report("optimized_metric=%s was not logged by this run; sweepers get NaN.", cfg.optimized_metric)
         return math.nan
     return value
 

@@ -4,13 +4,29 @@ with Hydra's message before any training starts."""
 from __future__ import annotations
 
 import functools
+import logging
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from lightning.pytorch import Callback
+from omegaconf import DictConfig, OmegaConf
 
+from railway_defect import evaluate, export, predict, serve
+from railway_defect.callbacks.selection import monitored_metric
+from railway_defect.evaluation.report import run_evaluation
+from railway_defect.inference.exporting import export_model
+from railway_defect.inference.predicting import run_prediction
+from railway_defect.inference.service import build_service
+from railway_defect.training.checks import check_config
+from railway_defect.training.run import build_model, resolve_hardware_defaults
+from railway_defect.utils.commands import call_with_config, unused_keys
+from railway_defect.utils.errors import UserError
 from tests.helpers import CONF_DIR, run_cli
 
 GROUP_CHOICES = {
@@ -78,8 +94,10 @@ def test_config_mistakes_fail_with_hydras_message(override: str, message: str) -
 
 
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g, cs in GROUP_CHOICES.items() for c in cs])
-def test_every_group_choice_composes_and_instantiates(compose_train, group: str, choice: str) -> None:
-    cfg = compose_train(f"{group}={choice}")
+def test_every_group_choice_composes_and_builds(compose_train, group: str, choice: str) -> None:
+    """Each choice builds what a run builds from it: transforms, optimizer, scheduler, loggers,
+    callbacks, the model and the trainer (a GPU choice on a machine without one: its one-line error)."""
+    cfg = compose_train(f"{group}={choice}", "model.pretrained=false")
     transforms = instantiate(cfg.augmentation.transforms)
     assert all(callable(t) for t in transforms)
     optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
@@ -88,4 +106,65 @@ def test_every_group_choice_composes_and_instantiates(compose_train, group: str,
         assert isinstance(instantiate(cfg.scheduler), functools.partial)
     for logger in cfg.logger.values():
         assert logger._target_.startswith("lightning.pytorch.loggers.")
-    assert cfg.trainer.max_epochs >= 1
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    assert all(isinstance(c, Callback) for c in callbacks) and callbacks
+    data = SimpleNamespace(
+        classes=["Defective", "Non defective"],
+        positive_class="Defective",
+        class_weights=None,
+        image_size=cfg.data.image_size,
+        cache_size=cfg.data.cache_size,
+        harmonize=cfg.data.harmonize,
+    )
+    model = build_model(cfg, data, monitored_metric(callbacks))
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 2)
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
+            check_config(cfg)
+        return
+    check_config(cfg)
+    resolve_hardware_defaults(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    assert isinstance(trainer, L.Trainer) and trainer.max_epochs >= 1
+
+
+def _command_config(name: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=name)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("command", "function", "layout"),
+    [
+        ("evaluate", run_evaluation, evaluate.EVALUATE_CONFIG),
+        ("predict", run_prediction, predict.PREDICT_CONFIG),
+        ("serve", build_service, serve.SERVE_CONFIG),
+        ("export", export_model, export.EXPORT_CONFIG),
+    ],
+)
+def test_every_key_of_a_command_config_changes_something(command, function, layout) -> None:
+    """A key in conf/<command>.yaml that its function does not take would be dropped in silence."""
+    assert unused_keys(function, _command_config(command), *layout) == []
+
+
+def test_a_key_nothing_uses_is_said_not_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    def score(threshold: float = 0.5) -> float:
+        return threshold
+
+    cfg = OmegaConf.create({"threshold": 0.3, "batch_size": 8, "data": {"root": "x", "size": 3}})
+    with caplog.at_level(logging.WARNING):
+        assert call_with_config(score, cfg, ("data",), ("data.root",)) == 0.3
+    assert "ignored: batch_size, data.size." in caplog.text
+
+
+def test_evaluate_refuses_a_data_key_the_checkpoint_decides() -> None:
+    result = run_cli("railway_defect.evaluate", "data.image_size=224")
+    assert result.returncode != 0 and "Could not override 'data.image_size'" in result.stderr
+
+
+def test_ddp_cpu_takes_a_number_of_machines(compose_train) -> None:
+    """torchrun --nnodes=2 with trainer=ddp_cpu needs trainer.num_nodes=2, without Hydra's `++`."""
+    assert compose_train("trainer=ddp_cpu", "trainer.num_nodes=2").trainer.num_nodes == 2

@@ -140,8 +140,8 @@ def test_experiment_cv_runs_every_fold_on_the_real_data(tmp_path: Path) -> None:
     with (sweep / "summary_groups.csv").open() as f:
         (group,) = list(csv.DictReader(f))
     assert (group["over"], group["ok"], group["jobs"]) == ("folds", "3", "3")
-    f1 = [float(r["val/f1_best"]) for r in rows]
-    assert float(group["val/f1_best_mean"]) == pytest.approx(sum(f1) / 3, abs=1e-4)
+    ba = [float(r["val/balanced_acc_best"]) for r in rows]
+    assert float(group["val/balanced_acc_best_mean"]) == pytest.approx(sum(ba) / 3, abs=1e-4)
     assert "Mean ± std per configuration" in (sweep / "summary.md").read_text()
     assert "Mean ± std per configuration" in result.stdout
 

@@ -75,17 +75,24 @@ def test_images_are_decoded_once_then_served_from_the_cache(tiny_dataset: Path, 
     assert calls["decode"] == 22
 
 
-@pytest.mark.parametrize("choice", ["none", "light", "strong"])
-def test_augmentation_pipelines_keep_the_output_shape(compose_train, tiny_dataset: Path, choice: str) -> None:
+@pytest.mark.parametrize("choice", ["none", "light", "strong", "nuisance"])
+def test_augmentation_choices_augment_training_images_only(
+    compose_train, tiny_dataset: Path, choice: str
+) -> None:
+    """Drawn twice, a training image differs under every augmentation choice but `none`, while a
+    validation image never does; a wide photo still comes out as the model's square input."""
     cfg = compose_train(f"augmentation={choice}", "data.image_size=48", "data.cache_size=56")
     write_image(tiny_dataset / "Train" / "Defective" / "wide.png", size=(200, 40))
     dm = datamodule(
         tiny_dataset, image_size=48, cache_size=56, train_transforms=instantiate(cfg.augmentation.transforms)
     )
     dm.setup("fit")
-    for index in range(len(dm._dataset("train", dm.train_transform))):
-        image, _ = dm._dataset("train", dm.train_transform)[index]
-        assert image.shape == (3, 48, 48)
+    train, val = dm._dataset("train", dm.train_transform), dm._dataset("val", dm.eval_transform)
+    first, second = ([train[i][0] for i in range(len(train))] for _ in range(2))
+    assert all(image.shape == (3, 48, 48) for image in first)
+    changed = sum(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert changed == 0 if choice == "none" else changed > len(first) // 2
+    assert all(torch.equal(val[i][0], val[i][0]) for i in range(len(val)))
 
 
 def test_a_train_split_with_one_class_is_a_clear_error(tmp_path: Path) -> None:

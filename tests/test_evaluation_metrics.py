@@ -12,7 +12,7 @@ from railway_defect.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
-from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, wilson
+from railway_defect.utils.metrics import binary_metrics, choose_threshold, wilson
 
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc")
 

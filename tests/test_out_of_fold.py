@@ -111,7 +111,7 @@ def test_jobs_without_folds_have_no_out_of_fold_section(tmp_path: Path) -> None:
 def test_vectorised_bootstrap_auroc_equals_weighted_auroc() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from railway_defect.evaluation.metrics import _resampled_auroc, _resampled_counts
+    from railway_defect.utils.metrics import _resampled_auroc, _resampled_counts
 
     rng = np.random.default_rng(0)
     labels = rng.random(60) < 0.4

@@ -181,3 +181,19 @@ def test_runs_and_checkpoints_record_the_version(compose_train, tiny_dataset: Pa
     assert metrics["railway_defect_version"] == railway_defect.__version__
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["railway_defect_version"] == railway_defect.__version__
+
+
+def test_ci_without_the_shared_data_fails_in_one_line(tmp_path: Path) -> None:
+    """A checkout without ../shared/datasets: CI=true stops the test run (exit 1) with one line,
+    instead of passing with the tests that need the data skipped."""
+    checkout = tmp_path / "checkout"
+    for name in ("railway_defect", "conf", "tests", "pyproject.toml"):
+        copy = shutil.copytree if (PROJECT_ROOT / name).is_dir() else shutil.copy
+        copy(PROJECT_ROOT / name, checkout / name)
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(checkout)}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py"]
+    result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    message = f"error: CI=true but the shared sample data {tmp_path}/shared/datasets"
+    assert message in result.stdout + result.stderr
+    assert "passed" not in result.stdout

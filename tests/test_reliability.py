@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch import Callback
 from PIL import Image
 
-from railway_defect.callbacks.interrupt import SaveOnInterrupt
 from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.training.interrupt import SaveOnInterrupt
 from railway_defect.training.run import run_training
 from railway_defect.utils.errors import UserError
 from tests.helpers import (
@@ -140,7 +140,7 @@ def test_identical_files_across_splits_are_reported_as_leakage(tmp_path: Path, c
         ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
         ("ckpt_path=nowhere.ckpt", "ckpt_path=nowhere.ckpt does not exist"),
         ("ckpt_path=last", "ckpt_path=last: no last.ckpt"),
-        ("monitor=val/los", "monitor=val/los is not a metric to maximise"),
+        ("callbacks.model_checkpoint.monitor=val/los", "monitor=val/los is not a metric to maximise"),
         pytest.param(
             "trainer.accelerator=gpu",
             "needs a CUDA GPU, and torch sees none",

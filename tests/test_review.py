@@ -24,10 +24,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from railway_defect.callbacks.review_images import _EpochCollector, _gradcam_keeping_grads
 from railway_defect.models.module import DefectClassifier
 from railway_defect.review import runs as review
-from railway_defect.review.plots import WRONG
 from railway_defect.sweeps.summary import summarize
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.paths import PROJECT_ROOT
+from railway_defect.utils.plots import WRONG
 from tests.helpers import FAST, make_split_dataset, run_cli
 from tests.tensorboard_server import TensorBoard, serve_tensorboard
 
@@ -164,7 +164,7 @@ def test_a_cached_frozen_probe_gets_gradcam_and_trains_as_without_review(
 def test_review_defaults_log_every_epoch(compose_train) -> None:
     cfg = compose_train()
     assert cfg.callbacks.review.every_n_epochs == 1
-    assert cfg.callbacks.review.monitor == cfg.monitor
+    assert "monitor" not in cfg.callbacks.review  # read from the checkpoint callback
 
 
 def test_grid_shows_errors_first_then_each_class_in_turn() -> None:

@@ -80,18 +80,18 @@ def test_seed_sweep_in_parallel_writes_complete_runs_and_a_summary(
     assert {row["status"] for row in rows.values()} == {"ok"}
     assert [rows[j]["overrides"].split()[-1] for j in ("0", "1")] == ["seed=1", "seed=2"]
     for job, row in rows.items():
-        assert float(row["val/f1_best"]) == pytest.approx(
+        assert float(row["val/balanced_acc_best"]) == pytest.approx(
             json.loads((sweep / job / "metrics.json").read_text())["optimized_metric"], abs=1e-4
         )
         assert Path(row["checkpoint"]) == sweep / job / "checkpoints" / "best.ckpt"
     # the rows are sorted by the optimised metric, best first
-    values = [float(row["val/f1_best"]) for row in rows.values()]
+    values = [float(row["val/balanced_acc_best"]) for row in rows.values()]
     assert values == sorted(values, reverse=True)
     # jobs that differ only by seed: mean ± std of the configuration
     with (sweep / "summary_groups.csv").open() as f:
         (group,) = list(csv.DictReader(f))
     assert (group["over"], group["ok"], group["jobs"]) == ("seeds", "2", "2")
-    assert float(group["val/f1_best_mean"]) == pytest.approx(sum(values) / 2, abs=1e-4)
+    assert float(group["val/balanced_acc_best_mean"]) == pytest.approx(sum(values) / 2, abs=1e-4)
     markdown = (sweep / "summary.md").read_text()
     assert "| seeds | 2 / 2 |" in markdown
     assert "Mean ± std per configuration" in result.stdout and "seed=2" in result.stdout
@@ -151,7 +151,7 @@ def test_optuna_search_runs_trials_and_resumes_with_the_same_command(
     searched = ("optimizer=", "optimizer.lr=", "optimizer.weight_decay=", "data.batch_size=", "augmentation=")
     for job, row in rows.items():
         assert all(key in row["overrides"] for key in (*searched, "model.label_smoothing="))
-        assert float(row["val/f1_best"]) == pytest.approx(study.trials[int(job)].value, abs=1e-4)
+        assert float(row["val/balanced_acc_best"]) == pytest.approx(study.trials[int(job)].value, abs=1e-4)
     assert (sweep / "optimization_results.yaml").is_file()
 
     # a search killed during trial 3 leaves it running in the study
@@ -303,3 +303,60 @@ def test_every_experiment_runs_in_one_sweep(tmp_path: Path, tiny_dataset: Path) 
     )
     assert chosen == [f"experiment={e}" for e in experiments]
     assert {row["status"] for row in rows.values()} == {"ok"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("experiment=cv",), "cannot run a cross-validation fold; drop data.num_folds"),
+        (("seed=1,2",), "no job of this sweep can return optimized_metric=None"),
+        (
+            ("hparams_search=optuna", "callbacks.model_checkpoint.monitor=val/auroc"),
+            "optimized_metric=val/auroc_best",
+        ),
+    ],
+)
+def test_a_sweep_of_a_train_and_val_recipe_is_refused_before_its_first_job(
+    tmp_path: Path, tiny_dataset: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    """Without validation a sweep has nothing to compare: one line, and no job starts."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "railway_defect.train",
+        "-m",
+        *TINY,
+        "data.train_on=train_and_val",
+        "callbacks.model_checkpoint.monitor=null",
+        *overrides,
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list(sweep.glob("*/metrics.json"))
+
+
+@pytest.mark.slow
+def test_a_train_and_val_sweep_on_a_training_metric_runs(tmp_path: Path, tiny_dataset: Path) -> None:
+    """The documented way to sweep final models anyway (e.g. seeds of an ensemble)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "railway_defect.train",
+        "-m",
+        *TINY,
+        "data.train_on=train_and_val",
+        "callbacks.model_checkpoint.monitor=null",
+        "optimized_metric=train/acc",
+        "seed=1,2",
+        f"data.root={tiny_dataset}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(sweep)
+    assert {row["status"] for row in rows.values()} == {"ok"}
+    for job in rows:
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["optimized_metric_name"] == "train/acc"
+        assert 0.0 <= metrics["optimized_metric"] <= 1.0

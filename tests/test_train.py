@@ -10,12 +10,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.data.datamodule import RailwayDataModule
-from railway_defect.models.module import DefectClassifier
+from railway_defect.models.module import MONITORABLE, DefectClassifier
 from railway_defect.review.runs import evaluate_checkpoint
 from railway_defect.training.record import RunRecord
 from railway_defect.training.run import run_training
@@ -37,7 +38,7 @@ def test_tiny_run_writes_every_output(compose_train, tiny_dataset: Path) -> None
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished"
     assert value == pytest.approx(metrics["optimized_metric"])
-    assert metrics["optimized_metric_name"] == "val/f1_best"
+    assert metrics["optimized_metric_name"] == "val/balanced_acc_best"
     assert metrics["pretrained_loaded"] is False
     assert metrics["classes"] == ["Defective", "Non defective"]
     assert metrics["precision"] == "32-true"  # trainer.precision=auto on the CPU
@@ -79,6 +80,36 @@ def test_resume_from_last_checkpoint_continues_the_epochs(compose_train, tiny_da
     run_training(resumed)
     metrics = json.loads((Path(resumed.paths.output_dir) / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["history"]] == [0, 1]
+
+
+@pytest.mark.parametrize("monitor", [*MONITORABLE, None])
+def test_metrics_json_names_the_metric_that_selected_its_value_and_epoch(
+    compose_train, tiny_dataset: Path, monitor: str | None
+) -> None:
+    """Any monitor set where the README says (callbacks.model_checkpoint.monitor) selects best.ckpt,
+    and metrics.json, the model's `_best` metric and optimized_metric all follow it."""
+    override = f"callbacks.model_checkpoint.monitor={monitor or 'null'}"
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=3", override)
+    value = run_training(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    history = metrics["history"]
+    saved_epoch = torch.load(metrics["checkpoints"]["best"], map_location="cpu", weights_only=False)["epoch"]
+    assert metrics["monitor"] == monitor
+    assert metrics["best"]["epoch"] == saved_epoch
+    best_row = next(row for row in history if row["epoch"] == saved_epoch)
+    assert metrics["val"] == {k: v for k, v in best_row.items() if k.startswith("val/")}
+    if monitor is None:
+        assert saved_epoch == history[-1]["epoch"] and metrics["best"] == {"epoch": saved_epoch}
+        assert metrics["optimized_metric_name"] is None and value is None
+        assert "none" in metrics["selection"]
+        return
+    highest = max(row[monitor] for row in history)
+    assert best_row[monitor] == pytest.approx(highest)
+    assert best_row is next(row for row in history if row[monitor] == best_row[monitor])  # first of ties
+    assert metrics["best"][monitor] == pytest.approx(highest)
+    assert metrics["optimized_metric_name"] == f"{monitor}_best"
+    assert value == pytest.approx(highest)
+    assert metrics["selection"].startswith(monitor)
 
 
 def test_cli_missing_data_root_is_one_clear_line(tmp_path: Path) -> None:
@@ -138,13 +169,12 @@ def test_a_normal_run_prints_no_warning_a_user_cannot_act_on(tmp_path: Path) -> 
     """No Lightning-internal deprecation, no AUROC notice from the sanity check's two one-class
     batches, no `Total FLOPs: 0` in the model summary."""
     data = make_split_dataset(tmp_path / "data", {"Train": 4, "Validation": 4})
-    fast = [o for o in FAST if not o.startswith("callbacks.rich_model_summary")]
+    fast = [o for o in FAST if not o.startswith("callbacks.")]  # every default callback and logger
     result = run_cli(
         "railway_defect.train",
         *fast,
         "trainer.max_epochs=1",
         "data.batch_size=2",
-        "logger=csv",
         f"data.root={data}",
         f"hydra.run.dir={tmp_path}/run",
     )

@@ -3,6 +3,7 @@ run summary can report the epoch that best.ckpt comes from without reloading che
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -29,11 +30,11 @@ class EpochHistory(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
-    def best(self, monitor: str, value: float | None) -> dict[str, Any] | None:
-        """The first epoch whose `monitor` equals `value` (ModelCheckpoint keeps the first of ties)."""
-        if value is None:
-            return None
-        return next((row for row in self.epochs if abs(row.get(monitor, float("nan")) - value) < 1e-9), None)
+    def best(self, monitor: str) -> dict[str, Any] | None:
+        """The epoch ModelCheckpoint(mode="max") keeps: the first with the highest `monitor` (it
+        replaces best.ckpt only on a strict improvement; NaN never improves)."""
+        scored = [row for row in self.epochs if not math.isnan(row.get(monitor, math.nan))]
+        return max(scored, key=lambda row: row[monitor], default=None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs}

@@ -7,10 +7,7 @@ from __future__ import annotations
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Distinct per (seed, epoch); seeds 1 and 2 never share an epoch's stream."""
-    return (seed * 100_003 + epoch) % 2**32
+from railway_defect.utils.seeding import epoch_seed
 
 
 class EpochSeed(Callback):

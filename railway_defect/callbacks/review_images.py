@@ -25,9 +25,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from railway_defect.callbacks.selection import monitored_metric
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
-from railway_defect.review.plots import Tile, caption, confusion_figure, denormalize, roc_figure, tile_grid
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.plots import Tile, caption, confusion_figure, denormalize, roc_figure, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ class _EpochCollector:
 
 class ReviewImages(Callback):
     """Review images in TensorBoard (see the module docstring). `every_n_epochs`: 0 logs only the
-    epochs where `monitor` improved; `num_images` / `num_gradcam` / `num_augmented`: grid sizes."""
+    epochs where the monitored metric (the monitor of the checkpoint callback that writes best.ckpt)
+    improved; `num_images` / `num_gradcam` / `num_augmented`: grid sizes."""
 
     def __init__(
         self,
@@ -129,7 +131,6 @@ class ReviewImages(Callback):
         num_gradcam: int = 8,
         augmented_batch: bool = True,
         num_augmented: int = 16,
-        monitor: str = "val/balanced_acc",
         columns: int = 8,
     ):
         if every_n_epochs < 0:
@@ -141,7 +142,8 @@ class ReviewImages(Callback):
         self.every_n_epochs = every_n_epochs
         self.num_images, self.num_gradcam = num_images, num_gradcam
         self.augmented_batch, self.num_augmented = augmented_batch, num_augmented
-        self.monitor, self.columns = monitor, columns
+        self.columns = columns
+        self.monitor: str | None = None
         self.best_score: float | None = None
         self._collector: _EpochCollector | None = None
         self._augmented_logged = False
@@ -160,6 +162,7 @@ class ReviewImages(Callback):
     # ---- the augmented training batch -----------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._augmented_logged = False
+        self.monitor = monitored_metric(trainer.callbacks)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -206,7 +209,7 @@ class ReviewImages(Callback):
         self._collector.add(batch[0], batch[1], outputs)
 
     def _improved(self, trainer: Trainer) -> bool:
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
         if value is None:
             return False
         value = float(value)

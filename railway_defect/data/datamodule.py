@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.audit import audit_and_warn
 from railway_defect.data.discovery import (
     BURST_SECONDS,
@@ -42,6 +41,7 @@ from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.paths import DATA_DIR_ENV, data_root_candidates
 from railway_defect.utils.resources import available_cpus
+from railway_defect.utils.seeding import epoch_seed
 
 if TYPE_CHECKING:
     from torch.utils.data import IterableDataset

@@ -606,6 +606,16 @@ def discover(
     return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
 
 
+def check_train_on(train_on: str, num_folds: int | None) -> None:
+    """Training on the validation images leaves no fold to validate: refused, in each job and
+    (the Hydra callback SweepPlanCheck) before a cross-validation sweep starts its first job."""
+    if train_on == TRAIN_AND_VAL and num_folds is not None:
+        raise UserError(
+            "data.train_on=train_and_val trains on the validation images too, so it cannot run a "
+            "cross-validation fold; drop data.num_folds (or set data.train_on=train)."
+        )
+
+
 def _pool_for_training(
     root: Path,
     layout: str,
@@ -615,11 +625,7 @@ def _pool_for_training(
 ) -> DatasetIndex:
     """Every labelled photo but the Test split trains the final model of a recipe chosen by
     cross-validation; a Test split stays held out."""
-    if num_folds is not None:
-        raise UserError(
-            "data.train_on=train_and_val trains on the validation images too, so it cannot run a "
-            "cross-validation fold; drop data.num_folds (or set data.train_on=train)."
-        )
+    check_train_on(TRAIN_AND_VAL, num_folds)
     splits["train"] = splits["train"] + splits.pop("val", [])
     log.info("data.train_on=train_and_val: %d training images, no validation split.", len(splits["train"]))
     _check_groups(splits)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
-from railway_defect.callbacks.reproducibility import epoch_seed
 from railway_defect.data.images import DecodeError, content_digest, load_image_file
 from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.resources import available_cpus
+from railway_defect.utils.seeding import epoch_seed
 
 log = logging.getLogger(__name__)
 

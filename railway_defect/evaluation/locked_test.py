@@ -17,10 +17,11 @@ import rich
 from railway_defect.data.discovery import Sample
 from railway_defect.data.splits import read_split_record
 from railway_defect.evaluation.calibration import softmax
-from railway_defect.evaluation.metrics import binary_metrics, negative_label
+from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.model import Predictor
 from railway_defect.sweeps.oof import format_metric
 from railway_defect.utils.markdown import md_table
+from railway_defect.utils.metrics import binary_metrics, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def evaluate_locked_test(
     """Score the recorded Test split (`test`: samples and digests) once at the model's own
     threshold; `score_split(samples, record)` gives (logits, targets, skipped, samples) as
     evaluate scores any split."""
-    from railway_defect.evaluation.report import write_predictions
 
     previous = out / "evaluation.json"
     if previous.is_file():

@@ -21,9 +21,10 @@ from railway_defect.inference.model import (
     write_calibration,
 )
 from railway_defect.sweeps import oof
-from railway_defect.sweeps.summary import job_dirs, pooled_out_of_fold, read_job
+from railway_defect.sweeps.summary import pooled_out_of_fold, read_job
 from railway_defect.training.checks import checkpoint_hparams
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import job_dirs, run_dir_of
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 
@@ -112,7 +113,6 @@ def evaluate_out_of_fold(
 def _default_output(predictor: Predictor, is_ensemble: bool) -> Path:
     if is_ensemble:
         return predictor.path / "evaluation" / "ensemble_oof"
-    from railway_defect.evaluation.report import run_dir_of
 
     return run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_oof"
 

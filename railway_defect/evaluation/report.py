@@ -4,8 +4,6 @@ and figures (evaluation.json, evaluation.md), and store threshold and temperatur
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from railway_defect.evaluation.calibration import (
     softmax,
 )
 from railway_defect.evaluation.locked_test import evaluate_locked_test, locked_test_split
-from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
+from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.inputs import batched
 from railway_defect.inference.model import (
     Calibration,
@@ -39,18 +37,15 @@ from railway_defect.inference.model import (
     write_calibration,
 )
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import run_dir_of
 from railway_defect.utils.markdown import md_table
+from railway_defect.utils.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 SPLIT_TITLES = {"train": "Train", "val": "Validation", "test": "Test"}
 REPORTED = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc")
-
-
-def run_dir_of(ckpt_path: Path) -> Path:
-    """outputs/train/runs/<time>/checkpoints/best.ckpt -> outputs/train/runs/<time>."""
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
 def _split_key(split: str | None, available: dict[str, list[Sample]]) -> str:
@@ -388,22 +383,6 @@ def build_report(
         # on the images scored here
         "shortcut_audit": audit_and_warn(scored.samples, root, predictor.info.harmonize),
     }
-
-
-def write_predictions(
-    path: Path, samples: list[Sample], p_positive: np.ndarray, threshold: float, info: Any
-) -> Path:
-    """Per-image scores (path, label, p of the positive class, predicted at the threshold), to look
-    at the errors or pool out-of-fold predictions."""
-    negative = negative_label(info.class_names, info.positive_class)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", f"p_{info.positive_class}", "predicted"])
-    for sample, p in zip(samples, p_positive, strict=True):
-        predicted = info.positive_class if p >= threshold else negative
-        writer.writerow([str(sample.path), sample.label, f"{p:.6f}", predicted])
-    write_text_atomic(path, buffer.getvalue())
-    return path
 
 
 def _fmt(metric: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import has_record, job_dirs
 from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.warning_filters import torchscript_deprecation_silenced
 
@@ -311,8 +312,7 @@ def model_checkpoints(folder: Path) -> list[Path]:
     final weights of every finished job (last.ckpt: the weights its out-of-fold predictions came
     from, which evaluate calibrates the ensemble on; best.ckpt may have been selected on those very
     images). The jobs must be one recipe: they differ in fold or seed only."""
-    from railway_defect.sweeps.summary import job_dirs, read_job, recipe_key
-    from railway_defect.training.record import has_record
+    from railway_defect.sweeps.summary import read_job, recipe_key
 
     if has_record(folder) or (folder / "checkpoints").is_dir():
         checkpoint = folder / "checkpoints" / "best.ckpt"

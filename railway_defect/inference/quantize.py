@@ -19,6 +19,7 @@ from railway_defect.data.images import DecodeError
 from railway_defect.data.splits import SPLITS_FILE, read_split_record
 from railway_defect.inference.model import METADATA_KEY, OnnxPredictor, file_sha256
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def calibration_files(
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         source = str(folder)
     else:
-        from railway_defect.evaluation.report import run_dir_of
-
         run = run_dir_of(Path(ckpt_path))
         report = run / "data_report.json"
         try:

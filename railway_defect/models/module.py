@@ -38,6 +38,8 @@ FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
 MONITORABLE = tuple(f"val/{name}" for name in ("balanced_acc", "f1", "auroc", "acc", "recall", "precision"))
+# tracked as `<metric>_best` when no checkpoint selects (conf/callbacks/default.yaml's monitor)
+DEFAULT_MONITOR = "val/balanced_acc"
 # torchmetrics' notice that a batch holds one class only (its ROC/AUROC is then undefined)
 SINGLE_CLASS_WARNING = r"No (positive|negative) samples in targets"
 # Lightning's notice that modules are in eval mode when training starts (a frozen backbone is)
@@ -114,7 +116,8 @@ def _check_arguments(
         raise UserError(f"model.decision_threshold={decision_threshold} must be between 0 and 1.")
     if monitor not in MONITORABLE:
         raise UserError(
-            f"monitor={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
+            f"callbacks.model_checkpoint.monitor={monitor} is not a metric to maximise; "
+            f"use one of {', '.join(MONITORABLE)}."
         )
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise UserError(f"model.num_heads={num_heads} must be a whole number >= 1 (1 = one linear head).")
@@ -279,7 +282,7 @@ class DefectClassifier(LightningModule):
             (None: the backbone's native input size, the input size), repeated by evaluate,
             predict, export and serve.
         channels_last, compile: speed settings that do not change results.
-        monitor: the validation metric tracked as `<monitor>_best`.
+        monitor: the validation metric that selects best.ckpt, tracked as `<monitor>_best`.
         optimizer, scheduler: factories (Hydra partials) called in `configure_optimizers`.
     """
 
@@ -306,7 +309,7 @@ class DefectClassifier(LightningModule):
         harmonize: str = "none",
         channels_last: bool = True,
         compile: bool = False,
-        monitor: str = "val/balanced_acc",
+        monitor: str = DEFAULT_MONITOR,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ):

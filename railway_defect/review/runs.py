@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader
 from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
 from railway_defect.models.module import DefectClassifier, load_classifier
-from railway_defect.review.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 from railway_defect.sweeps.summary import METRICS as SUMMARY_METRICS
 from railway_defect.sweeps.summary import JobRow, ranks_smallest_first, read_job
-from railway_defect.training.record import FINISHED, RECORD_FILE, RunRecord, has_record
+from railway_defect.training.record import FINISHED, RunRecord
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import RECORD_FILE, has_record
 from railway_defect.utils.paths import PROJECT_ROOT, default_output_root, is_checkout
+from railway_defect.utils.plots import Tile, caption, confusion_figure, curves_figure, denormalize, tile_grid
 
 # a checkout reviews its own outputs/ (the notebook runs in notebooks/); $RAILWAY_OUTPUT_DIR wins
 OUTPUTS = Path(default_output_root(PROJECT_ROOT if is_checkout() else None)) / "train"

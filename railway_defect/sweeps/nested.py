@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from railway_defect.data.strata import image_size_strata
-from railway_defect.evaluation.metrics import binary_metrics, negative_label
 from railway_defect.sweeps import oof
 from railway_defect.utils.markdown import md_table
+from railway_defect.utils.metrics import binary_metrics, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 NESTED_FILE = "nested_predictions.csv"

@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from railway_defect.data.strata import image_size_strata
-from railway_defect.evaluation.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.markdown import md_table
+from railway_defect.utils.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
 
 OOF_FILE = "oof_predictions.csv"

@@ -33,13 +33,13 @@ from railway_defect.training.record import (
     INTERRUPTED,
     RUNNING,
     RunRecord,
-    has_record,
 )
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import has_record, job_dirs
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.outputs import write_text_atomic
 
-DEFAULT_OPTIMIZED_METRIC = "val/f1_best"
+DEFAULT_OPTIMIZED_METRIC = "val/balanced_acc_best"
 # validation metrics of best.ckpt shown for every job, beside the optimised metric
 METRICS = ("val/f1", "val/balanced_acc", "val/auroc")
 # overrides that only repeat a configuration: jobs differing in these alone are averaged
@@ -127,18 +127,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-
-
-def _job_sort_key(path: Path) -> tuple[int, int | str]:
-    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The sweep's job directories: sub-folders with Hydra's .hydra/ or a metrics.json."""
-    return sorted(
-        (p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or has_record(p))),
-        key=_job_sort_key,
-    )
 
 
 def read_job(job_dir: Path) -> JobRow:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from railway_defect.callbacks.selection import MONITOR_KEY, configured_monitor
 from railway_defect.data.discovery import REFIT, TRAIN_AND_VAL
 from railway_defect.models.module import MONITORABLE
 from railway_defect.utils.errors import UserError
@@ -21,9 +22,11 @@ log = logging.getLogger(__name__)
 
 def check_config(cfg: DictConfig) -> None:
     """One-line errors for values that are valid YAML but make no sense."""
-    if cfg.monitor not in MONITORABLE:
+    monitor = configured_monitor(cfg)
+    if monitor is not None and monitor not in MONITORABLE:
         raise UserError(
-            f"monitor={cfg.monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)}."
+            f"{MONITOR_KEY}={monitor} is not a metric to maximise; use one of {', '.join(MONITORABLE)} "
+            "(or null: best.ckpt = the final epoch)."
         )
     lr = cfg.optimizer.get("lr")
     if lr is not None and not lr > 0:

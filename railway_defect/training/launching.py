@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing.spawn import ProcessException
 
 from railway_defect.callbacks.divergence import TrainingDiverged
+from railway_defect.utils.layout import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,6 @@ class SpawnLauncher(_MultiProcessingLauncher):
 def spawn_in_sweep(trainer: L.Trainer) -> bool:
     """Inside a sweep, a DDP strategy that would re-run the command line spawns its ranks instead;
     returns whether it did. Processes started from outside (torchrun, SLURM) are left alone."""
-    from railway_defect.sweeps import in_multirun
 
     strategy = trainer.strategy
     launcher = getattr(strategy, "launcher", None)

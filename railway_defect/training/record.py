@@ -14,9 +14,9 @@ import rich
 from rich.table import Table
 
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import RECORD_FILE
 from railway_defect.utils.outputs import write_json_atomic
 
-RECORD_FILE = "metrics.json"
 # status values: a run is `running` until it ends in one of the others
 RUNNING, FINISHED, INTERRUPTED, DIVERGED, FAILED = "running", "finished", "interrupted", "diverged", "failed"
 
@@ -98,10 +98,6 @@ class RunRecord:
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
-
-
-def has_record(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / RECORD_FILE).is_file()
 
 
 def print_run_summary(record: RunRecord) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,11 +23,11 @@ from railway_defect.callbacks.distributed import SyncEpochMetrics
 from railway_defect.callbacks.divergence import TrainingDiverged
 from railway_defect.callbacks.history import EpochHistory
 from railway_defect.callbacks.review_images import ReviewImages
+from railway_defect.callbacks.selection import monitored_metric, selecting_checkpoint
 from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.backbones import get_spec
-from railway_defect.models.module import DefectClassifier
-from railway_defect.sweeps import in_multirun
+from railway_defect.models.module import DEFAULT_MONITOR, DefectClassifier
 from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.training.launching import spawn_in_sweep
 from railway_defect.training.record import (
@@ -41,6 +41,7 @@ from railway_defect.training.record import (
 from railway_defect.training.shutdown import Watchdog, sigterm_watchdog
 from railway_defect.utils.console import print_config_tree
 from railway_defect.utils.errors import UserError
+from railway_defect.utils.layout import in_multirun
 from railway_defect.utils.resources import configure_torch_threads, resolve_precision
 from railway_defect.utils.warning_filters import quiet_known_noise
 
@@ -191,15 +192,18 @@ def build_datamodule(cfg: DictConfig) -> RailwayDataModule:
     )
 
 
-def build_model(cfg: DictConfig, datamodule: RailwayDataModule) -> DefectClassifier:
-    """The configured model for the classes `datamodule` found (call its setup() first)."""
+def build_model(
+    cfg: DictConfig, datamodule: RailwayDataModule, monitor: str | None = None
+) -> DefectClassifier:
+    """The configured model for the classes `datamodule` found (call its setup() first); `monitor`:
+    the metric that selects best.ckpt (callbacks.selection), whose best-so-far value it logs."""
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
     model = _instantiate(
         cfg.model,
         class_names=datamodule.classes,
         positive_class=datamodule.positive_class,
         class_weights=datamodule.class_weights,
-        monitor=cfg.monitor,
+        monitor=monitor or DEFAULT_MONITOR,
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         # the preprocessing that evaluate, predict and export repeat
@@ -218,13 +222,6 @@ def resolve_hardware_defaults(cfg: DictConfig) -> None:
         trainer.precision = resolve_precision(
             trainer.get("precision", "auto"), trainer.get("accelerator", "auto")
         )
-
-
-def _model_checkpoint(callbacks: list[Any]) -> ModelCheckpoint | None:
-    """The callback that writes best.ckpt: the one that selects by a monitored metric, else the
-    first one (callbacks.model_checkpoint.monitor=null: no selection, the final epoch's weights)."""
-    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    return next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
 
 
 def _selection_note(monitor: str | None, validated: bool = True) -> str:
@@ -270,26 +267,29 @@ def build_trainer(
     return trainer, callbacks, loggers
 
 
-def _checkpoint_outcome(monitor: str, callbacks: list[Any], validated: bool = True) -> dict[str, Any]:
-    """Which epoch best.ckpt holds, its validation metrics and what they are worth, the epoch
-    history, and the checkpoint paths: the run record's part about the model it produced."""
-    checkpoint = _model_checkpoint(callbacks)
-    selected = bool(checkpoint and checkpoint.monitor)
+def _checkpoint_outcome(callbacks: list[Any], validated: bool = True) -> dict[str, Any]:
+    """Which epoch best.ckpt holds, by which metric, its validation metrics and what they are worth,
+    the epoch history, and the checkpoint paths: the run record's part about its model."""
+    checkpoint = selecting_checkpoint(callbacks)
+    monitor = checkpoint.monitor if checkpoint else None
+    selected = bool(monitor)
     last_path = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint and checkpoint.dirpath else None
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_score = checkpoint.best_model_score if selected else None
     history = next((c for c in callbacks if isinstance(c, EpochHistory)), EpochHistory())
     epochs = list(history.epochs)
     if selected:
-        best_row = history.best(monitor, float(best_score) if best_score is not None else None)
+        best_row = history.best(monitor) if best_score is not None else None
     else:  # no selection: best.ckpt is the final epoch's weights
         best_row = epochs[-1] if epochs and best_path else None
     return {
+        "monitor": monitor,
+        # the metric that selected (`monitor`), its value and its epoch
         "best": {
             "epoch": best_row["epoch"] if best_row else None,
-            monitor: float(best_score) if best_score is not None else None,
+            **({monitor: float(best_score) if best_score is not None else None} if monitor else {}),
         },
-        "selection": _selection_note(monitor if selected else None, validated),
+        "selection": _selection_note(monitor, validated),
         "val": {k: v for k, v in (best_row or {}).items() if k.startswith("val/")},
         "last_val": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k.startswith("val/")},
         "history": epochs,
@@ -346,7 +346,6 @@ def _run_facts(
 ) -> dict[str, Any]:
     """What the record says about the model, the data and the machine."""
     return {
-        "monitor": cfg.monitor,
         "optimized_metric_name": cfg.optimized_metric,
         "pretrained_loaded": bool(model.pretrained_loaded),
         "weights_source": model.weights_source,
@@ -377,16 +376,16 @@ def _fit_and_test(cfg: DictConfig, record: RunRecord, watchdog: Watchdog | None 
     """Fit, then test best.ckpt; fills `record` with the outcome and its final status."""
     ckpt_path, torch_threads = _prepare_run(cfg)
     datamodule = _setup_data(cfg, ckpt_path)
-    model = build_model(cfg, datamodule)
     trainer, callbacks, loggers = build_trainer(cfg, datamodule, watchdog)
+    model = build_model(cfg, datamodule, monitored_metric(callbacks))
     diverged = None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except TrainingDiverged as e:  # keep what the epochs before the divergence produced
         diverged = str(e)
     # copied now: testing best.ckpt below restores the callbacks' state from that checkpoint
-    record.update(**_checkpoint_outcome(cfg.monitor, callbacks, datamodule.has_split("val")))
-    optimized = trainer.callback_metrics.get(cfg.optimized_metric)
+    record.update(**_checkpoint_outcome(callbacks, datamodule.has_split("val")))
+    optimized = trainer.callback_metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
     record.optimized_metric = float(optimized) if optimized is not None else None
     if not trainer.interrupted and not diverged:
         record.test = _test_best(cfg, trainer, model, datamodule, record.best_checkpoint)

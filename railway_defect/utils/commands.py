@@ -1,13 +1,14 @@
 """What every command shares: its work runs inside `run_command`, so a problem the user can fix
 (a UserError, a full or read-only disk) ends it with one `error: ...` line and exit code 1, the
 same in every command; and `call_with_config` passes a config's keys to a function by name, so
-a YAML key, its command-line override and the function's parameter are one name, not three copies."""
+a YAML key, its command-line override and the function's parameter are one name, not three copies
+(and a key that reaches nothing is said, not dropped)."""
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -15,6 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from railway_defect.utils.errors import DISK_HINT, user_message
 
 T = TypeVar("T")
+# read by Hydra and the output paths, not by the command's function
+COMMAND_KEYS = frozenset({"task_name", "paths", "hydra"})
 log = logging.getLogger(__name__)
 
 
@@ -45,15 +48,42 @@ def _plain(value: Any) -> Any:
     )
 
 
-def call_with_config(function: Callable[..., T], *sections: Mapping[str, Any], **explicit: Any) -> T:
-    """Call `function` with each of its parameters taken from the first config section that has a
-    key of that name (plain Python values), or from `explicit`; parameters found nowhere keep their
-    defaults."""
+def unused_keys(
+    function: Callable[..., Any],
+    cfg: Mapping[str, Any],
+    sections: Sequence[str] = (),
+    read: Sequence[str] = (),
+) -> list[str]:
+    """The keys of a command's config that neither `function` takes nor the command `read` itself:
+    keys that would change nothing. `sections` (e.g. `data`) are searched like the top level."""
+    parameters = set(inspect.signature(function).parameters)
+    known = parameters | COMMAND_KEYS | set(sections) | set(read)
+    unused = [str(key) for key in cfg if key not in known]
+    for name in sections:
+        keys = (f"{name}.{key}" for key in cfg[name] if key not in parameters)
+        unused += [key for key in keys if key not in read]
+    return unused
+
+
+def call_with_config(
+    function: Callable[..., T],
+    cfg: Mapping[str, Any],
+    sections: Sequence[str] = (),
+    read: Sequence[str] = (),
+    **explicit: Any,
+) -> T:
+    """Call `function` with each of its parameters taken from `explicit`, else from the config's
+    top level, else from its `sections` in order (plain Python values); parameters found nowhere
+    keep their defaults. A config key that nothing uses (not a parameter, not `read` by the command
+    itself) gets a one-line warning instead of being dropped in silence."""
+    unused = unused_keys(function, cfg, sections, read)
+    if unused:
+        log.warning("These config keys change nothing in this command, ignored: %s.", ", ".join(unused))
     arguments = dict(explicit)
     for name in inspect.signature(function).parameters:
         if name in arguments:
             continue
-        section = next((s for s in sections if name in s), None)
+        section = next((s for s in (cfg, *(cfg[n] for n in sections)) if name in s), None)
         if section is not None:
             arguments[name] = _plain(section[name])
     return function(**arguments)

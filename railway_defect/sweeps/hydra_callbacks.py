@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from railway_defect.data.discovery import check_nested_groups
+from railway_defect.data.discovery import TRAIN_AND_VAL, check_nested_groups, check_train_on
 from railway_defect.sweeps.summary import summarize_and_write
 from railway_defect.training.shutdown import stop_workers
 from railway_defect.utils.commands import command_failure
@@ -52,26 +52,46 @@ class OutputDirCheck(Callback):
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
-class NestedGroupsCheck(Callback):
-    """A nested cross-validation whose folds cannot all hold each class stops before its first job,
-    with one line (how many groups each class has, what to ask instead), not once per job."""
+class SweepPlanCheck(Callback):
+    """A sweep that cannot give what it promises stops before its first job, with one line, instead
+    of failing or returning NaN once per job: a nested CV whose folds cannot all hold each class, a
+    cross-validation of a train_and_val recipe, and a sweep whose jobs validate nothing but whose
+    optimized_metric is a validation metric."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         data = config.get("data") or {}
-        if not data.get("outer_folds") or not data.get("num_folds"):
-            return
-        seed = data.get("split_seed") if data.get("split_seed") is not None else data.get("seed", 42)
         try:
-            check_nested_groups(
-                Path(str(data.root)).expanduser(),
-                int(data.outer_folds),
-                int(data.num_folds),
-                int(seed),
-                data.get("group_window_s", 10),
-                data.get("test_fraction"),
-            )
+            check_train_on(str(data.get("train_on", "train")), data.get("num_folds"))
+            _check_optimized_metric(data, OmegaConf.select(config, "optimized_metric"))
+            _check_nested_groups(data)
         except UserError as e:
             raise command_failure(str(e)) from None
+
+
+def _check_optimized_metric(data: DictConfig, metric: str | None) -> None:
+    """With data.train_on=train_and_val no job validates: a sweeper has nothing to compare on."""
+    if data.get("train_on") != TRAIN_AND_VAL or str(metric or "").startswith("train/"):
+        return
+    raise UserError(
+        f"data.train_on={TRAIN_AND_VAL} validates nothing, so no job of this sweep can return "
+        f"optimized_metric={metric}; compare recipes by cross-validation (experiment=cv or "
+        "experiment=nested_cv, which train on the folds), or sweep on a training metric "
+        "(optimized_metric=train/acc)."
+    )
+
+
+def _check_nested_groups(data: DictConfig) -> None:
+    if not data.get("outer_folds") or not data.get("num_folds"):
+        return
+    seed = data.get("split_seed") if data.get("split_seed") is not None else data.get("seed", 42)
+    check_nested_groups(
+        Path(str(data.root)).expanduser(),
+        int(data.outer_folds),
+        int(data.num_folds),
+        int(seed),
+        data.get("group_window_s", 10),
+        data.get("test_fraction"),
+    )
 
 
 def _sweep_dir(config: DictConfig) -> Path | None:
