@@ -28,6 +28,7 @@ def main() -> None:
 
     import torch
 
+    from railway_defect.models.contract import ModelContract
     from railway_defect.models.module import DefectClassifier
 
     print(machine_info())
@@ -46,8 +47,7 @@ def main() -> None:
             torch.manual_seed(0)
             models[key] = DefectClassifier(
                 name,
-                ["Defective", "Non defective"],
-                "Defective",
+                ModelContract.for_backbone(name, ["Defective", "Non defective"], "Defective"),
                 pretrained=False,
                 channels_last=channels_last,
                 compile=compile,

@@ -48,6 +48,7 @@ def main() -> None:
     from PIL import Image
 
     from railway_defect.data.datamodule import RailwayDataModule
+    from railway_defect.models.contract import ModelContract
     from railway_defect.models.module import DefectClassifier
 
     print(machine_info())
@@ -86,9 +87,9 @@ def main() -> None:
         report("cache", "later epochs", later, "naive PIL decode", naive_rates, "img/s")
         print("goal: ratio >= 20")
 
-        model = DefectClassifier(
-            "resnet18" if args.quick else "resnet50", dm.classes, dm.positive_class, pretrained=False
-        )
+        backbone = "resnet18" if args.quick else "resnet50"
+        contract = ModelContract.for_backbone(backbone, dm.classes, dm.positive_class)
+        model = DefectClassifier(backbone, contract, pretrained=False)
         size = 32 if args.quick else dm.image_size
         x = torch.randn(min(args.batch_size, 8), 3, size, size)
         y = torch.zeros(len(x), dtype=torch.long)

@@ -42,6 +42,7 @@ def main() -> None:
 
     from railway_defect.inference.model import load_predictor
     from railway_defect.inference.predicting import run_prediction
+    from railway_defect.models.contract import ModelContract
     from railway_defect.models.module import DefectClassifier
 
     print(machine_info())
@@ -52,15 +53,14 @@ def main() -> None:
         if args.ckpt:
             checkpoint = args.ckpt
             model = load_predictor(checkpoint, device=args.device).model
-            size = model.hparams["input_size"]
+            size = model.contract.input_size
         else:
             model = DefectClassifier(
                 args.backbone,
-                ["Defective", "Non defective"],
-                "Defective",
+                ModelContract.for_backbone(
+                    args.backbone, ["Defective", "Non defective"], "Defective", size, size * 8 // 7
+                ),
                 pretrained=False,
-                input_size=size,
-                cache_size=size * 8 // 7,
             )
             checkpoint = Path(tmp) / "model.ckpt"
             torch.save(
@@ -157,15 +157,15 @@ def compare_formats(
         "int8 onnxruntime": load_predictor(int8_path, device="cpu"),
     }
     reference = predictors["fp32 pytorch"]
-    info = reference.info
-    decoded = decode_files([s.path for s in scored], info.cache_size, mode=info.harmonize)
+    info = reference.contract
+    decoded = decode_files([s.path for s in scored], info.decode_size, mode=info.harmonize)
     kept = [s for s in scored if s.path in decoded.images]
     images = reference.preprocess([decoded.images[s.path] for s in kept])
     is_positive = np.array([s.label == info.positive_class for s in kept])
     # throughput on every decoded image of the data (scored or not), preprocessed once
     every = discover(data).splits
     all_files = [s.path for samples in every.values() for s in samples]
-    pool = decode_files(all_files, info.cache_size, mode=info.harmonize).images
+    pool = decode_files(all_files, info.decode_size, mode=info.harmonize).images
     timing = reference.preprocess(list(pool.values()))
     batches = [timing[i : i + batch_size] for i in range(0, len(timing), batch_size)]
 

@@ -21,6 +21,8 @@ from railway_defect.inference.exporting import export_model
 from railway_defect.inference.model import load_predictor
 from railway_defect.inference.predicting import Decision, run_prediction
 from railway_defect.inference.service import create_app
+from railway_defect.models.contract import ModelContract
+from railway_defect.models.module import DefectClassifier
 from railway_defect.training.run import run_training
 from railway_defect.utils.errors import UserError
 from tests.helpers import FAST, make_split_dataset, run_cli, write_image
@@ -57,8 +59,8 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
     torch.load(ckpt, map_location="cpu", weights_only=True)  # plain values only
 
     predictor = load_predictor(ckpt, device="cpu")
-    assert predictor.info.harmonize == cfg.data.harmonize
-    assert predictor.info.input_size == cfg.data.image_size
+    assert predictor.contract.harmonize == cfg.data.harmonize
+    assert predictor.contract.input_size == cfg.data.image_size
     assert predictor.calibration.threshold == cfg.model.decision_threshold  # until evaluate stores one
 
     report = run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval"))
@@ -71,7 +73,7 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
     exported = export_model(str(ckpt), "onnx", tmp_path / "model.onnx")
     assert exported["max_abs_diff"] < 1e-3
     onnx = load_predictor(tmp_path / "model.onnx")
-    assert onnx.info.harmonize == cfg.data.harmonize
+    assert onnx.contract.harmonize == cfg.data.harmonize
 
     client = TestClient(create_app(onnx, Decision.from_config(0.5, 1.0, None)))
     photo = next((data / "Validation" / "Defective").iterdir())
@@ -237,3 +239,37 @@ def _final_model_takes_its_threshold_from_the_sweep(
         run_evaluation(str(finals["other_size"]), str(data), oof=str(sweep), bootstrap=20)
     with pytest.raises(UserError, match="is not a cross-validation sweep directory"):
         run_evaluation(str(finals["final"]), str(data), oof=str(finals["other_size"]), bootstrap=20)
+
+
+def test_a_checkpoint_written_at_9b081f6_loads_with_its_contract(tmp_path: Path) -> None:
+    """Checkpoints from before the model contract stored flat constructor arguments (recorded from
+    one written by the code at 9b081f6: its hyperparameters and weight names, tests/data/). The
+    weights' layout is unchanged, and the flat keys become the same contract a new run stores."""
+    old = json.loads((Path(__file__).parent / "data" / "checkpoint_9b081f6.json").read_text())
+    hparams = old["hyper_parameters"]
+    expected = ModelContract(
+        ("Defective", "Non defective"),
+        "Defective",
+        64,
+        72,
+        hparams["mean"],
+        hparams["std"],
+        "thumbnail",
+        0.3,
+        "resnet18",
+    )
+    model = DefectClassifier("resnet18", expected, pretrained=False).eval()
+    assert sorted(model.state_dict()) == old["state_dict_keys"]
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": model.state_dict()}, path)
+
+    predictor = load_predictor(path)
+    assert predictor.contract == expected
+    assert predictor.calibration.threshold == 0.3  # its model.decision_threshold
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(predictor.logits(images.numpy()), model(images).numpy(), atol=1e-5)
+    # saved again, it carries the contract itself
+    resaved = tmp_path / "new.ckpt"
+    torch.save({"hyper_parameters": dict(predictor.model.hparams), "state_dict": model.state_dict()}, resaved)
+    assert torch.load(resaved, weights_only=True)["hyper_parameters"]["contract"] == expected.to_dict()

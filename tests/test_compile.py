@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from railway_defect.inference.model import CheckpointPredictor
+from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training.run import run_training
 from tests.helpers import FAST
@@ -18,7 +19,12 @@ CLASSES = ["Defective", "Non defective"]
 
 
 def classifier(compile: bool) -> DefectClassifier:
-    return DefectClassifier("resnet18", CLASSES, "Defective", pretrained=False, compile=compile)
+    return DefectClassifier(
+        "resnet18",
+        ModelContract.for_backbone("resnet18", CLASSES, "Defective"),
+        pretrained=False,
+        compile=compile,
+    )
 
 
 def test_compiled_model_saves_plain_keys_that_load_both_ways(tmp_path: Path) -> None:

@@ -294,7 +294,7 @@ def test_ddp_cpu_inside_a_sweep_spawns_its_processes(tmp_path: Path) -> None:
         probabilities = torch.cat(
             [model(x).softmax(-1)[:, model.positive_index] for x, _ in dm.val_dataloader()]
         )
-    column = f"p_{model.hparams.positive_class}"
+    column = f"p_{model.contract.positive_class}"
     assert [float(r[column]) for r in predicted] == pytest.approx(probabilities.tolist(), abs=1e-4)
 
 

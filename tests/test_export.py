@@ -47,7 +47,10 @@ def test_onnx_export_uses_the_maintained_exporter(checkpoint: Path, tmp_path: Pa
     metadata = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
     assert metadata["class_names"] == ["Defective", "Non defective"] and metadata["opset"] == MIN_OPSET
     predictor = load_predictor(tmp_path / "model.onnx")
-    assert predictor.kind == "onnx" and predictor.info.input_size == 64
+    assert predictor.kind == "onnx" and predictor.contract.input_size == 64
+    # one contract: the export's is the checkpoint's, at the threshold the model is used at
+    source = load_predictor(checkpoint)
+    assert predictor.contract == source.contract.with_threshold(source.calibration.threshold)
     with pytest.raises(UserError, match=f"opset={MIN_OPSET} or higher"):
         export_model(str(checkpoint), "onnx", tmp_path / "old.onnx", opset=17)
     assert not (tmp_path / "old.onnx").exists()

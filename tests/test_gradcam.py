@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from railway_defect.models.backbones import BACKBONES
+from railway_defect.models.contract import ModelContract
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
 from railway_defect.models.module import DefectClassifier
+from tests.helpers import CLASSES
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_heatmaps_for_every_backbone(backbone: str) -> None:
-    model = DefectClassifier(backbone, ["Defective", "Non defective"], "Defective", pretrained=False)
+    model = DefectClassifier(
+        backbone, ModelContract.for_backbone(backbone, CLASSES, "Defective"), pretrained=False
+    )
     model.train()
     heatmaps = gradcam_heatmaps(model, torch.randn(2, 3, 64, 64), [0, 1])
     assert heatmaps.shape == (2, 64, 64)
@@ -25,7 +29,10 @@ def test_heatmaps_of_a_frozen_backbone_during_training() -> None:
     """model.backbone_lr_scale=0: no parameter of the backbone has gradients, the review images still
     need its activations' gradients."""
     model = DefectClassifier(
-        "resnet18", ["Defective", "Non defective"], "Defective", pretrained=False, backbone_lr_scale=0
+        "resnet18",
+        ModelContract.for_backbone("resnet18", CLASSES, "Defective"),
+        pretrained=False,
+        backbone_lr_scale=0,
     )
     model.setup("fit")
     model.train()
@@ -44,7 +51,10 @@ def test_heatmaps_of_a_flip_invariant_model_follow_the_photo() -> None:
     """model.flip_invariant: the model looks at four flipped views; its heatmap is drawn on the photo
     as given, so the heatmap of a flipped photo is the flipped heatmap."""
     model = DefectClassifier(
-        "resnet18", ["Defective", "Non defective"], "Defective", pretrained=False, flip_invariant=True
+        "resnet18",
+        ModelContract.for_backbone("resnet18", CLASSES, "Defective"),
+        pretrained=False,
+        flip_invariant=True,
     )
     images = torch.randn(2, 3, 64, 64)
     heatmaps = gradcam_heatmaps(model, images, [0, 1])

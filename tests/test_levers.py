@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import FLIP_AXES, DefectClassifier, FrozenFeatureCache
 from railway_defect.models.schedules import warmup_cosine
 from railway_defect.utils.errors import UserError
@@ -18,8 +19,7 @@ from railway_defect.utils.errors import UserError
 def _model(**kwargs: object) -> DefectClassifier:
     return DefectClassifier(
         "resnet18",
-        ["Defective", "Non defective"],
-        "Defective",
+        ModelContract.for_backbone("resnet18", ["Defective", "Non defective"], "Defective"),
         pretrained=False,
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
         **kwargs,
@@ -36,7 +36,7 @@ def test_backbone_learns_at_its_scale_of_the_heads_lr() -> None:
     with pytest.raises(UserError, match="backbone_lr_scale=-0.1 must be >= 0"):
         _model(backbone_lr_scale=-0.1)
     with pytest.raises(UserError, match="decision_threshold=1.0 must be between 0 and 1"):
-        _model(decision_threshold=1.0)
+        ModelContract.for_backbone("resnet18", ["Defective", "Non defective"], "Defective", threshold=1.0)
 
 
 def test_a_zero_backbone_lr_scale_trains_the_head_alone_on_fixed_pretrained_features() -> None:

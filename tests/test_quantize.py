@@ -69,7 +69,7 @@ def test_int8_export_loads_predicts_carries_metadata_and_stays_close_to_fp32(
     assert metadata["class_names"] == ["Defective", "Non defective"]
     assert metadata["input_size"] == 64 and metadata["cache_size"] == 72
     assert metadata["quantization"]["format"] == "QDQ" and metadata["quantization"]["calibration_images"] == 8
-    assert predictor.info.input_size == 64 and predictor.info.positive_class == "Defective"
+    assert predictor.contract.input_size == 64 and predictor.contract.positive_class == "Defective"
 
     reference = load_predictor(ckpt, device="cpu")
     photos = sorted((data / "Validation" / "Defective").iterdir())[:3]

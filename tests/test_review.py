@@ -22,13 +22,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from railway_defect.callbacks.review_images import _EpochCollector, _gradcam_keeping_grads
+from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import DefectClassifier
 from railway_defect.review import runs as review
 from railway_defect.sweeps.summary import summarize
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.paths import PROJECT_ROOT
 from railway_defect.utils.plots import WRONG
-from tests.helpers import FAST, make_split_dataset, run_cli
+from tests.helpers import CLASSES, FAST, make_split_dataset, run_cli
 from tests.tensorboard_server import TensorBoard, serve_tensorboard
 
 # the shared fast settings, with the review callback left on: it is what these tests exercise
@@ -186,7 +187,9 @@ def test_grid_shows_errors_first_then_each_class_in_turn() -> None:
 
 
 def test_gradcam_leaves_the_training_gradients_alone() -> None:
-    model = DefectClassifier("resnet18", ["Defective", "Non defective"], "Defective", pretrained=False)
+    model = DefectClassifier(
+        "resnet18", ModelContract.for_backbone("resnet18", CLASSES, "Defective"), pretrained=False
+    )
     params = list(model.parameters())
     params[0].grad = torch.full_like(params[0], 0.5)
     heatmaps = _gradcam_keeping_grads(model, torch.randn(2, 3, 64, 64), [0, 1])

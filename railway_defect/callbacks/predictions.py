@@ -78,7 +78,7 @@ class ValidationPredictions(Callback):
         scores = scores.tolist()
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "label", probability_column(pl_module.hparams.positive_class), "epoch"])
+        writer.writerow(["path", "label", probability_column(pl_module.contract.positive_class), "epoch"])
         # limit_val_batches may have scored only the first images
         for sample, score in zip(samples, scores, strict=False):
             writer.writerow([str(sample.path), sample.label, f"{score:.6f}", trainer.current_epoch])

@@ -177,7 +177,7 @@ class ReviewImages(Callback):
             return
         images, targets = batch[0][: self.num_augmented], batch[1][: self.num_augmented]
         pixels = denormalize(images, pl_module.mean, pl_module.std)
-        names = pl_module.hparams.class_names
+        names = list(pl_module.contract.class_names)
         tiles = [Tile(p, names[int(t)]) for p, t in zip(pixels, targets, strict=True)]
         title = f"augmented training batch (epoch {trainer.current_epoch}), labelled with the true class"
         writer.add_figure("train/augmented_batch", tile_grid(tiles, self.columns, title), trainer.global_step)
@@ -188,9 +188,9 @@ class ReviewImages(Callback):
         self._collector = None
         if trainer.sanity_checking or not trainer.is_global_zero or self._writer(trainer) is None:
             return
-        hp = pl_module.hparams
+        contract = pl_module.contract
         self._collector = _EpochCollector(
-            len(hp.class_names), hp.class_names.index(hp.positive_class), self.num_images, self.num_gradcam
+            len(contract.class_names), contract.positive_index, self.num_images, self.num_gradcam
         )
 
     def on_validation_batch_end(
@@ -238,8 +238,7 @@ class ReviewImages(Callback):
     def _log_validation(
         self, writer: Any, pl_module: LightningModule, collector: _EpochCollector, step: int, note: str
     ) -> None:
-        hp = pl_module.hparams
-        names, positive = list(hp.class_names), collector.positive
+        names, positive = list(pl_module.contract.class_names), collector.positive
         probs, targets = collector.all_probs()
         preds = probs.argmax(axis=1)
 

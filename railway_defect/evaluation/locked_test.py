@@ -61,7 +61,7 @@ def evaluate_locked_test(
             json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
         )
     logits, targets, skipped, samples = score_split(test[0], (record, test[1]))
-    info, threshold = predictor.info, predictor.calibration.threshold
+    info, threshold = predictor.contract, predictor.calibration.threshold
     p_positive = softmax(logits, predictor.calibration.temperature)[:, info.positive_index]
     is_positive = targets == info.positive_index
     negative = negative_label(info.class_names, info.positive_class)

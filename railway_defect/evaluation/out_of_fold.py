@@ -5,7 +5,6 @@ images the model trained on, and stored beside that model for predict, serve and
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from railway_defect.inference.model import (
     EnsemblePredictor,
     Predictor,
     model_checkpoints,
-    model_info,
     write_calibration,
 )
+from railway_defect.models.contract import ModelContract
 from railway_defect.sweeps import oof
 from railway_defect.sweeps.summary import pooled_out_of_fold, read_job
 from railway_defect.training.checks import checkpoint_hparams
@@ -44,8 +43,10 @@ def _check_same_recipe(predictor: Predictor, sweep: Path) -> None:
     members = model_checkpoints(sweep) if sweep.is_dir() else []
     if len(members) < 2:
         raise UserError(f"oof={sweep} is not a cross-validation sweep directory (it holds one model).")
-    ours = asdict(predictor.info)
-    theirs = [asdict(model_info(checkpoint_hparams(member))) for member in members]
+    ours = predictor.contract.with_threshold(0.5).to_dict()  # thresholds may differ, preprocessing not
+    theirs = [
+        ModelContract.from_hparams(checkpoint_hparams(m)).with_threshold(0.5).to_dict() for m in members
+    ]
     differing = sorted({k for info in theirs for k in ours if ours[k] != info[k]})
     if differing:
         raise UserError(
@@ -91,7 +92,11 @@ def evaluate_out_of_fold(
             "fitted_at": datetime.now().isoformat(timespec="seconds"),
         },
     )
-    sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+    sidecar = (
+        write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
+        if store_calibration
+        else None
+    )
     out = Path(output_dir) if output_dir else _default_output(predictor, is_ensemble)
     report = {
         "model": {**predictor.describe(), "threshold": threshold},

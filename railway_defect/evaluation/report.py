@@ -89,15 +89,15 @@ def _score_split(
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[Sample]]:
     """Logits and class indices of the readable samples, the files skipped, and the samples
     scored; with `record` (splits.csv, digests), files that changed since training are an error."""
-    classes = predictor.info.class_names
+    classes = predictor.contract.class_names
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
         raise UserError(f"Labels {unknown} in the data are not classes of the model ({', '.join(classes)}).")
     decoded = decode_files(
         [s.path for s in samples],
-        predictor.info.cache_size,
+        predictor.contract.decode_size,
         Path(cache_dir) if cache_dir else None,
-        mode=predictor.info.harmonize,
+        mode=predictor.contract.harmonize,
     )
     if record is not None:
         check_unchanged(record[0], record[1], decoded.digests)
@@ -172,14 +172,14 @@ def run_evaluation(
 
         return evaluate_locked_test(predictor, root, record, locked, out, score, confidence, bootstrap, seed)
     scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
-    fitted = fit_calibration(scored, predictor.info.positive_index, target_recall)
+    fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall)
     out = (
         Path(output_dir)
         if output_dir
         else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{scored.split_key}"
     )
     written = write_outputs(predictor, root, scored, fitted, target_recall, ece_bins, out, store_calibration)
-    common = _metric_settings(predictor.info, confidence, bootstrap, seed)
+    common = _metric_settings(predictor.contract, confidence, bootstrap, seed)
     report = build_report(predictor, root, scored, fitted, target_recall, ece_bins, common, written)
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", render_markdown(report))
@@ -246,7 +246,7 @@ def score_splits(
         skipped += more
     if targets.size == 0:
         raise UserError(f"No readable image in the {SPLIT_TITLES[split_key]} split of {root}.")
-    info = predictor.info
+    info = predictor.contract
     if not np.any(val_targets == info.positive_index):
         raise UserError(
             f"The Validation split has no {info.positive_class!r} image to choose a threshold with."
@@ -289,7 +289,7 @@ def write_outputs(
     store_calibration: bool,
 ) -> dict[str, Any]:
     """The reliability diagram, the per-image scores, and the calibration beside the model."""
-    targets, pos = scored.targets, predictor.info.positive_index
+    targets, pos = scored.targets, predictor.contract.positive_index
     ece_before = expected_calibration_error(fitted.probs_before, targets, bins)
     ece_after = expected_calibration_error(fitted.probs, targets, bins)
     before, after = (
@@ -314,10 +314,14 @@ def write_outputs(
             "fitted_at": datetime.now().isoformat(timespec="seconds"),
         },
     )
-    sidecar = write_calibration(predictor.path, calibration, predictor.sha256) if store_calibration else None
+    sidecar = (
+        write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
+        if store_calibration
+        else None
+    )
     name = f"predictions_{SPLIT_TITLES[scored.split_key].lower()}.csv"
     predictions = write_predictions(
-        out / name, scored.samples, fitted.probs[:, pos], fitted.threshold, predictor.info
+        out / name, scored.samples, fitted.probs[:, pos], fitted.threshold, predictor.contract
     )
     return {
         "ece_before": ece_before,
@@ -340,7 +344,7 @@ def build_report(
     written: dict[str, Any],
 ) -> dict[str, Any]:
     """evaluation.json: what was scored, the threshold, calibration and metrics with intervals."""
-    info, targets, pos = predictor.info, scored.targets, predictor.info.positive_index
+    info, targets, pos = predictor.contract, scored.targets, predictor.contract.positive_index
     is_positive, scores = targets == pos, fitted.probs[:, pos]
     return {
         "model": {**predictor.describe(), "sha256": predictor.sha256, "backbone": info.backbone},
@@ -381,7 +385,7 @@ def build_report(
         "predictions": written["predictions"],
         "output_dir": written["output_dir"],
         # on the images scored here
-        "shortcut_audit": audit_and_warn(scored.samples, root, predictor.info.harmonize),
+        "shortcut_audit": audit_and_warn(scored.samples, root, predictor.contract.harmonize),
     }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,10 @@ MIN_OPSET = 18
 
 def export_metadata(predictor: Predictor) -> dict[str, Any]:
     return {
-        **asdict(predictor.info),
-        "threshold": predictor.calibration.threshold,
+        # the contract, with the threshold the model is used at (evaluate's, else the recipe's)
+        **predictor.contract.with_threshold(predictor.calibration.threshold).to_dict(),
+        # its name in exports written before the contract (decode_size), for readers of those
+        "cache_size": predictor.contract.decode_size,
         "temperature": predictor.calibration.temperature,
         "calibration": predictor.calibration.details,
         "source_checkpoint": str(predictor.path),
@@ -132,7 +133,7 @@ def export_model(
     output = Path(output) if output else default.with_suffix(FORMATS[format])
     output.parent.mkdir(parents=True, exist_ok=True)
     network = predictor.network()
-    size = predictor.info.input_size
+    size = predictor.contract.input_size
     example = torch.randn(2, 3, size, size)
     metadata = export_metadata(predictor)
     result: dict[str, Any] = {"output": str(output), "format": format, "metadata": metadata}
@@ -150,7 +151,7 @@ def export_model(
 def check_parity(reference: Predictor, exported: Path, tolerance: float, batch: int = 3) -> float:
     """Largest difference of class probabilities between the checkpoint and the export, on a random
     batch whose size differs from the one traced (so the dynamic batch axis is exercised)."""
-    size = reference.info.input_size
+    size = reference.contract.input_size
     images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     candidate = load_predictor(exported, device="cpu")
     diff = float(np.abs(candidate.probabilities(images) - reference.probabilities(images)).max())

@@ -17,6 +17,7 @@ from torch import nn
 
 from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
+from railway_defect.models.contract import ModelContract
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import has_record, job_dirs
 from railway_defect.utils.outputs import write_json_atomic
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 # key of the JSON that travels inside exported files (ONNX metadata, TorchScript extra file)
 METADATA_KEY = "railway_defect"
-# what older checkpoints (before cache_size was recorded) were decoded with: the data default
-DEFAULT_CACHE_SIZE = 256
 MODEL_ID_LENGTH = 16
 
 
@@ -40,30 +39,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model file needs beside its weights: classes and the exact preprocessing of training."""
-
-    class_names: list[str]
-    positive_class: str
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    # images are first decoded with this shorter side (data.cache_size), then resized to input_size
-    cache_size: int = DEFAULT_CACHE_SIZE
-    backbone: str | None = None
-    # the storage form every image is brought to first (data.harmonize)
-    harmonize: str = "none"
-
-    @property
-    def positive_index(self) -> int:
-        return self.class_names.index(self.positive_class)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -85,9 +60,15 @@ def calibration_path(model_path: str | Path) -> Path:
     return model_path.with_name(f"{model_path.name}.calibration.json")
 
 
-def write_calibration(model_path: str | Path, calibration: Calibration, model_sha256: str) -> Path:
+def write_calibration(
+    model_path: str | Path, calibration: Calibration, model_sha256: str, contract: ModelContract
+) -> Path:
+    """The sidecar: threshold and temperature for the model file with this hash, and the contract
+    they complete (for the record: the model file's own contract is the one read)."""
     path = calibration_path(model_path)
-    write_json_atomic(path, {**asdict(calibration), "model_sha256": model_sha256})
+    record = {**asdict(calibration), "model_sha256": model_sha256}
+    record["contract"] = contract.with_threshold(calibration.threshold).to_dict()
+    write_json_atomic(path, record)
     return path
 
 
@@ -120,14 +101,15 @@ class Predictor:
 
     Args:
         path, sha256: the model file (or sweep directory) and its content hash (the `model` column).
-        info: classes, positive class and preprocessing the model was trained with.
+        contract: classes, positive class, preprocessing and threshold of the model.
         calibration: operating threshold and temperature (from evaluate, else 0.5 and 1).
         kind: checkpoint | onnx | torchscript | ensemble.
     """
 
-    def __init__(self, path: Path, sha256: str, info: ModelInfo, calibration: Calibration, kind: str):
-        self.path, self.sha256, self.info, self.calibration, self.kind = path, sha256, info, calibration, kind
-        self.transform = build_transform([], info.input_size, info.mean, info.std)
+    def __init__(self, path: Path, sha256: str, contract: ModelContract, calibration: Calibration, kind: str):
+        self.path, self.sha256, self.calibration, self.kind = path, sha256, calibration, kind
+        self.contract = contract
+        self.transform = build_transform([], contract.input_size, contract.mean, contract.std)
 
     @property
     def model_id(self) -> str:
@@ -140,7 +122,7 @@ class Predictor:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image file bytes -> the RGB array training would have cached (raises DecodeError)."""
-        return decode_image(data, self.info.cache_size, mode=self.info.harmonize)
+        return decode_image(data, self.contract.decode_size, mode=self.contract.harmonize)
 
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         """Decoded RGB arrays -> one normalised batch, exactly as training's evaluation path."""
@@ -161,11 +143,11 @@ class Predictor:
             "model": self.model_id,
             "model_path": str(self.path),
             "format": self.kind,
-            "classes": self.info.class_names,
-            "positive_class": self.info.positive_class,
+            "classes": list(self.contract.class_names),
+            "positive_class": self.contract.positive_class,
             "threshold": self.calibration.threshold,
             "temperature": self.calibration.temperature,
-            "input_size": self.info.input_size,
+            "input_size": self.contract.input_size,
         }
 
 
@@ -177,8 +159,8 @@ class CheckpointPredictor(Predictor):
 
         self.device = _torch_device(device)
         self.model = load_classifier(path, self.device)
-        hparams = {**self.model.hparams, "mean": self.model.mean, "std": self.model.std}
-        super().__init__(path, sha256, model_info(hparams), _recipe_calibration(hparams), "checkpoint")
+        contract = self.model.contract
+        super().__init__(path, sha256, contract, _recipe_calibration(contract), "checkpoint")
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -189,29 +171,9 @@ class CheckpointPredictor(Predictor):
         return self.model.network()
 
 
-def model_info(hparams: Any) -> ModelInfo:
-    """A checkpoint's classes and preprocessing, from its stored hyperparameters (on_save_checkpoint
-    stores the input normalisation among them; older checkpoints have their backbone's)."""
-    if "mean" not in hparams or "std" not in hparams:
-        from railway_defect.models.backbones import get_spec
-
-        spec = get_spec(hparams["backbone"])
-        hparams = {**hparams, "mean": spec.mean, "std": spec.std}
-    return ModelInfo(
-        class_names=list(hparams["class_names"]),
-        positive_class=hparams["positive_class"],
-        input_size=int(hparams["input_size"]),
-        mean=list(hparams["mean"]),
-        std=list(hparams["std"]),
-        cache_size=int(hparams.get("cache_size") or DEFAULT_CACHE_SIZE),
-        backbone=hparams.get("backbone"),
-        harmonize=hparams.get("harmonize", "none"),
-    )
-
-
-def _recipe_calibration(hparams: Any) -> Calibration:
+def _recipe_calibration(contract: ModelContract) -> Calibration:
     """The threshold the training recipe set (model.decision_threshold; 0.5 for older checkpoints)."""
-    threshold = float(hparams.get("decision_threshold", 0.5))
+    threshold = contract.threshold
     details = {} if threshold == 0.5 else {"threshold": "model.decision_threshold of the training recipe"}
     return Calibration(threshold, 1.0, details)
 
@@ -238,14 +200,17 @@ class EnsemblePredictor(Predictor):
     Each saw a different part of the data, so their mean is steadier than any one of them."""
 
     def __init__(self, path: Path, members: list[CheckpointPredictor]):
-        infos = {json.dumps(asdict(m.info), sort_keys=True) for m in members}
-        if len(infos) > 1:
+        preprocessing = {
+            json.dumps(m.contract.with_threshold(0.5).to_dict(), sort_keys=True) for m in members
+        }
+        if len(preprocessing) > 1:
             raise UserError(f"The models in {path} differ in classes or preprocessing; pass one run instead.")
         self.members = members
         sha256 = hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest()
         thresholds = {m.calibration.threshold for m in members}
         calibration = members[0].calibration if len(thresholds) == 1 else Calibration()
-        super().__init__(path, sha256, members[0].info, calibration, "ensemble")
+        contract = members[0].contract.with_threshold(calibration.threshold)
+        super().__init__(path, sha256, contract, calibration, "ensemble")
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         probs = np.mean(
@@ -269,7 +234,9 @@ class OnnxPredictor(Predictor):
         except Exception as e:
             raise UserError(f"{path} is not an ONNX file exported by railway_defect.export ({e}).") from e
         self.input_name = self.session.get_inputs()[0].name
-        super().__init__(path, sha256, ModelInfo.from_dict(metadata), _embedded_calibration(metadata), "onnx")
+        super().__init__(
+            path, sha256, ModelContract.from_dict(metadata), _embedded_calibration(metadata), "onnx"
+        )
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
@@ -283,7 +250,7 @@ class TorchScriptPredictor(Predictor):
             self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
         metadata = json.loads(extra[f"{METADATA_KEY}.json"])
         super().__init__(
-            path, sha256, ModelInfo.from_dict(metadata), _embedded_calibration(metadata), "torchscript"
+            path, sha256, ModelContract.from_dict(metadata), _embedded_calibration(metadata), "torchscript"
         )
 
     @torch.inference_mode()

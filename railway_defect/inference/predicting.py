@@ -88,7 +88,7 @@ def prediction_row(
     item: InputItem, probs: np.ndarray | None, predictor: Predictor, decision: Decision
 ) -> dict[str, Any]:
     """One row, in `columns` order, with plain Python values (None where there is no value)."""
-    info = predictor.info
+    info = predictor.contract
     p = None if probs is None else float(probs[info.positive_index])
     return {
         "path": item.path,
@@ -193,7 +193,7 @@ def save_gradcams(
 
     from railway_defect.models.gradcam import gradcam_heatmaps, overlay
 
-    positive = predictor.info.positive_class
+    positive = predictor.contract.positive_class
     chosen = [i for i, row in enumerate(rows) if row["label"] == positive]
     if not chosen:
         return
@@ -201,7 +201,7 @@ def save_gradcams(
     heatmaps = gradcam_heatmaps(
         predictor.model,
         torch.from_numpy(batch).to(predictor.device),
-        [predictor.info.positive_index] * len(chosen),
+        [predictor.contract.positive_index] * len(chosen),
     )
     folder.mkdir(parents=True, exist_ok=True)
     for i, heatmap in zip(chosen, heatmaps, strict=True):
@@ -261,7 +261,10 @@ def run_prediction(
     flips = flip_axes(tta, tta_flips)
     summary = PredictionSummary(0, 0, 0, 0, output)
 
-    with _progress(progress) as bar, CsvRowWriter(output, columns(predictor.info.positive_class)) as writer:
+    with (
+        _progress(progress) as bar,
+        CsvRowWriter(output, columns(predictor.contract.positive_class)) as writer,
+    ):
         task = bar.add_task("predict", total=len(sources), failed=0)
 
         def on_video(path: Path) -> None:  # a video counts as its frames
@@ -270,11 +273,11 @@ def run_prediction(
         items: Iterator[InputItem] = iter_inputs(
             sources,
             predictor.decode,
-            predictor.info.cache_size,
+            predictor.contract.decode_size,
             every_s,
             workers,
             on_video=on_video,
-            mode=predictor.info.harmonize,
+            mode=predictor.contract.harmonize,
         )
         for batch in batched(items, batch_size):
             rows = [
@@ -286,7 +289,7 @@ def run_prediction(
                 save_gradcams(predictor, batch, rows, summary.rows, Path(gradcam_dir))
             summary.rows += len(rows)
             summary.failed += sum(1 for r in rows if r["error"])
-            summary.positives += sum(1 for r in rows if r["label"] == predictor.info.positive_class)
+            summary.positives += sum(1 for r in rows if r["label"] == predictor.contract.positive_class)
             summary.needs_review += sum(1 for r in rows if r["needs_review"])
             bar.update(task, advance=len(rows), failed=summary.failed)
     return summary

@@ -26,7 +26,8 @@ from torchmetrics.classification import (
 
 from railway_defect import __version__
 from railway_defect.data.images import content_digest
-from railway_defect.models.backbones import create_backbone, get_spec
+from railway_defect.models.backbones import create_backbone
+from railway_defect.models.contract import ModelContract
 from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -97,23 +98,12 @@ def stage_metrics(num_classes: int) -> MetricCollection:
     )
 
 
-def _check_arguments(
-    class_names: list[str],
-    positive_class: str,
-    backbone_lr_scale: float,
-    decision_threshold: float,
-    monitor: str,
-    num_heads: int,
-) -> None:
-    if positive_class not in class_names:
-        raise UserError(f"positive class {positive_class!r} is not one of the classes {class_names}.")
+def _check_arguments(backbone_lr_scale: float, monitor: str, num_heads: int) -> None:
     if not backbone_lr_scale >= 0:
         raise UserError(
             f"model.backbone_lr_scale={backbone_lr_scale} must be >= 0 (1 = same lr as the head, "
             "0 = frozen backbone)."
         )
-    if not 0.0 < decision_threshold < 1.0:
-        raise UserError(f"model.decision_threshold={decision_threshold} must be between 0 and 1.")
     if monitor not in MONITORABLE:
         raise UserError(
             f"callbacks.model_checkpoint.monitor={monitor} is not a metric to maximise; "
@@ -254,8 +244,8 @@ class DefectClassifier(LightningModule):
 
     Args:
         backbone: a name from `models.backbones.BACKBONES` (e.g. `efficientnet_lite2`).
-        class_names: the classes, in the order of the logits.
-        positive_class: the class that precision, recall, F1 and AUROC refer to.
+        contract: classes (in the order of the logits), positive class, preprocessing and decision
+            threshold (models.contract.ModelContract, or its dict as a checkpoint stores it).
         pretrained / require_pretrained / weights_path: where the backbone's weights come from.
         dropout, label_smoothing: regularisation of the head and the loss.
         head_norm: standardise the features before the linear layer (batch norm without affine
@@ -276,11 +266,6 @@ class DefectClassifier(LightningModule):
             on their mean logit instead, they would be one linear layer.
         mixup_alpha, cutmix_alpha: timm Mixup/CutMix of training batches (0 = off).
         class_weights: loss weights per class (data.balance=loss), or None.
-        decision_threshold: p(positive) at which the model calls a photo positive until evaluate
-            stores a calibrated threshold (e.g. the recipe's out-of-fold choice for a target recall).
-        input_size, cache_size, harmonize: the preprocessing of the data the model was trained on
-            (None: the backbone's native input size, the input size), repeated by evaluate,
-            predict, export and serve.
         channels_last, compile: speed settings that do not change results.
         monitor: the validation metric that selects best.ckpt, tracked as `<monitor>_best`.
         optimizer, scheduler: factories (Hydra partials) called in `configure_optimizers`.
@@ -289,8 +274,7 @@ class DefectClassifier(LightningModule):
     def __init__(
         self,
         backbone: str,
-        class_names: Sequence[str],
-        positive_class: str,
+        contract: ModelContract | dict[str, Any],
         pretrained: bool = True,
         require_pretrained: bool = False,
         weights_path: str | None = None,
@@ -303,10 +287,6 @@ class DefectClassifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         class_weights: Sequence[float] | None = None,
-        decision_threshold: float = 0.5,
-        input_size: int | None = None,
-        cache_size: int | None = None,
-        harmonize: str = "none",
         channels_last: bool = True,
         compile: bool = False,
         monitor: str = DEFAULT_MONITOR,
@@ -314,21 +294,18 @@ class DefectClassifier(LightningModule):
         scheduler: SchedulerFactory | None = None,
     ):
         super().__init__()
-        class_names = [str(c) for c in class_names]
+        self.contract = contract if isinstance(contract, ModelContract) else ModelContract.from_dict(contract)
+        class_names = list(self.contract.class_names)
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
-        _check_arguments(
-            class_names, positive_class, backbone_lr_scale, decision_threshold, monitor, num_heads
-        )
-        input_size = input_size or get_spec(backbone).input_size
-        cache_size = cache_size or input_size
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        _check_arguments(backbone_lr_scale, monitor, num_heads)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "contract"], logger=False)
+        self.hparams["contract"] = self.contract.to_dict()  # plain values: weights_only loading
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
         self.backbone = created.model
         self.head = _head(created.spec.num_features, len(class_names), dropout, head_norm, num_heads)
         # facts of the construction, stored beside the arguments by on_save_checkpoint
-        self.mean, self.std = list(created.spec.mean), list(created.spec.std)
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
-        self.positive_index = class_names.index(positive_class)
+        self.positive_index = self.contract.positive_index
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.mixup = _batch_mixer(mixup_alpha, cutmix_alpha, len(class_names))
@@ -356,10 +333,9 @@ class DefectClassifier(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Plain values only (weights_only loading), and what construction found out: the input
         normalisation and where the weights came from."""
-        facts = {"mean": self.mean, "std": self.std, "pretrained_loaded": self.pretrained_loaded}
         hparams = {
             **(checkpoint.get("hyper_parameters") or {}),
-            **facts,
+            "pretrained_loaded": self.pretrained_loaded,
             "weights_source": self.weights_source,
         }
         checkpoint["hyper_parameters"] = plain(hparams)
@@ -407,7 +383,15 @@ class DefectClassifier(LightningModule):
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.hparams.class_names)
+        return list(self.contract.class_names)
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.contract.mean)
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.contract.std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The logits: the mean of the heads' (one head: its own)."""
@@ -551,10 +535,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Def
     accepted = inspect.signature(DefectClassifier.__init__).parameters
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     kwargs.update(pretrained=False, require_pretrained=False, weights_path=None, compile=False)
+    kwargs["contract"] = ModelContract.from_hparams(hparams)  # old checkpoints: their flat keys
     model = DefectClassifier(**kwargs)
     model.load_state_dict(state)
-    # the stored facts (normalisation, weights source), not this construction's
-    model.mean, model.std = list(hparams.get("mean", model.mean)), list(hparams.get("std", model.std))
+    # the stored facts (weights source), not this construction's
     model.pretrained_loaded = bool(hparams.get("pretrained_loaded", False))
     model.weights_source = hparams.get("weights_source")
     return model.to(device).eval()

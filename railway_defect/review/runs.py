@@ -258,12 +258,13 @@ class Evaluation:
 
 
 def _data_settings(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    """How the run built its data: the resolved root from its reports, the rest from .hydra/config.yaml."""
+    """Where the run's data is and how it was batched and split (root from its reports, the rest from
+    .hydra/config.yaml); how a model sees an image comes from its checkpoint's contract alone."""
     settings: dict[str, Any] = {}
     config_path = run_dir / ".hydra" / "config.yaml"
     if config_path.is_file():
         cfg = OmegaConf.load(config_path)
-        for key in ("image_size", "cache_size", "batch_size", "train_on"):
+        for key in ("batch_size", "train_on"):
             value = OmegaConf.select(cfg, f"data.{key}", default=None, throw_on_resolution_failure=False)
             if value is not None:
                 settings[key] = value
@@ -309,16 +310,17 @@ def evaluate_checkpoint(
         )
     root, settings = _run_data(run_dir, data_root)
     model = load_classifier(ckpt)
-    settings.setdefault("image_size", model.hparams.input_size)
-    settings["cache_size"] = max(settings.get("cache_size", settings["image_size"]), settings["image_size"])
+    contract = model.contract
     # the run's own splits (its fold, its seed), never a new split that may hold training images
     datamodule = RailwayDataModule(
         root=root,
-        positive_class=model.hparams.positive_class,
+        positive_class=contract.positive_class,
+        image_size=contract.input_size,
+        cache_size=contract.decode_size,
         mean=model.mean,
         std=model.std,
         num_workers=0,
-        harmonize=model.hparams.harmonize,
+        harmonize=contract.harmonize,
         splits_from=run_dir / SPLITS_FILE,
         audit=False,
         **settings,

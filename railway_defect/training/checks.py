@@ -191,7 +191,7 @@ def check_checkpoint_fits(path: Path, backbone: str, classes: list[str] | None =
             f"ckpt_path={path} was trained with model={hparams['backbone']}, this run uses model={backbone}; "
             f"resume with model={hparams['backbone']} or start without ckpt_path."
         )
-    stored = hparams.get("class_names")
+    stored = (hparams.get("contract") or hparams).get("class_names")
     if classes is not None and stored is not None and list(stored) != list(classes):
         raise UserError(
             f"ckpt_path={path} was trained on classes {list(stored)}, this data has {classes}; "

@@ -27,6 +27,7 @@ from railway_defect.callbacks.selection import monitored_metric, selecting_check
 from railway_defect.data.audit import audit_markdown
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.backbones import get_spec
+from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import DEFAULT_MONITOR, DefectClassifier
 from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
 from railway_defect.training.launching import spawn_in_sweep
@@ -198,20 +199,28 @@ def build_model(
     """The configured model for the classes `datamodule` found (call its setup() first); `monitor`:
     the metric that selects best.ckpt (callbacks.selection), whose best-so-far value it logs."""
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
-    model = _instantiate(
-        cfg.model,
-        class_names=datamodule.classes,
-        positive_class=datamodule.positive_class,
+    return _instantiate(
+        OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "decision_threshold"]),
+        contract=build_contract(cfg, datamodule),
         class_weights=datamodule.class_weights,
         monitor=monitor or DEFAULT_MONITOR,
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
-        # the preprocessing that evaluate, predict and export repeat
-        input_size=datamodule.image_size,
-        cache_size=datamodule.cache_size,
-        harmonize=datamodule.harmonize,
     )
-    return model
+
+
+def build_contract(cfg: DictConfig, datamodule: Any) -> ModelContract:
+    """The run's model contract, built once: the data's classes and preprocessing (that evaluate,
+    predict, export and serve repeat), the backbone's normalisation, the recipe's threshold."""
+    return ModelContract.for_backbone(
+        cfg.model.backbone,
+        datamodule.classes,
+        datamodule.positive_class,
+        input_size=datamodule.image_size,
+        decode_size=datamodule.cache_size,
+        harmonize=datamodule.harmonize,
+        threshold=cfg.model.get("decision_threshold", 0.5),
+    )
 
 
 def resolve_hardware_defaults(cfg: DictConfig) -> None:
