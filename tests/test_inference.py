@@ -201,7 +201,10 @@ def test_export_torchscript_carries_its_metadata(trained: Path, tmp_path: Path) 
     result = export_model(str(trained), "torchscript", tmp_path / "model.pt")
     assert result["max_abs_diff"] <= 1e-4
     predictor = load_predictor(tmp_path / "model.pt")
-    assert predictor.kind == "torchscript" and predictor.contract.class_names == ("Defective", "Non defective")
+    assert predictor.kind == "torchscript" and predictor.contract.class_names == (
+        "Defective",
+        "Non defective",
+    )
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from railway_defect.data.splits import read_split_record
 from railway_defect.evaluation.calibration import softmax
 from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.model import Predictor
+from railway_defect.inference.scoring import score_samples
 from railway_defect.sweeps.oof import format_metric
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, negative_label
@@ -43,14 +44,13 @@ def evaluate_locked_test(
     record: Path,
     test: tuple[list[Sample], dict[Path, str]],
     out: Path,
-    score_split: Any,
+    scoring: dict[str, Any],
     confidence: float = 0.95,
     bootstrap: int = 1000,
     seed: int = 42,
 ) -> dict[str, Any]:
     """Score the recorded Test split (`test`: samples and digests) once at the model's own
-    threshold; `score_split(samples, record)` gives (logits, targets, skipped, samples) as
-    evaluate scores any split."""
+    threshold; `scoring`: score_samples' batch_size and cache_dir, as evaluate scores any split."""
 
     previous = out / "evaluation.json"
     if previous.is_file():
@@ -60,7 +60,8 @@ def evaluate_locked_test(
             previous,
             json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
         )
-    logits, targets, skipped, samples = score_split(test[0], (record, test[1]))
+    scored = score_samples(predictor, test[0], record=(record, test[1]), **scoring)
+    logits, targets, skipped, samples = scored.logits, scored.targets, scored.skipped, scored.samples
     info, threshold = predictor.contract, predictor.calibration.threshold
     p_positive = softmax(logits, predictor.calibration.temperature)[:, info.positive_index]
     is_positive = targets == info.positive_index

@@ -17,8 +17,7 @@ from rich.table import Table
 
 from railway_defect.data.audit import audit_and_warn, audit_summary
 from railway_defect.data.discovery import SPLIT_ALIASES, DatasetIndex, Sample, discover
-from railway_defect.data.images import decode_files
-from railway_defect.data.splits import SPLITS_FILE, check_unchanged, read_split_record
+from railway_defect.data.splits import SPLITS_FILE, read_split_record
 from railway_defect.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -28,7 +27,6 @@ from railway_defect.evaluation.calibration import (
 )
 from railway_defect.evaluation.locked_test import evaluate_locked_test, locked_test_split
 from railway_defect.evaluation.predictions import write_predictions
-from railway_defect.inference.inputs import batched
 from railway_defect.inference.model import (
     Calibration,
     EnsemblePredictor,
@@ -36,6 +34,7 @@ from railway_defect.inference.model import (
     load_predictor,
     write_calibration,
 )
+from railway_defect.inference.scoring import score_samples
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import run_dir_of
 from railway_defect.utils.markdown import md_table
@@ -78,40 +77,6 @@ def evaluation_splits(
     recorded, digests = read_split_record(record, root)
     log.info("Scoring the splits the run recorded in %s.", record)
     return DatasetIndex(layout=f"recorded in {record}", splits=recorded), digests, record
-
-
-def _score_split(
-    predictor: Predictor,
-    samples: list[Sample],
-    cache_dir: str | None,
-    batch_size: int,
-    record: tuple[Path, dict[Path, str]] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]], list[Sample]]:
-    """Logits and class indices of the readable samples, the files skipped, and the samples
-    scored; with `record` (splits.csv, digests), files that changed since training are an error."""
-    classes = predictor.contract.class_names
-    unknown = sorted({s.label for s in samples} - set(classes))
-    if unknown:
-        raise UserError(f"Labels {unknown} in the data are not classes of the model ({', '.join(classes)}).")
-    decoded = decode_files(
-        [s.path for s in samples],
-        predictor.contract.decode_size,
-        Path(cache_dir) if cache_dir else None,
-        mode=predictor.contract.harmonize,
-    )
-    if record is not None:
-        check_unchanged(record[0], record[1], decoded.digests)
-    kept = [s for s in samples if s.path in decoded.images]
-    logits = [
-        predictor.logits(predictor.preprocess([decoded.images[s.path] for s in chunk]))
-        for chunk in batched(kept, batch_size)
-    ]
-    targets = np.array([classes.index(s.label) for s in kept], dtype=np.int64)
-    for path, reason in decoded.failures.items():
-        log.warning("Skipping %s: %s", path, reason)
-    skipped = [{"path": str(p), "reason": r} for p, r in decoded.failures.items()]
-    scores = np.concatenate(logits) if logits else np.zeros((0, len(classes)))
-    return scores, targets, skipped, kept
 
 
 def run_evaluation(
@@ -166,11 +131,10 @@ def run_evaluation(
     if locked is not None:
         out = run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_test"
         out = Path(output_dir) if output_dir else out
-
-        def score(samples: list[Sample], checked: tuple[Path, dict[Path, str]]) -> tuple:
-            return _score_split(predictor, samples, cache_dir, batch_size, checked)
-
-        return evaluate_locked_test(predictor, root, record, locked, out, score, confidence, bootstrap, seed)
+        scoring = {"batch_size": batch_size, "cache_dir": cache_dir}
+        return evaluate_locked_test(
+            predictor, root, record, locked, out, scoring, confidence, bootstrap, seed
+        )
     scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
     fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall)
     out = (
@@ -235,15 +199,12 @@ def score_splits(
     if not index.splits.get("val"):
         raise UserError(f"{root} has no Validation split to fit the threshold and temperature on.")
     checked = (record, digests) if record is not None else None
-    val_logits, val_targets, skipped, val_samples = _score_split(
-        predictor, index.splits["val"], cache_dir, batch_size, checked
-    )
-    logits, targets, samples = val_logits, val_targets, val_samples
+    val = score_samples(predictor, index.splits["val"], batch_size, cache_dir, checked)
+    val_logits, val_targets, under_test = val.logits, val.targets, val
     if split_key != "val":
-        logits, targets, more, samples = _score_split(
-            predictor, index.splits[split_key], cache_dir, batch_size, checked
-        )
-        skipped += more
+        under_test = score_samples(predictor, index.splits[split_key], batch_size, cache_dir, checked)
+    logits, targets, samples = under_test.logits, under_test.targets, under_test.samples
+    skipped = val.skipped + (under_test.skipped if under_test is not val else [])
     if targets.size == 0:
         raise UserError(f"No readable image in the {SPLIT_TITLES[split_key]} split of {root}.")
     info = predictor.contract

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
-from railway_defect.data.splits import SPLITS_FILE
+from railway_defect.data.splits import SPLITS_FILE, read_split_record
+from railway_defect.inference.model import CheckpointPredictor, load_predictor
+from railway_defect.inference.scoring import ScoredSamples, score_samples
 from railway_defect.models.gradcam import gradcam_heatmaps, overlay
-from railway_defect.models.module import DefectClassifier, load_classifier
+from railway_defect.models.module import DefectClassifier
 from railway_defect.sweeps.summary import METRICS as SUMMARY_METRICS
 from railway_defect.sweeps.summary import JobRow, ranks_smallest_first, read_job
 from railway_defect.training.record import FINISHED, RunRecord
@@ -257,90 +257,62 @@ class Evaluation:
         return table[~table["correct"]].sort_values("confidence", ascending=False, kind="stable")
 
 
-def _data_settings(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    """Where the run's data is and how it was batched and split (root from its reports, the rest from
-    .hydra/config.yaml); how a model sees an image comes from its checkpoint's contract alone."""
-    settings: dict[str, Any] = {}
-    config_path = run_dir / ".hydra" / "config.yaml"
-    if config_path.is_file():
-        cfg = OmegaConf.load(config_path)
-        for key in ("batch_size", "train_on"):
-            value = OmegaConf.select(cfg, f"data.{key}", default=None, throw_on_resolution_failure=False)
-            if value is not None:
-                settings[key] = value
+def _run_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
+    """The run's data folder (from its reports), or `data_root`."""
     report_path = run_dir / "data_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    settings["root"] = report.get("root") or record.data.get("root")
-    return settings
-
-
-def _run_data(run_dir: Path, data_root: str | Path | None) -> tuple[Path, dict[str, Any]]:
-    """The run's data folder (or `data_root`) and its decoding settings."""
-    settings = _data_settings(run_dir, RunRecord.read(run_dir))
-    root = data_root or settings.get("root")
-    settings.pop("root", None)
+    root = data_root or report.get("root") or RunRecord.read(run_dir).data.get("root")
     if not root or not Path(root).expanduser().is_dir():
         raise UserError(
             f"The data of this run ({root or 'not recorded'}) is not here; "
             "pass data_root=FOLDER to evaluate_checkpoint."
         )
-    return Path(root).expanduser(), settings
+    return Path(root).expanduser()
 
 
-def _probabilities(model: DefectClassifier, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    probs, targets = [], []
-    with torch.no_grad():
-        for images, batch_targets in loader:
-            probs.append(model(images).softmax(dim=1).numpy())
-            targets.append(batch_targets.numpy())
-    return np.concatenate(probs), np.concatenate(targets)
+class _Inputs:
+    """The scored samples as the model saw them: (normalised image tensor, target) per index."""
+
+    def __init__(self, predictor: CheckpointPredictor, scored: ScoredSamples):
+        self.predictor, self.scored = predictor, scored
+
+    def __len__(self) -> int:
+        return len(self.scored.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.scored.samples[index]
+        batch = self.predictor.preprocess([self.scored.images[sample.path]])
+        return torch.from_numpy(batch[0]), int(self.scored.targets[index])
 
 
 def evaluate_checkpoint(
     run_dir: str | Path, checkpoint: str = "best", split: str = "val", data_root: str | Path | None = None
 ) -> Evaluation:
-    """Predict `split` of the run's data with checkpoints/<checkpoint>.ckpt (on the CPU)."""
-    from railway_defect.data.datamodule import RailwayDataModule
-
+    """Score `split` of the run's own recorded splits with checkpoints/<checkpoint>.ckpt on the CPU,
+    the way evaluate scores it (inference.scoring), with the checkpoint's contract alone."""
     run_dir = _resolve(run_dir)
     ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not ckpt.is_file():
         raise UserError(
             f"{ckpt} does not exist; pick a run with checkpoints (see runs_table) or checkpoint='last'."
         )
-    root, settings = _run_data(run_dir, data_root)
-    model = load_classifier(ckpt)
-    contract = model.contract
+    root = _run_data_root(run_dir, data_root)
     # the run's own splits (its fold, its seed), never a new split that may hold training images
-    datamodule = RailwayDataModule(
-        root=root,
-        positive_class=contract.positive_class,
-        image_size=contract.input_size,
-        cache_size=contract.decode_size,
-        mean=model.mean,
-        std=model.std,
-        num_workers=0,
-        harmonize=contract.harmonize,
-        splits_from=run_dir / SPLITS_FILE,
-        audit=False,
-        **settings,
-    )
-    datamodule.setup()
-    if datamodule.classes != model.class_names:
+    splits, digests = read_split_record(run_dir / SPLITS_FILE, root)
+    available = [s for s in ("val", "test") if splits.get(s)]
+    if split not in available:
         raise UserError(
-            f"The classes in {root} ({datamodule.classes}) differ from the checkpoint's "
-            f"({model.class_names}); pass the data_root the run was trained on."
-        )
-    loaders = {s: getattr(datamodule, f"{s}_dataloader") for s in ("val", "test") if datamodule.has_split(s)}
-    if split not in loaders:
-        raise UserError(
-            f"split={split!r} is not available here; use one of {', '.join(loaders) or 'none'} "
+            f"split={split!r} is not available here; use one of {', '.join(available) or 'none'} "
             "(a run with data.train_on=train_and_val has no validation split)."
         )
-    loader: DataLoader = loaders[split]()
-    probs, targets = _probabilities(model, loader)
-    paths = [s.path for s in datamodule.splits[split]]
-    return Evaluation(run_dir, ckpt, split, root, model, paths, targets, probs, loader.dataset)
+    predictor = load_predictor(ckpt, device="cpu")
+    scored = score_samples(predictor, splits[split], record=(run_dir / SPLITS_FILE, digests))
+    paths = [s.path for s in scored.samples]
+    inputs = _Inputs(predictor, scored)
+    model = predictor.model
+    return Evaluation(
+        run_dir, ckpt, split, root, model, paths, scored.targets, scored.probabilities(), inputs
+    )
 
 
 def plot_confusion(evaluation: Evaluation) -> Figure:
