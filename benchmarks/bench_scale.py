@@ -187,7 +187,7 @@ def main() -> None:
         root = tmp_path / f"data_{large['images']}"
         modules = {}
         for storage in ("memory", "stream"):
-            dm = RailwayDataModule(
+            dm = RailwayDataModule.from_settings(
                 root,
                 image_size=IMAGE_SIZE,
                 cache_size=CACHE_SIZE,

@@ -45,7 +45,7 @@ def make_dataset(root: Path, per_class: dict[str, int], size_by_class: bool) -> 
 def setup_report(root: Path, tmp_path: Path, caplog, **kwargs) -> tuple[dict, list[str]]:
     """(data_report.json, the shortcut warning lines) of a datamodule's setup."""
     report_path = tmp_path / "data_report.json"
-    dm = RailwayDataModule(
+    dm = RailwayDataModule.from_settings(
         root=root, image_size=32, cache_size=40, num_workers=0, report_path=report_path, **kwargs
     )
     with caplog.at_level(logging.WARNING):

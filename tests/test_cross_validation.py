@@ -83,7 +83,7 @@ def test_fold_mistakes_are_clear_errors(tmp_path: Path) -> None:
 def test_datamodule_reports_the_fold(tmp_path: Path) -> None:
     root = make_split_dataset(tmp_path / "data", {"Train": 6, "Validation": 3})
     report = tmp_path / "report.json"
-    dm = RailwayDataModule(
+    dm = RailwayDataModule.from_settings(
         root=root, image_size=32, cache_size=40, num_workers=0, num_folds=3, fold=1, report_path=report
     )
     dm.setup("fit")
@@ -98,7 +98,7 @@ def test_split_seed_keeps_the_folds_while_the_training_seed_changes(tmp_path: Pa
     root = make_split_dataset(tmp_path, {"Train": 12, "Validation": 4})
 
     def val_paths(**kwargs: int) -> set[Path]:
-        dm = RailwayDataModule(
+        dm = RailwayDataModule.from_settings(
             root=root, image_size=32, cache_size=40, num_workers=0, num_folds=4, fold=0, **kwargs
         )
         dm.setup("fit")

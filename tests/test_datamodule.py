@@ -25,7 +25,7 @@ from tests.helpers import make_split_dataset, write_image
 
 def datamodule(root: Path, **kwargs) -> RailwayDataModule:
     defaults = {"image_size": 32, "cache_size": 40, "batch_size": 4, "num_workers": 0}
-    return RailwayDataModule(root=root, **{**defaults, **kwargs})
+    return RailwayDataModule.from_settings(root=root, **{**defaults, **kwargs})
 
 
 def test_bad_files_are_skipped_with_a_warning_and_reported(

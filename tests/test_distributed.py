@@ -134,7 +134,9 @@ def test_ddp_cpu_metrics_equal_a_single_process_validation_of_the_checkpoint(tmp
 
     # each process validated 14 of the 28 images; the logged values cover all 28
     model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
-    dm = RailwayDataModule(root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0)
+    dm = RailwayDataModule.from_settings(
+        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     (validated,) = trainer.validate(model, dm, verbose=False)
     assert metrics["data"]["counts"]["val"] == {"Defective": 19, "Non defective": 9}
@@ -286,7 +288,9 @@ def test_ddp_cpu_inside_a_sweep_spawns_its_processes(tmp_path: Path) -> None:
     with open(sweep / "0" / "predictions_val.csv", newline="") as f:
         predicted = list(csv.DictReader(f))
     model = DefectClassifier.load_from_checkpoint(sweep / "0" / "checkpoints" / "last.ckpt", pretrained=False)
-    dm = RailwayDataModule(root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0)
+    dm = RailwayDataModule.from_settings(
+        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0
+    )
     dm.setup("fit")
     assert [r["path"] for r in predicted] == [str(s.path) for s in dm.splits["val"]]
     model.eval()

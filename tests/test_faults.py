@@ -98,7 +98,9 @@ def test_a_row_listed_twice_is_used_once_with_a_warning_and_a_report_line(tmp_pa
     rows = manifest_dataset(tmp_path)
     write_manifest(tmp_path, [*rows, rows[0].replace("img/", "./img/")])
     with caplog.at_level(logging.WARNING):
-        dm = RailwayDataModule(root=tmp_path, image_size=32, cache_size=40, batch_size=4, num_workers=0)
+        dm = RailwayDataModule.from_settings(
+            root=tmp_path, image_size=32, cache_size=40, batch_size=4, num_workers=0
+        )
         dm.setup("fit")
     assert sum(len(s) for s in dm.splits.values()) == 8
     (entry,) = dm.report["ignored"]

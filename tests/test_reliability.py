@@ -40,7 +40,9 @@ from tests.helpers import (
 
 
 def setup_datamodule(root: Path, **kwargs) -> RailwayDataModule:
-    dm = RailwayDataModule(root=root, image_size=32, cache_size=40, batch_size=4, num_workers=0, **kwargs)
+    dm = RailwayDataModule.from_settings(
+        root=root, image_size=32, cache_size=40, batch_size=4, num_workers=0, **kwargs
+    )
     dm.setup("fit")
     return dm
 

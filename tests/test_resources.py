@@ -116,7 +116,7 @@ def test_dataloader_workers_default_to_zero_on_small_cpus(monkeypatch, cpus: int
 
 
 def test_memory_is_pinned_only_for_a_cuda_device(tmp_path: Path) -> None:
-    dm = RailwayDataModule(tmp_path)
+    dm = RailwayDataModule.from_settings(root=tmp_path)
     assert dm._pin_memory() is torch.cuda.is_available()
 
     class Strategy:

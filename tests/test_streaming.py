@@ -25,7 +25,7 @@ from tests.helpers import FAST, REAL_DATA
 
 def datamodule(root: Path, **kwargs) -> RailwayDataModule:
     defaults = {"image_size": 32, "cache_size": 40, "batch_size": 4, "num_workers": 0}
-    return RailwayDataModule(root=root, **{**defaults, **kwargs})
+    return RailwayDataModule.from_settings(root=root, **{**defaults, **kwargs})
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="sample data not available")
@@ -144,7 +144,7 @@ def test_stream_mode_trains_and_its_checkpoint_predicts_like_memory_mode(
     assert json.loads((run_dir / "data_report.json").read_text())["storage"] == "stream"
     # validated from decoded images in memory, the checkpoint scores what it scored while streaming
     model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
-    dm = RailwayDataModule(
+    dm = RailwayDataModule.from_settings(
         root=tiny_dataset, image_size=64, cache_size=72, batch_size=4, num_workers=0, storage="memory"
     )
     (validated,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm)

@@ -67,7 +67,9 @@ def test_tiny_run_writes_every_output(compose_train, tiny_dataset: Path) -> None
     # metrics.json describes best.ckpt: validating that checkpoint gives the same numbers
     model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
     assert model.class_names == metrics["classes"]
-    dm = RailwayDataModule(root=tiny_dataset, image_size=64, cache_size=72, batch_size=4, num_workers=0)
+    dm = RailwayDataModule.from_settings(
+        root=tiny_dataset, image_size=64, cache_size=72, batch_size=4, num_workers=0
+    )
     (validated,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(model, dm)
     assert validated["val/f1"] == pytest.approx(metrics["val"]["val/f1"], abs=1e-6)
 

@@ -20,20 +20,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.data.audit import audit_and_warn
 from railway_defect.data.discovery import (
-    BURST_SECONDS,
     REFIT,
     TRAIN_AND_VAL,
-    TRAIN_ON_MODES,
     DatasetIndex,
-    GroupWindow,
     Sample,
     discover,
     held_out_test_folds,
 )
 from railway_defect.data.download import download_and_extract
-from railway_defect.data.images import DEFAULT_MAX_PIXELS, DecodedImages, check_harmonize, decode_files
+from railway_defect.data.images import DecodedImages, decode_files
+from railway_defect.data.settings import DataSettings
 from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
-from railway_defect.data.storage import STORAGE_MODES, choose_storage
+from railway_defect.data.storage import choose_storage
 from railway_defect.data.strata import image_size_strata
 from railway_defect.data.table import SampleTable, label_codes, label_counts, to_tables
 from railway_defect.data.transforms import build_transform
@@ -50,7 +48,6 @@ log = logging.getLogger(__name__)
 
 # the data report and the log list this many problems of each kind, then a count
 REPORT_LIMIT = 100
-BALANCE_MODES = ("none", "sampler", "loss", "stratum")
 # the modes that draw training images by weight (random access, EpochSampler)
 SAMPLED_MODES = ("sampler", "stratum")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,127 +113,68 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(8, cpus // 2)
 
 
-def _check_settings(
-    balance: str,
-    batch_size: int,
-    storage: str,
-    harmonize: str,
-    image_size: int,
-    cache_size: int,
-    train_on: str,
-) -> None:
-    """Settings Hydra cannot validate, refused before any data is read."""
-    if train_on not in TRAIN_ON_MODES:
-        raise UserError(f"data.train_on={train_on!r} is not one of {', '.join(TRAIN_ON_MODES)}.")
-    try:
-        check_harmonize(harmonize)
-    except ValueError as e:
-        raise UserError(f"{e}.") from None
-    if balance not in BALANCE_MODES:
-        raise UserError(f"data.balance={balance!r} is not one of {', '.join(BALANCE_MODES)}.")
-    if batch_size < 1:
-        raise UserError(f"data.batch_size must be at least 1, got {batch_size}.")
-    if storage not in STORAGE_MODES:
-        raise UserError(f"data.storage={storage!r} is not one of {', '.join(STORAGE_MODES)}.")
-    if cache_size < image_size:
-        raise UserError(f"data.cache_size ({cache_size}) must be at least data.image_size ({image_size}).")
-
-
 class RailwayDataModule(LightningDataModule):
-    """The labelled photos under `root` (split folders, class folders or a manifest), decoded once.
-
-    Args:
-        root / url / sha256: the data folder, and a zip to fetch when it is missing.
-        positive_class: the class metrics refer to.
-        val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
-            or which cross-validation fold validates; `seed` also orders and augments the batches.
-        split_seed: the split's own seed (default `seed`): repeated training seeds on the same folds.
-        train_on: `train`, or `train_and_val` (the final model of a recipe chosen by cross-validation:
-            the validation images train too, and nothing validates). `fold=refit` trains on the
-            whole cross-validation pool the same way (nested CV's refit of each outer fold).
-        group_window_s: photos taken within this many seconds of each other (chained), or on one
-            day (`day`), never sit on both sides of a split made here.
-        test_fraction: hold out a grouped Test split (fixed seed of its own) that no study step reads;
-            outer_folds, outer_fold: nested CV's outer fold as the Test split instead.
-        image_size, cache_size, harmonize, max_pixels, cache_dir: decoding (storage form, decode
-            size, decompression guard, on-disk cache) and the model's input size.
-        batch_size, num_workers, balance: the loaders and balancing: none, sampler (classes drawn
-            evenly), loss (class-weighted loss), stratum (every class x image-size stratum cell
-            drawn evenly, so that how a photo was stored cannot stand in for its label).
-        report_path, splits_path: where data_report.json and splits.csv go; splits_from: a run's
-            splits.csv to reuse instead of splitting (evaluation of that run).
-        audit: run the shortcut audit on the train + validation images.
-        train_transforms, mean, std: the training augmentations and the backbone's normalisation.
-    """
+    """The labelled photos under `settings.root` (split folders, class folders or a manifest),
+    decoded once. `settings`: every data.* key (data.settings.DataSettings);
+    `train_transforms`, `mean`, `std`: the training augmentations and the backbone's
+    normalisation. From Hydra or keywords: `RailwayDataModule.from_settings(root=..., ...)`."""
 
     def __init__(
         self,
-        root: str | Path,
-        positive_class: str = "Defective",
-        url: str | None = None,
-        sha256: str | None = None,
-        val_fraction: float = 0.2,
-        image_size: int = 224,
-        cache_size: int = 256,
-        cache_dir: str | Path | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        batch_size: int = 32,
-        num_workers: int | None = None,
-        balance: str = "none",
-        seed: int = 42,
-        num_folds: int | None = None,
-        fold: int = 0,
-        report_path: str | Path | None = None,
-        harmonize: str = "none",
-        splits_path: str | Path | None = None,
-        splits_from: str | Path | None = None,
-        audit: bool = True,
+        settings: DataSettings,
         train_transforms: Sequence[Any] = (),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        storage: str = "auto",
-        stream_dir: str | Path | None = None,
-        train_on: str = "train",
-        split_seed: int | None = None,
-        group_window_s: GroupWindow = BURST_SECONDS,
-        test_fraction: float | None = None,
-        outer_folds: int | None = None,
-        outer_fold: int = 0,
     ):
         super().__init__()
-        _check_settings(balance, batch_size, storage, harmonize, image_size, cache_size, train_on)
-        self.root = Path(root).expanduser()
-        self.positive_class = positive_class
-        self.url, self.sha256 = url, sha256
-        self.val_fraction, self.seed, self.num_folds, self.fold = val_fraction, seed, num_folds, fold
-        self.split_seed = seed if split_seed is None else split_seed
-        self.group_window_s = group_window_s
-        self.test_holdouts = held_out_test_folds(test_fraction, outer_folds, outer_fold, self.split_seed)
+        c = self.settings = settings
+        self.root = Path(c.root).expanduser()
+        self.positive_class = c.positive_class
+        self.url, self.sha256 = c.url, c.sha256
+        self.val_fraction, self.seed, self.num_folds, self.fold = c.val_fraction, c.seed, c.num_folds, c.fold
+        self.split_seed = c.seed if c.split_seed is None else c.split_seed
+        self.group_window_s = c.group_window_s
+        self.test_holdouts = held_out_test_folds(
+            c.test_fraction, c.outer_folds, c.outer_fold, self.split_seed
+        )
         # the refit of a cross-validation trains on the whole pool, as train_and_val does
-        self.train_on = TRAIN_AND_VAL if fold == REFIT else train_on
-        self.balance, self.batch_size = balance, batch_size
-        self.image_size, self.cache_size, self.harmonize = image_size, cache_size, harmonize
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.max_pixels = max_pixels
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.report_path = Path(report_path) if report_path else None
+        self.train_on = TRAIN_AND_VAL if c.fold == REFIT else c.train_on
+        self.balance, self.batch_size = c.balance, c.batch_size
+        self.image_size, self.cache_size, self.harmonize = c.image_size, c.cache_size, c.harmonize
+        self.cache_dir = Path(c.cache_dir) if c.cache_dir else None
+        self.max_pixels = c.max_pixels
+        self.num_workers = default_num_workers() if c.num_workers is None else c.num_workers
+        self.report_path = Path(c.report_path) if c.report_path else None
         # where this run records its split membership, and a record to reuse instead of splitting
-        self.splits_path = Path(splits_path) if splits_path else None
-        self.splits_from = Path(splits_from) if splits_from else None
-        self.audit = audit
-        self.train_transform = build_transform(list(train_transforms), image_size, mean, std, seed=seed)
-        self.eval_transform = build_transform([], image_size, mean, std)
+        self.splits_path = Path(c.splits_path) if c.splits_path else None
+        self.splits_from = Path(c.splits_from) if c.splits_from else None
+        self.audit = c.audit
+        self.train_transform = build_transform(list(train_transforms), c.image_size, mean, std, seed=c.seed)
+        self.eval_transform = build_transform([], c.image_size, mean, std)
         self.index: DatasetIndex | None = None
         self.decoded: DecodedImages | None = None
-        self.storage = storage
+        self.storage = c.storage
         # local folder or s3:// URL of the optimized splits (data.storage=stream)
-        self.stream_dir = str(stream_dir) if stream_dir else str(Path.home() / ".cache" / "railway_stream")
+        self.stream_dir = (
+            str(c.stream_dir) if c.stream_dir else str(Path.home() / ".cache" / "railway_stream")
+        )
         # the storage in use once set up, and per split the optimized folder and the positions used
         self.storage_used: str | None = None
         self.streams: dict[str, tuple[str, array[int]]] = {}
         # lists of Samples (memory), or compact SampleTables (stream)
         self.splits: dict[str, Sequence[Sample]] = {}
         self._epochs_iterated = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        train_transforms: Sequence[Any] = (),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        **settings: Any,
+    ) -> RailwayDataModule:
+        """The module for data.* keys given one by one (conf/data/railway.yaml's `_target_`)."""
+        return cls(DataSettings(**settings), train_transforms, mean, std)
 
     # ---- preparing ------------------------------------------------------------------------
     def prepare_data(self) -> None:
