@@ -61,3 +61,42 @@ def test_the_private_lightning_names_spawn_launching_uses_are_there() -> None:
         f"lightning {lightning.__version__} lacks {', '.join(missing)}, which training/launching.py uses; "
         "install a release in pyproject's range or port SpawnLauncher to it."
     )
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    """Functions short enough to read at once: at most 50 lines, docstring included."""
+    import ast
+    from pathlib import Path
+
+    import railway_defect
+
+    long = []
+    for path in sorted(Path(railway_defect.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 50:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "\n".join(long)
+
+
+def test_one_type_holds_what_a_model_needs_to_see_an_image() -> None:
+    """ModelContract is the only class that declares the model's classes: every artefact's reader
+    returns it, nothing keeps a copy of its own."""
+    import ast
+    from pathlib import Path
+
+    import railway_defect
+
+    holders = []
+    for path in sorted(Path(railway_defect.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                fields = {
+                    s.target.id
+                    for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                }
+                if {"class_names", "positive_class"} <= fields:
+                    holders.append(node.name)
+    assert holders == ["ModelContract"]

@@ -565,29 +565,11 @@ def discover(
     root = Path(root)
     check_group_window(group_window_s)
     ignored: list[dict[str, str]] = []
-    layout, splits = _read_layout(root, ignored)
-    splits = {split: samples for split, samples in splits.items() if samples}
-    if not splits:
-        raise UserError(
-            f"No images found in {root}. Expected Train/Validation folders with one sub-folder per class, "
-            f"class sub-folders, or a {MANIFEST_NAME} (path,label)."
-        )
-    if "train" not in splits:
-        raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
+    layout, splits = _labelled_splits(root, ignored)
     for held_out in holdouts:
         splits = held_out.split(splits, group_window_s)
     if num_folds is not None:
-        pool = splits["train"] + splits.pop("val", [])
-        splits["train"], splits["val"] = cross_validation_fold(pool, num_folds, fold, seed, group_window_s)
-        if fold == REFIT:
-            splits.pop("val")
-        log.info(
-            "Fold %s of %d: %d training and %d validation images (train and validation pooled).",
-            fold,
-            num_folds,
-            len(splits["train"]),
-            len(splits.get("val", [])),
-        )
+        splits = _with_fold(splits, num_folds, fold, seed, group_window_s)
     elif fold != 0:
         raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
     if train_on == TRAIN_AND_VAL and fold != REFIT:
@@ -604,6 +586,39 @@ def discover(
         )
     _check_groups(splits)
     return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
+
+
+def _labelled_splits(root: Path, ignored: list[dict[str, str]]) -> tuple[str, dict[str, list[Sample]]]:
+    """The layout of `root` and its non-empty splits; no images, or none to train on, is an error."""
+    layout, splits = _read_layout(root, ignored)
+    splits = {split: samples for split, samples in splits.items() if samples}
+    if not splits:
+        raise UserError(
+            f"No images found in {root}. Expected Train/Validation folders with one sub-folder per class, "
+            f"class sub-folders, or a {MANIFEST_NAME} (path,label)."
+        )
+    if "train" not in splits:
+        raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
+    return layout, splits
+
+
+def _with_fold(
+    splits: dict[str, list[Sample]], num_folds: int, fold: int | str, seed: int, group_window_s: GroupWindow
+) -> dict[str, list[Sample]]:
+    """Train and validation pooled, fold `fold` validating (the refit: nothing validates)."""
+    pool = splits["train"] + splits.pop("val", [])
+    splits["train"], splits["val"] = cross_validation_fold(pool, num_folds, fold, seed, group_window_s)
+    if fold == REFIT:
+        splits.pop("val")
+    train, val = len(splits["train"]), len(splits.get("val", []))
+    log.info(
+        "Fold %s of %d: %d training and %d validation images (train and validation pooled).",
+        fold,
+        num_folds,
+        train,
+        val,
+    )
+    return splits
 
 
 def check_train_on(train_on: str, num_folds: int | None) -> None:

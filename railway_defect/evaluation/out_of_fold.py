@@ -64,39 +64,25 @@ def evaluate_out_of_fold(
     bootstrap: int = 1000,
 ) -> dict[str, Any]:
     """Choose `predictor`'s threshold for `target_recall` on a CV sweep's pooled out-of-fold
-    predictions and report them with intervals.
-
-    Args:
-        predictor: the sweep's ensemble (`load_predictor(<sweep dir>)`), or the final model of the
-            same recipe (trained on every labelled photo: `data.train_on=train_and_val`).
-        target_recall: defect recall the operating threshold must reach out of fold.
-        sweep: the CV sweep directory (default: the ensemble's own).
-        output_dir: where the report goes (default `<sweep>/evaluation/ensemble_oof/` for the
-            ensemble, `<run>/evaluation/<model>_oof/` for a final model).
-        store_calibration: write the threshold beside the model (`calibration.json` in the sweep
-            directory, `<checkpoint>.calibration.json` beside a checkpoint).
-        bootstrap: resamples for the intervals.
-    """
+    predictions and report them with intervals (`bootstrap` resamples). `predictor`: the sweep's
+    ensemble, or the final model of the same recipe (data.train_on=train_and_val); `sweep`: default
+    the ensemble's own; `output_dir`: default <sweep>/evaluation/ensemble_oof/ or
+    <run>/evaluation/<model>_oof/; `store_calibration`: write the threshold beside the model."""
     is_ensemble = isinstance(predictor, EnsemblePredictor)
     sweep = Path(sweep).expanduser() if sweep else predictor.path
     if not is_ensemble:
         _check_same_recipe(predictor, sweep)
     pooled = _pooled(sweep, target_recall, bootstrap)
     threshold = pooled.threshold if is_ensemble else pooled.one_model_threshold
-    calibration = Calibration(
-        threshold=threshold,
-        temperature=1.0,
-        details={
-            "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
-            "target_recall": target_recall,
-            "fitted_at": datetime.now().isoformat(timespec="seconds"),
-        },
-    )
-    sidecar = (
-        write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
-        if store_calibration
-        else None
-    )
+    details = {
+        "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
+        "target_recall": target_recall,
+        "fitted_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    calibration = Calibration(threshold=threshold, temperature=1.0, details=details)
+    sidecar = None
+    if store_calibration:
+        sidecar = write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
     out = Path(output_dir) if output_dir else _default_output(predictor, is_ensemble)
     report = {
         "model": {**predictor.describe(), "threshold": threshold},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from railway_defect.evaluation.calibration import (
     softmax,
 )
 from railway_defect.evaluation.locked_test import evaluate_locked_test, locked_test_split
+from railway_defect.evaluation.out_of_fold import evaluate_out_of_fold
 from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.model import (
     Calibration,
@@ -97,58 +99,51 @@ def run_evaluation(
     device: str = "auto",
     oof: str | None = None,
 ) -> dict[str, Any]:
-    """Score a model on a split of its run's data: metrics with intervals, an operating threshold for
-    `target_recall` and a temperature fitted on Validation, figures and per-image scores, written
-    to `output_dir` (default `<run>/evaluation/<model>_<split>/`); the threshold and temperature are
-    stored beside the model unless `store_calibration` is false.
-
-    Args:
-        ckpt_path: a checkpoint, run directory, CV sweep directory (ensemble: evaluated on its
-            pooled out-of-fold predictions), or an ONNX/TorchScript export.
-        data_root: the folder the run was trained on (its splits.csv paths are relative to it).
-        split: Validation or Test (default: Test when there is one).
-        splits: `run` (the run's splits.csv), `resplit`, or a splits.csv path.
-        val_fraction, seed: used by `splits=resplit` only.
-        cache_dir, batch_size, device: decoding cache, batch size and device for scoring.
-        ece_bins, confidence, bootstrap: calibration bins, interval level and bootstrap resamples.
-        oof: a CV sweep directory of the recipe `ckpt_path` was trained with: the threshold is
-            chosen on its pooled out-of-fold predictions instead (for a final model trained on
-            every labelled photo, which has no images of its own left to choose it on).
-    """
+    """Score a model on a split of its run's data (metrics with intervals; threshold for
+    `target_recall` and temperature fitted on Validation, stored beside the model) into
+    `output_dir` (default <run>/evaluation/<model>_<split>/). `ckpt_path`: checkpoint, run, CV sweep
+    (an ensemble: its out-of-fold predictions) or export; `splits`: `run` (its splits.csv),
+    `resplit` (`val_fraction`, `seed`) or a splits.csv; `oof`: the CV sweep of the recipe, to
+    choose the threshold of a final model trained on every labelled photo. conf/evaluate.yaml."""
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
     predictor = load_predictor(ckpt_path, device)
     if oof or isinstance(predictor, EnsemblePredictor):
-        from railway_defect.evaluation.out_of_fold import evaluate_out_of_fold
-
         return evaluate_out_of_fold(predictor, target_recall, oof, output_dir, store_calibration, bootstrap)
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
     record = run_dir_of(predictor.path) / SPLITS_FILE
     wants_test = split is None or SPLIT_ALIASES.get(str(split).strip().lower()) == "test"
-    locked = locked_test_split(record, root) if splits == "run" and wants_test else None
-    if locked is not None:
-        out = run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_test"
-        out = Path(output_dir) if output_dir else out
-        scoring = {"batch_size": batch_size, "cache_dir": cache_dir}
+    if (locked := locked_test_split(record, root) if splits == "run" and wants_test else None) is not None:
+        out, scoring = (
+            _output_dir(predictor, output_dir, "test"),
+            {"batch_size": batch_size, "cache_dir": cache_dir},
+        )
         return evaluate_locked_test(
             predictor, root, record, locked, out, scoring, confidence, bootstrap, seed
         )
     scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
     fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall)
-    out = (
-        Path(output_dir)
-        if output_dir
-        else run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{scored.split_key}"
-    )
+    out = _output_dir(predictor, output_dir, scored.split_key)
     written = write_outputs(predictor, root, scored, fitted, target_recall, ece_bins, out, store_calibration)
     common = _metric_settings(predictor.contract, confidence, bootstrap, seed)
     report = build_report(predictor, root, scored, fitted, target_recall, ece_bins, common, written)
+    _write_report(out, report)
+    return report
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", render_markdown(report))
     print_summary(report)
-    return report
+
+
+def _output_dir(predictor: Predictor, output_dir: str | None, split_key: str) -> Path:
+    """`output_dir`, else <run>/evaluation/<model>_<split>/ beside the model's run."""
+    if output_dir:
+        return Path(output_dir)
+    return run_dir_of(predictor.path) / "evaluation" / f"{predictor.path.stem}_{split_key}"
 
 
 @dataclass
@@ -251,19 +246,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """The reliability diagram, the per-image scores, and the calibration beside the model."""
     targets, pos = scored.targets, predictor.contract.positive_index
-    ece_before = expected_calibration_error(fitted.probs_before, targets, bins)
-    ece_after = expected_calibration_error(fitted.probs, targets, bins)
-    before, after = (
-        reliability_bins(fitted.probs_before, targets, bins),
-        reliability_bins(fitted.probs, targets, bins),
-    )
-    plot_reliability(
-        {
-            "before temperature scaling": (before, ece_before),
-            f"after (T = {fitted.temperature:.2f})": (after, ece_after),
-        },
-        out / "reliability.png",
-    )
+    reliability = _reliability(fitted, targets, bins, out / "reliability.png")
     calibration = Calibration(
         threshold=fitted.threshold,
         temperature=fitted.temperature,
@@ -275,22 +258,51 @@ def write_outputs(
             "fitted_at": datetime.now().isoformat(timespec="seconds"),
         },
     )
-    sidecar = (
-        write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
-        if store_calibration
-        else None
-    )
+    sidecar = None
+    if store_calibration:
+        sidecar = write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
     name = f"predictions_{SPLIT_TITLES[scored.split_key].lower()}.csv"
     predictions = write_predictions(
         out / name, scored.samples, fitted.probs[:, pos], fitted.threshold, predictor.contract
     )
     return {
-        "ece_before": ece_before,
-        "ece_after": ece_after,
-        "reliability": {"before": before, "after": after},
+        **reliability,
         "calibration_file": str(sidecar) if sidecar else None,
         "predictions": str(predictions),
         "output_dir": str(out),
+    }
+
+
+def _reliability(fitted: Fitted, targets: np.ndarray, bins: int, figure: Path) -> dict[str, Any]:
+    """Expected calibration error and reliability bins before and after temperature scaling,
+    drawn to `figure`."""
+    ece_before = expected_calibration_error(fitted.probs_before, targets, bins)
+    ece_after = expected_calibration_error(fitted.probs, targets, bins)
+    before = reliability_bins(fitted.probs_before, targets, bins)
+    after = reliability_bins(fitted.probs, targets, bins)
+    curves = {
+        "before temperature scaling": (before, ece_before),
+        f"after (T = {fitted.temperature:.2f})": (after, ece_after),
+    }
+    plot_reliability(curves, figure)
+    return {
+        "ece_before": ece_before,
+        "ece_after": ece_after,
+        "reliability": {"before": before, "after": after},
+    }
+
+
+def _data_block(root: Path, scored: Scored, class_names: Sequence[str]) -> dict[str, Any]:
+    """What was scored: where, which split of which record, how many of each class, what was skipped."""
+    return {
+        "root": str(root),
+        "layout": scored.index.layout,
+        "splits": str(scored.record) if scored.record else "resplit",
+        "split": SPLIT_TITLES[scored.split_key],
+        "n": int(scored.targets.size),
+        "counts": {class_names[k]: v for k, v in sorted(Counter(scored.targets.tolist()).items())},
+        "validation_n": int(scored.val_targets.size),
+        "skipped": scored.skipped,
     }
 
 
@@ -309,16 +321,7 @@ def build_report(
     is_positive, scores = targets == pos, fitted.probs[:, pos]
     return {
         "model": {**predictor.describe(), "sha256": predictor.sha256, "backbone": info.backbone},
-        "data": {
-            "root": str(root),
-            "layout": scored.index.layout,
-            "splits": str(scored.record) if scored.record else "resplit",
-            "split": SPLIT_TITLES[scored.split_key],
-            "n": int(targets.size),
-            "counts": {info.class_names[k]: v for k, v in sorted(Counter(targets.tolist()).items())},
-            "validation_n": int(scored.val_targets.size),
-            "skipped": scored.skipped,
-        },
+        "data": _data_block(root, scored, info.class_names),
         "confidence": common["confidence"],
         "threshold": {
             "value": fitted.threshold,

@@ -8,7 +8,7 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,13 @@ class PredictionSummary:
     needs_review: int
     output: Path
 
+    def add(self, rows: list[dict[str, Any]], positive_class: str) -> None:
+        """Count a batch of written rows."""
+        self.rows += len(rows)
+        self.failed += sum(1 for r in rows if r["error"])
+        self.positives += sum(1 for r in rows if r["label"] == positive_class)
+        self.needs_review += sum(1 for r in rows if r["needs_review"])
+
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
@@ -270,16 +277,7 @@ def run_prediction(
         def on_video(path: Path) -> None:  # a video counts as its frames
             bar.update(task, total=bar.tasks[task].total + estimated_frames(path, every_s) - 1)
 
-        items: Iterator[InputItem] = iter_inputs(
-            sources,
-            predictor.decode,
-            predictor.contract.decode_size,
-            every_s,
-            workers,
-            on_video=on_video,
-            mode=predictor.contract.harmonize,
-        )
-        for batch in batched(items, batch_size):
+        for batch in batched(_inputs(predictor, sources, every_s, workers, on_video), batch_size):
             rows = [
                 prediction_row(item, probs, predictor, decision)
                 for item, probs in zip(batch, score(predictor, batch, flips), strict=True)
@@ -287,9 +285,26 @@ def run_prediction(
             writer.write(rows)
             if gradcam_dir:
                 save_gradcams(predictor, batch, rows, summary.rows, Path(gradcam_dir))
-            summary.rows += len(rows)
-            summary.failed += sum(1 for r in rows if r["error"])
-            summary.positives += sum(1 for r in rows if r["label"] == predictor.contract.positive_class)
-            summary.needs_review += sum(1 for r in rows if r["needs_review"])
+            summary.add(rows, predictor.contract.positive_class)
             bar.update(task, advance=len(rows), failed=summary.failed)
     return summary
+
+
+def _inputs(
+    predictor: Predictor,
+    sources: list[Path],
+    every_s: float,
+    workers: int | None,
+    on_video: Callable[[Path], None],
+) -> Iterator[InputItem]:
+    """The inputs decoded as the model's contract says (storage form, decode size)."""
+    contract = predictor.contract
+    return iter_inputs(
+        sources,
+        predictor.decode,
+        contract.decode_size,
+        every_s,
+        workers,
+        on_video=on_video,
+        mode=contract.harmonize,
+    )

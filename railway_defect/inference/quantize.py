@@ -160,13 +160,22 @@ def quantize_onnx(
         if not reader.used:
             raise UserError("None of the calibration images could be decoded.")
         model = onnx.load(str(Path(tmp) / "int8.onnx"))
+    return _save_with_metadata(model, predictor, out_path, per_channel, reader.used)
+
+
+def _save_with_metadata(
+    model: Any, predictor: OnnxPredictor, out_path: Path, per_channel: bool, images_used: int
+) -> dict[str, Any]:
+    """Save the int8 model with the fp32 export's metadata plus how it was quantized (returned)."""
+    import onnx
+
     quantization = {
         "type": "int8",
         "format": "QDQ",
         "weights": "int8 per channel" if per_channel else "int8 per tensor",
         "activations": "uint8",
         "calibration_method": "MinMax",
-        "calibration_images": reader.used,
+        "calibration_images": images_used,
         "fp32_sha256": predictor.sha256,
     }
     metadata = json.loads(predictor.session.get_modelmeta().custom_metadata_map[METADATA_KEY])

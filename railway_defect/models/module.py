@@ -312,17 +312,7 @@ class DefectClassifier(LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.scheduler_factory = scheduler
         self.feature_cache: FrozenFeatureCache | None = None
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        num_classes = len(class_names)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = stage_metrics(num_classes)
-        self.test_metrics = stage_metrics(num_classes)
-        # best-so-far values, logged as `<metric>_best`: F1 always, and the checkpoint monitor
-        self.best_tracked = sorted({"val/f1", monitor})
-        # persistent: saved in checkpoints, so a resumed run keeps its best-so-far values
-        self.val_best = nn.ModuleList([MaxMetric() for _ in self.best_tracked])
-        for best in self.val_best:
-            best.persistent(True)
+        self._add_metrics(len(class_names), monitor)
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
@@ -330,9 +320,22 @@ class DefectClassifier(LightningModule):
             # `backbone._orig_mod.*`, so checkpoints load with compile on or off
             self.backbone.compile()
 
+    def _add_metrics(self, num_classes: int, monitor: str) -> None:
+        """Loss means and torchmetrics per stage, and the best-so-far values logged as
+        `<metric>_best` (F1 always, and the checkpoint monitor)."""
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = stage_metrics(num_classes)
+        self.test_metrics = stage_metrics(num_classes)
+        self.best_tracked = sorted({"val/f1", monitor})
+        # persistent: saved in checkpoints, so a resumed run keeps its best-so-far values
+        self.val_best = nn.ModuleList([MaxMetric() for _ in self.best_tracked])
+        for best in self.val_best:
+            best.persistent(True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Plain values only (weights_only loading), and what construction found out: the input
-        normalisation and where the weights came from."""
+        """Plain values only (weights_only loading), and what construction found out: where the
+        weights came from."""
         hparams = {
             **(checkpoint.get("hyper_parameters") or {}),
             "pretrained_loaded": self.pretrained_loaded,

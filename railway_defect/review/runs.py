@@ -364,51 +364,10 @@ def _short(name: str, width: int = 26) -> str:
 # ---- what next --------------------------------------------------------------------------------
 def next_steps(target: ReviewTarget, evaluation: Evaluation | None = None) -> str:
     """A few observations drawn from the numbers, as a Markdown list; the reading is left to you."""
-    notes: list[str] = []
     run = evaluation.run_dir if evaluation else best_run(target)
-    record = RunRecord.read(run)
-    if record.status != FINISHED:
-        notes.append(f"Run `{run.name}` is **{record.status}**: its numbers describe a partial run.")
-    if record.pretrained_loaded is False:
-        notes.append(
-            "The backbone started from **random weights**: put the ImageNet weights in the torch hub cache, "
-            "or use `model=efficientnet_lite0`, before judging the recipe."
-        )
-    history = record.history
-    best_epoch = record.best_epoch
-    if history and best_epoch is not None:
-        last = history[-1]["epoch"]
-        if best_epoch == last:
-            notes.append(
-                f"The best epoch is the last one ({last}): the model may still improve with more "
-                "`trainer.max_epochs`."
-            )
-        losses = [row.get("val/loss") for row in history if row["epoch"] >= best_epoch]
-        if len(losses) > 2 and None not in losses and losses[-1] > 1.2 * losses[0]:
-            notes.append(
-                f"Validation loss rose by {losses[-1] / losses[0] - 1:.0%} after the best epoch "
-                f"({best_epoch}): overfitting; try `augmentation=strong`, fewer epochs "
-                "or a lower `optimizer.lr`."
-            )
+    notes = _run_notes(run, RunRecord.read(run))
     if evaluation is not None:
-        ev, pos = evaluation, evaluation.positive_index
-        positive = ev.class_names[pos]
-        is_pos, pred_pos = ev.targets == pos, ev.predictions == pos
-        missed, false_alarms = int((is_pos & ~pred_pos).sum()), int((~is_pos & pred_pos).sum())
-        notes.append(
-            f"On the {ev.split} split ({len(ev.targets)} images): {missed} of {int(is_pos.sum())} "
-            f"`{positive}` missed, {false_alarms} of {int((~is_pos).sum())} others flagged as `{positive}`."
-        )
-        if missed > false_alarms:
-            notes.append(
-                f"Missed `{positive}` images cost most in inspection: compare `data.balance=sampler` or "
-                "`data.balance=loss`, and look at what the missed ones have in common above."
-            )
-        if len(ev.targets) < 100:
-            notes.append(
-                f"With {len(ev.targets)} validation images one image moves accuracy by "
-                f"{1 / len(ev.targets):.1%}: differences between runs smaller than that are noise."
-            )
+        notes += _evaluation_notes(evaluation)
     if target.kind == "sweep" and len(target.runs) > 1:
         table, _ = _runs_frame(target.runs)
         if DEFAULT_SORT in table and table[DEFAULT_SORT].notna().any():
@@ -419,3 +378,55 @@ def next_steps(target: ReviewTarget, evaluation: Evaluation | None = None) -> st
         "sleepers' edges or the sky means the model learned a shortcut: collect more varied photos or crop."
     )
     return "\n".join(f"- {note}" for note in notes)
+
+
+def _run_notes(run: Path, record: RunRecord) -> list[str]:
+    """What the run record says: unfinished, random weights, best epoch last, loss rising after."""
+    notes: list[str] = []
+    if record.status != FINISHED:
+        notes.append(f"Run `{run.name}` is **{record.status}**: its numbers describe a partial run.")
+    if record.pretrained_loaded is False:
+        notes.append(
+            "The backbone started from **random weights**: put the ImageNet weights in the torch hub cache, "
+            "or use `model=efficientnet_lite0`, before judging the recipe."
+        )
+    history, best_epoch = record.history, record.best_epoch
+    if not history or best_epoch is None:
+        return notes
+    last = history[-1]["epoch"]
+    if best_epoch == last:
+        notes.append(
+            f"The best epoch is the last one ({last}): the model may still improve with more "
+            "`trainer.max_epochs`."
+        )
+    losses = [row.get("val/loss") for row in history if row["epoch"] >= best_epoch]
+    if len(losses) > 2 and None not in losses and losses[-1] > 1.2 * losses[0]:
+        notes.append(
+            f"Validation loss rose by {losses[-1] / losses[0] - 1:.0%} after the best epoch "
+            f"({best_epoch}): overfitting; try `augmentation=strong`, fewer epochs "
+            "or a lower `optimizer.lr`."
+        )
+    return notes
+
+
+def _evaluation_notes(ev: Evaluation) -> list[str]:
+    """What the split's predictions say: misses against false alarms, and how small the split is."""
+    pos = ev.positive_index
+    positive = ev.class_names[pos]
+    is_pos, pred_pos = ev.targets == pos, ev.predictions == pos
+    missed, false_alarms = int((is_pos & ~pred_pos).sum()), int((~is_pos & pred_pos).sum())
+    notes = [
+        f"On the {ev.split} split ({len(ev.targets)} images): {missed} of {int(is_pos.sum())} "
+        f"`{positive}` missed, {false_alarms} of {int((~is_pos).sum())} others flagged as `{positive}`."
+    ]
+    if missed > false_alarms:
+        notes.append(
+            f"Missed `{positive}` images cost most in inspection: compare `data.balance=sampler` or "
+            "`data.balance=loss`, and look at what the missed ones have in common above."
+        )
+    if len(ev.targets) < 100:
+        notes.append(
+            f"With {len(ev.targets)} validation images one image moves accuracy by "
+            f"{1 / len(ev.targets):.1%}: differences between runs smaller than that are noise."
+        )
+    return notes
