@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.data.audit import audit_and_warn
+from railway_defect.data.backends import MemoryBackend, StreamBackend
 from railway_defect.data.discovery import (
     REFIT,
     TRAIN_AND_VAL,
@@ -28,12 +29,12 @@ from railway_defect.data.discovery import (
     held_out_test_folds,
 )
 from railway_defect.data.download import download_and_extract
-from railway_defect.data.images import DecodedImages, decode_files
+from railway_defect.data.images import DecodedImages
 from railway_defect.data.settings import DataSettings
-from railway_defect.data.splits import check_unchanged, read_split_record, write_split_record
+from railway_defect.data.splits import read_split_record, write_split_record
 from railway_defect.data.storage import choose_storage
 from railway_defect.data.strata import image_size_strata
-from railway_defect.data.table import SampleTable, label_codes, label_counts, to_tables
+from railway_defect.data.table import SampleTable, label_codes, label_counts
 from railway_defect.data.transforms import build_transform
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import write_json_atomic
@@ -42,7 +43,7 @@ from railway_defect.utils.resources import available_cpus
 from railway_defect.utils.seeding import epoch_seed
 
 if TYPE_CHECKING:
-    from torch.utils.data import IterableDataset
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,8 @@ class RailwayDataModule(LightningDataModule):
         self.stream_dir = (
             str(c.stream_dir) if c.stream_dir else str(Path.home() / ".cache" / "railway_stream")
         )
-        # the storage in use once set up, and per split the optimized folder and the positions used
-        self.storage_used: str | None = None
-        self.streams: dict[str, tuple[str, array[int]]] = {}
+        # where the decoded images live, once set up (data.backends)
+        self.backend: MemoryBackend | StreamBackend | None = None
         # lists of Samples (memory), or compact SampleTables (stream)
         self.splits: dict[str, Sequence[Sample]] = {}
         self._epochs_iterated = 0
@@ -209,11 +209,9 @@ class RailwayDataModule(LightningDataModule):
                 self.group_window_s,
                 self.test_holdouts,
             )
-        self.storage_used = self._choose_storage(index)
-        if self.storage_used == "stream":
-            decoded = self._setup_stream(index, expected)
-        else:
-            decoded = self._setup_memory(index, expected)
+        self.backend = self._backend(index)
+        recorded = (self.splits_from, expected) if self.splits_from is not None else None
+        self.splits, decoded = self.backend.load(index, recorded)
         self._log_skipped(decoded.failures)
         self.index, self.decoded = index, decoded
         if self.splits_path is not None:
@@ -222,83 +220,27 @@ class RailwayDataModule(LightningDataModule):
         self._write_report()
         self._check_splits()
 
-    def _choose_storage(self, index: DatasetIndex) -> str:
+    def _backend(self, index: DatasetIndex) -> MemoryBackend | StreamBackend:
         """data.storage, with `auto` resolved from the image headers and the available memory."""
-        if self.storage != "auto":
-            return self.storage
-        paths = [s.path for samples in index.splits.values() for s in samples]
-        return choose_storage(self.storage, paths, self.cache_size, self.harmonize)
-
-    def _setup_memory(self, index: DatasetIndex, expected: dict[Path, str]) -> DecodedImages:
-        """Every image decoded into RAM: the fastest form while it fits."""
-        decoded = decode_files(
-            [s.path for samples in index.splits.values() for s in samples],
-            self.cache_size,
-            self.cache_dir,
-            max_pixels=self.max_pixels,
-            mode=self.harmonize,
+        storage = self.storage
+        if storage == "auto":
+            paths = [s.path for samples in index.splits.values() for s in samples]
+            storage = choose_storage(storage, paths, self.cache_size, self.harmonize)
+        return (
+            StreamBackend(self.settings, self.stream_dir)
+            if storage == "stream"
+            else MemoryBackend(self.settings)
         )
-        if self.splits_from is not None:
-            check_unchanged(self.splits_from, expected, decoded.digests)
-        self.splits = {
-            split: [s for s in samples if s.path in decoded.images] for split, samples in index.splits.items()
-        }
-        return decoded
 
-    def _setup_stream(self, index: DatasetIndex, expected: dict[Path, str]) -> DecodedImages:
-        """Each split decoded once into its optimized folder (reused when its key matches); in
-        memory only compact columns stay (SampleTable: paths, label codes, groups, digests), so
-        memory does not grow with the number of images by more than their paths."""
-        from railway_defect.data.streaming import digest_files
+    @property
+    def storage_used(self) -> str | None:
+        """`memory` or `stream` once set up."""
+        return self.backend.name if self.backend is not None else None
 
-        to_tables(index.splits)
-        failures: dict[Path, str] = {}
-        for table in index.splits.values():
-            table.digests, unreadable = digest_files(table.paths)
-            failures.update((Path(table.paths[i]), reason) for i, reason in unreadable.items())
-        if self.splits_from is not None:
-            check_unchanged(self.splits_from, expected, self._readable_digests(index))
-        classes = sorted(
-            {label for table in index.splits.values() for label in label_counts(_readable(table))}
-        )
-        for split, table in index.splits.items():
-            self._stream_split(split, _readable(table), classes, failures)
-        if self.classes != classes:  # the stored targets index the classes of the key
-            raise UserError(
-                f"Classes {sorted(set(classes) - set(self.classes))} have no readable images in {self.root}."
-            )
-        return DecodedImages(failures=failures)  # the digests are a column of each SampleTable
-
-    @staticmethod
-    def _readable_digests(index: DatasetIndex) -> dict[Path, str]:
-        """Path -> digest of the readable files (only to compare them with a recorded run)."""
-        return {
-            Path(table.paths[i]): digest.decode()
-            for table in index.splits.values()
-            for i, digest in enumerate(table.digests)
-            if digest
-        }
-
-    def _stream_split(
-        self, split: str, readable: SampleTable, classes: list[str], failures: dict[Path, str]
-    ) -> None:
-        """One split's optimized folder, and the rows and stored positions of its decodable files."""
-        from railway_defect.data.streaming import build_split, split_key, storage_order
-
-        targets = label_codes(readable, classes)
-        assert readable.digests is not None
-        items = zip((d.decode() for d in readable.digests), map(int, targets), strict=True)
-        key = split_key(items, classes, self.cache_size, self.harmonize, self.max_pixels)
-        location, meta = build_split(
-            self.stream_dir, readable.paths, targets, key, self.cache_size, self.max_pixels, self.harmonize
-        )
-        kept = np.ones(len(readable), dtype=bool)
-        for position, reason in meta["failures"].items():
-            failures[Path(readable.paths[int(position)])] = reason
-            kept[int(position)] = False
-        stored_at = np.argsort(storage_order(key, len(readable)))
-        self.splits[split] = readable if kept.all() else readable.take(np.flatnonzero(kept))
-        self.streams[split] = (location, array("q", stored_at[kept].astype(np.int64).tobytes()))
+    @property
+    def streams(self) -> dict[str, tuple[str, array[int]]]:
+        """Per split, the optimized folder and stored positions (data.storage=stream), else empty."""
+        return self.backend.streams if isinstance(self.backend, StreamBackend) else {}
 
     def _digests(self, split: str) -> Iterator[str]:
         """The content digests of a split's samples, in order."""
@@ -425,14 +367,9 @@ class RailwayDataModule(LightningDataModule):
     def _dataset(self, split: str, transform: Callable[..., dict]) -> DecodedImageDataset:
         """The split by position: decoded arrays in memory, or read on demand from its optimized
         folder (random access, in split order: evaluation order and DDP sharding as in memory)."""
-        assert self.decoded is not None, "call setup() first"
+        assert self.backend is not None, "call setup() first"
         samples = self.splits[split]
-        if self.storage_used == "stream":
-            from railway_defect.data.streaming import StreamedImages
-
-            images: Sequence[np.ndarray] = StreamedImages(*self.streams[split])
-        else:
-            images = [self.decoded.images[s.path] for s in samples]
+        images = self.backend.images(split, samples)
         return DecodedImageDataset(images, label_codes(samples, self.classes).tolist(), transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Any = None) -> DataLoader:
@@ -461,8 +398,19 @@ class RailwayDataModule(LightningDataModule):
         return trainer.current_epoch if trainer is not None else self._epochs_iterated
 
     def train_dataloader(self) -> DataLoader:
-        if self.storage_used == "stream" and self.balance not in SAMPLED_MODES:
-            return self._streaming_train_loader()
+        """Random access through EpochSampler (weighted when balancing by sampler or stratum), or
+        the back-end's own sequential reader (streamed chunks) when nothing is weighted."""
+        assert self.backend is not None, "call setup() first"
+        if self.balance not in SAMPLED_MODES:
+            loader = self.backend.train_loader(
+                self.train_transform,
+                self._next_epoch,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                pin_memory=self._pin_memory(),
+            )
+            if loader is not None:
+                return loader
         dataset = self._dataset("train", self.train_transform)
         weights = self._sampling_weights(dataset.targets) if self.balance in SAMPLED_MODES else None
         return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed, self._next_epoch, weights))
@@ -479,24 +427,6 @@ class RailwayDataModule(LightningDataModule):
         counts = Counter(cells)
         return torch.tensor([1.0 / counts[c] for c in cells], dtype=torch.double)
 
-    def _streaming_train_loader(self) -> DataLoader:
-        """LitData's StreamingDataLoader over the training chunks: reads stay sequential within a
-        chunk (fast from a disk or object storage) and each DDP rank streams its own chunks. Order
-        comes from LitData's shuffle seeded by (seed, trainer epoch); augmentation is seeded per
-        (seed, epoch, image) as in memory mode. A class-balanced sampler needs random access, so
-        balance=sampler reads the chunks through EpochSampler instead (train_dataloader)."""
-        from railway_defect.data.streaming import AugmentedStream, TrainerEpochLoader
-
-        location, _ = self.streams["train"]
-        dataset: IterableDataset = AugmentedStream(location, self.train_transform, self.seed)
-        return TrainerEpochLoader(
-            dataset,
-            self._next_epoch,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self._pin_memory(),
-        )
-
     def _next_epoch(self) -> int:
         """The trainer's epoch; outside a trainer, each new iteration is the next epoch."""
         epoch = self._current_epoch()
@@ -512,13 +442,6 @@ class RailwayDataModule(LightningDataModule):
         if not self.has_split("test"):
             raise UserError(f"{self.root} has no Test split to evaluate.")
         return self._loader(self._dataset("test", self.eval_transform))
-
-
-def _readable(table: SampleTable) -> SampleTable:
-    """The rows of `table` whose file could be read (those with a content digest)."""
-    assert table.digests is not None
-    readable = table.digests != b""
-    return table if readable.all() else table.take(np.flatnonzero(readable))
 
 
 def _shared_across_splits(digests: np.ndarray, split_ids: np.ndarray) -> list[np.ndarray]:
