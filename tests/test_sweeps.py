@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,20 @@ def test_every_experiment_runs_in_one_sweep(tmp_path: Path, tiny_dataset: Path) 
     assert {row["status"] for row in rows.values()} == {"ok"}
 
 
+def sweep_final_models(sweep: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A sweep of tiny final models (data.train_on=train_and_val: nothing validates)."""
+    final = ("data.train_on=train_and_val", "callbacks.model_checkpoint.monitor=null")
+    return run_cli(
+        "railway_defect.train",
+        "-m",
+        *TINY,
+        *final,
+        *overrides,
+        f"data.root={data}",
+        f"hydra.sweep.dir={sweep}",
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -321,16 +336,7 @@ def test_a_sweep_of_a_train_and_val_recipe_is_refused_before_its_first_job(
 ) -> None:
     """Without validation a sweep has nothing to compare: one line, and no job starts."""
     sweep = tmp_path / "sweep"
-    result = run_cli(
-        "railway_defect.train",
-        "-m",
-        *TINY,
-        "data.train_on=train_and_val",
-        "callbacks.model_checkpoint.monitor=null",
-        *overrides,
-        f"data.root={tiny_dataset}",
-        f"hydra.sweep.dir={sweep}",
-    )
+    result = sweep_final_models(sweep, tiny_dataset, *overrides)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
@@ -342,17 +348,7 @@ def test_a_sweep_of_a_train_and_val_recipe_is_refused_before_its_first_job(
 def test_a_train_and_val_sweep_on_a_training_metric_runs(tmp_path: Path, tiny_dataset: Path) -> None:
     """The documented way to sweep final models anyway (e.g. seeds of an ensemble)."""
     sweep = tmp_path / "sweep"
-    result = run_cli(
-        "railway_defect.train",
-        "-m",
-        *TINY,
-        "data.train_on=train_and_val",
-        "callbacks.model_checkpoint.monitor=null",
-        "optimized_metric=train/acc",
-        "seed=1,2",
-        f"data.root={tiny_dataset}",
-        f"hydra.sweep.dir={sweep}",
-    )
+    result = sweep_final_models(sweep, tiny_dataset, "optimized_metric=train/acc", "seed=1,2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep)
     assert {row["status"] for row in rows.values()} == {"ok"}
