@@ -273,3 +273,24 @@ def test_a_checkpoint_written_at_9b081f6_loads_with_its_contract(tmp_path: Path)
     resaved = tmp_path / "new.ckpt"
     torch.save({"hyper_parameters": dict(predictor.model.hparams), "state_dict": model.state_dict()}, resaved)
     assert torch.load(resaved, weights_only=True)["hyper_parameters"]["contract"] == expected.to_dict()
+
+
+def test_validation_review_and_predict_score_a_photo_alike(
+    compose_train, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """One scoring: the validation loop (predictions_val.csv), the review notebook's evaluation
+    (inference.scoring, as evaluate scores) and predict give each validation photo one p."""
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "callbacks.model_checkpoint.monitor=null")
+    run_training(cfg)  # nothing selects: best.ckpt is the final epoch, whose scores the CSV holds
+    run_dir = Path(cfg.paths.output_dir)
+    validated = {r["path"]: float(r["p_Defective"]) for r in _read(run_dir / "predictions_val.csv")}
+
+    from railway_defect.review.runs import evaluate_checkpoint
+
+    reviewed = evaluate_checkpoint(run_dir, data_root=tiny_dataset)
+    by_review = dict(zip(map(str, reviewed.paths), reviewed.probs[:, reviewed.positive_index], strict=True))
+    run_prediction(str(run_dir), str(tiny_dataset / "Validation"), tmp_path / "p.csv", progress=False)
+    predicted = {r["path"]: float(r["p_Defective"]) for r in _read(tmp_path / "p.csv")}
+    assert set(validated) == set(by_review) == set(predicted) and len(validated) == 6
+    for path, p in validated.items():
+        assert by_review[path] == pytest.approx(p, abs=1e-5) and predicted[path] == pytest.approx(p, abs=1e-5)
