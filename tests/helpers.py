@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -111,6 +112,34 @@ def save_half_then_fail(real_save: Callable[..., None]) -> Callable[..., None]:
         if hasattr(f, "write"):
             f.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
+
+    return save
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after `room` bytes."""
+
+    def __init__(self, target: Any, room: int):
+        self.target, self.room = target, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.target.write(data)
+
+
+def save_into_a_full_disk(real_save: Callable[..., None]) -> Callable[..., None]:
+    """A torch.save whose file fills the disk halfway: torch's own writer then fails as it does on
+    a real full disk (a RuntimeError from its C++ writer, the OSError only as its context)."""
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        real_save(obj, _FullDisk(f, len(buffer.getvalue()) // 2), *args, **kwargs)
 
     return save
 

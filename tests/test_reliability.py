@@ -449,3 +449,39 @@ def test_predict_memory_stays_flat_over_thousands_of_files(
     run_prediction(str(checkpoint), str(tmp_path / "large"), tmp_path / "large.csv", progress=False)
     assert len((tmp_path / "large.csv").read_text().splitlines()) == 2001
     assert peak_mb() - warm < 40, f"peak RSS grew from {warm:.0f} MB to {peak_mb():.0f} MB"
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["first checkpoint", "after a resume"])
+def test_a_disk_that_fills_while_a_checkpoint_is_written_ends_in_one_line(
+    tmp_path: Path, tiny_dataset: Path, resumed: bool
+) -> None:
+    """torch.save on a full disk fails in its C++ writer (a RuntimeError, the OSError only its
+    context): the run still ends with the one `error:` line naming the file, the free space and
+    the way out, records why, and leaves the checkpoints already written as they were."""
+    run = tmp_path / "run"
+    args = [*FAST, f"data.root={tiny_dataset}", f"hydra.run.dir={run}"]
+    before = {}
+    if resumed:
+        assert run_cli("railway_defect.train", *args, "trainer.max_epochs=1").returncode == 0
+        before = {p.name: sha256(p) for p in (run / "checkpoints").glob("*.ckpt")}
+    code = (
+        "import sys, torch; from tests.helpers import save_into_a_full_disk; "
+        "torch.save = save_into_a_full_disk(torch.save); from railway_defect.train import cli; "
+        "sys.argv = ['railway-train', *sys.argv[1:]]; cli()"
+    )
+    extra = ["trainer.max_epochs=2", *(["ckpt_path=last"] if resumed else [])]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args, *extra],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {run / 'checkpoints'}") and "No space left on device" in last
+    assert "MB free" in last and "hydra.run.dir" in last and "Traceback" not in result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "No space left on device" in metrics["error"]
+    assert {p.name: sha256(p) for p in (run / "checkpoints").glob("*.ckpt")} == before

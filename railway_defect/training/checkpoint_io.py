@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from railway_defect.utils.errors import disk_error
 from railway_defect.utils.outputs import atomic_open, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -36,5 +37,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         for stale in remove_stale_temporaries(path):
             log.info("Removed %s, left by an interrupted checkpoint write.", stale)
-        with atomic_open(path, "wb") as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_open(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except RuntimeError as e:  # torch's writer reports a full disk as a RuntimeError
+            disk = disk_error(e)
+            if disk is None:
+                raise
+            raise OSError(disk.errno, disk.strerror, str(path)) from e

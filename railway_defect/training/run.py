@@ -41,7 +41,7 @@ from railway_defect.training.record import (
 )
 from railway_defect.training.shutdown import Watchdog, sigterm_watchdog
 from railway_defect.utils.console import print_config_tree
-from railway_defect.utils.errors import UserError
+from railway_defect.utils.errors import UserError, disk_error, user_message
 from railway_defect.utils.layout import in_multirun
 from railway_defect.utils.resources import configure_torch_threads, resolve_precision
 from railway_defect.utils.warning_filters import quiet_known_noise
@@ -169,7 +169,9 @@ def run_training(cfg: DictConfig) -> float | None:
         record.status = INTERRUPTED
         raise
     except Exception as e:
-        record.update(status=FAILED, error=f"{type(e).__name__}: {e}")
+        # a full disk in the words the console gives; anything else as raised
+        error = user_message(e) if disk_error(e) else f"{type(e).__name__}: {e}"
+        record.update(status=FAILED, error=error)
         raise
     finally:
         record.duration_s = round(time.perf_counter() - start, 1)
