@@ -418,3 +418,40 @@ def test_serve_answers_413_for_more_than_max_files() -> None:
     response = TestClient(app).post("/predict", files=files)
     assert response.status_code == 413, response.text
     assert "max_files=32" in response.json()["error"]
+
+
+def test_the_service_counts_requests_codes_latency_and_images(tmp_path: Path) -> None:
+    """GET /metrics in Prometheus' text format: requests by endpoint and code, latency, images."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from railway_defect.inference.model import load_predictor
+    from railway_defect.inference.predicting import Decision
+    from railway_defect.inference.service import create_app
+    from railway_defect.models.contract import ModelContract
+    from railway_defect.models.module import DefectClassifier
+
+    model = DefectClassifier(
+        "resnet18", ModelContract.for_backbone("resnet18", CLASSES, "Defective", 32), pretrained=False
+    )
+    torch.save(
+        {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, tmp_path / "m.ckpt"
+    )
+    client = TestClient(
+        create_app(load_predictor(tmp_path / "m.ckpt", "cpu"), Decision.from_config(0.5, 1.0, None))
+    )
+    photos = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(2)]
+    ok = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in photos])
+    assert ok.status_code == 200
+    assert client.post("/predict", files=[("files", ("empty.jpg", b"", "image/jpeg"))]).status_code == 400
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert samples[("railway_requests_total", (("code", "200"), ("endpoint", "/predict")))] == 1
+    assert samples[("railway_requests_total", (("code", "400"), ("endpoint", "/predict")))] == 1
+    assert samples[("railway_request_seconds_count", (("endpoint", "/predict"),))] == 2
+    assert samples[("railway_images_scored_total", ())] == 2

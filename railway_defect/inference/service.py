@@ -1,6 +1,7 @@
 """The HTTP scoring service (FastAPI): the model is loaded once; `POST /predict` scores the images of
 one multipart request in one batch and answers rows like predict's CSV; `GET /health` names the
-model. Bad uploads get a 4xx JSON error: {"error": ..., "files": [{"file", "error"}]}."""
+model; `GET /metrics` counts requests, status codes, latency and images (Prometheus). Bad uploads
+get a 4xx JSON error: {"error": ..., "files": [{"file", "error"}]}."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from railway_defect import __version__
 from railway_defect.data.images import DecodeError
 from railway_defect.inference.inputs import InputItem
 from railway_defect.inference.model import Predictor, load_predictor
+from railway_defect.inference.monitoring import ServiceMetrics
 from railway_defect.inference.predicting import Decision, flip_axes, prediction_row, score
 
 MB = 1024 * 1024
@@ -127,7 +129,7 @@ def create_app(
     max_files: int = 32,
 ) -> FastAPI:
     """The scoring service: GET /health (model, classes, threshold), POST /predict (multipart
-    `files`: images scored like `predict` does, one row each).
+    `files`: images scored like `predict` does, one row each), GET /metrics (Prometheus).
 
     Args:
         predictor: the model (checkpoint, ensemble, ONNX or TorchScript) from `load_predictor`.
@@ -137,6 +139,8 @@ def create_app(
     """
     app = FastAPI(title="railway_defect", version=__version__)
     scorer = UploadScorer(predictor, decision, flips, max_upload_mb, max_files)
+    monitoring = ServiceMetrics()
+    monitoring.install(app)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -154,6 +158,7 @@ def create_app(
         result = await run_in_threadpool(scorer.score, uploads)
         if isinstance(result, JSONResponse):
             return result
+        monitoring.images.inc(len(result))
         return {"model": predictor.model_id, "predictions": result}
 
     return app
