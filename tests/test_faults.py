@@ -455,3 +455,45 @@ def test_the_service_counts_requests_codes_latency_and_images(tmp_path: Path) ->
     assert samples[("railway_requests_total", (("code", "400"), ("endpoint", "/predict")))] == 1
     assert samples[("railway_request_seconds_count", (("endpoint", "/predict"),))] == 2
     assert samples[("railway_images_scored_total", ())] == 2
+
+
+def _rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the RSS from /proc")
+def test_the_service_stops_growing_after_a_warm_up(tmp_path: Path) -> None:
+    """Memory of a long-running service: after 50 requests of warm-up, 300 more (1-4 photos each,
+    a bad one among every six) add under 50 MB."""
+    from fastapi.testclient import TestClient
+
+    from railway_defect.inference.model import load_predictor
+    from railway_defect.inference.predicting import Decision
+    from railway_defect.inference.service import create_app
+    from railway_defect.models.contract import ModelContract
+    from railway_defect.models.module import DefectClassifier
+
+    model = DefectClassifier(
+        "resnet18", ModelContract.for_backbone("resnet18", CLASSES, "Defective", 64), pretrained=False
+    )
+    torch.save(
+        {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, tmp_path / "m.ckpt"
+    )
+    client = TestClient(
+        create_app(load_predictor(tmp_path / "m.ckpt", "cpu"), Decision.from_config(0.5, 1.0, None))
+    )
+    photos = [write_image(tmp_path / f"{i}.jpg", size=(320, 240), seed=i).read_bytes() for i in range(4)]
+
+    def send(i: int) -> None:
+        files = [("files", (f"{k}.jpg", photos[k], "image/jpeg")) for k in range(1 + i % 4)]
+        if i % 6 == 5:
+            files = [("files", ("bad.jpg", b"not an image", "image/jpeg"))]
+        assert client.post("/predict", files=files).status_code == (415 if i % 6 == 5 else 200)
+
+    for i in range(50):
+        send(i)
+    before = _rss_mb()
+    for i in range(300):
+        send(i)
+    assert _rss_mb() - before < 50
