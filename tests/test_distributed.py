@@ -326,3 +326,57 @@ def test_optuna_search_with_ddp_cpu_trials(tmp_path: Path, tiny_dataset: Path) -
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     for job in ("0", "1"):
         assert json.loads((sweep / job / "metrics.json").read_text())["world_size"] == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_data
+def test_two_torchrun_nodes_train_one_run_with_the_default_callbacks(tmp_path: Path) -> None:
+    """Two machines as torchrun starts them (here two nodes on 127.0.0.1, gloo, one process each):
+    `trainer=ddp_cpu trainer.num_nodes=2` trains one run with the default callbacks; rank 0 alone
+    writes metrics.json and the checkpoints, and the validation metrics cover both nodes' images
+    (equal to a single-process validation of the checkpoint)."""
+    run, port = tmp_path / "run", _free_port()
+    train = [*TINY_DDP[1:], "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=1"]
+    train += ["+trainer.limit_train_batches=2", f"hydra.run.dir={run}"]
+    nodes = [
+        _start(
+            tmp_path / f"node{rank}",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={rank}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "railway_defect.train",
+            *train,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=300) == 0, _stderr(tmp_path / f"node{rank}")[-3000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two nodes hung:\n{_stderr(tmp_path / 'node0')[-3000:]}")
+    finally:
+        for node in nodes:
+            _kill_group(node)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
+    dm = RailwayDataModule.from_settings(
+        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    (validated,) = trainer.validate(model, dm, verbose=False)
+    for name in VAL_METRICS:
+        assert metrics["val"][name] == pytest.approx(validated[name], abs=1e-5), name
