@@ -56,7 +56,7 @@ def main() -> None:
         root = make_synthetic_dataset(Path(tmp) / "data", 4, (800, 600)) if args.quick else args.data
         cfg = compose(root, Path(tmp) / "run", "resnet50", 224, args.batch_size, 1)
         dm = RailwayDataModule.from_settings(
-            root, batch_size=args.batch_size, train_transforms=instantiate(cfg.augmentation.transforms)
+            root=root, batch_size=args.batch_size, train_transforms=instantiate(cfg.augmentation.transforms)
         )
         start = time.perf_counter()
         dm.setup("fit")

@@ -188,7 +188,7 @@ def main() -> None:
         modules = {}
         for storage in ("memory", "stream"):
             dm = RailwayDataModule.from_settings(
-                root,
+                root=root,
                 image_size=IMAGE_SIZE,
                 cache_size=CACHE_SIZE,
                 batch_size=32,

@@ -3,12 +3,15 @@ disks in every command, data that was silently misread, an offline start and ser
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -428,15 +431,8 @@ def test_the_service_counts_requests_codes_latency_and_images(tmp_path: Path) ->
     from railway_defect.inference.model import load_predictor
     from railway_defect.inference.predicting import Decision
     from railway_defect.inference.service import create_app
-    from railway_defect.models.contract import ModelContract
-    from railway_defect.models.module import DefectClassifier
 
-    model = DefectClassifier(
-        "resnet18", ModelContract.for_backbone("resnet18", CLASSES, "Defective", 32), pretrained=False
-    )
-    torch.save(
-        {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, tmp_path / "m.ckpt"
-    )
+    tiny_checkpoint(tmp_path / "m.ckpt", 32)
     client = TestClient(
         create_app(load_predictor(tmp_path / "m.ckpt", "cpu"), Decision.from_config(0.5, 1.0, None))
     )
@@ -471,15 +467,8 @@ def test_the_service_stops_growing_after_a_warm_up(tmp_path: Path) -> None:
     from railway_defect.inference.model import load_predictor
     from railway_defect.inference.predicting import Decision
     from railway_defect.inference.service import create_app
-    from railway_defect.models.contract import ModelContract
-    from railway_defect.models.module import DefectClassifier
 
-    model = DefectClassifier(
-        "resnet18", ModelContract.for_backbone("resnet18", CLASSES, "Defective", 64), pretrained=False
-    )
-    torch.save(
-        {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, tmp_path / "m.ckpt"
-    )
+    tiny_checkpoint(tmp_path / "m.ckpt", 64)
     client = TestClient(
         create_app(load_predictor(tmp_path / "m.ckpt", "cpu"), Decision.from_config(0.5, 1.0, None))
     )
@@ -497,3 +486,122 @@ def test_the_service_stops_growing_after_a_warm_up(tmp_path: Path) -> None:
     for i in range(300):
         send(i)
     assert _rss_mb() - before < 50
+
+
+def tiny_checkpoint(path: Path, size: int) -> Path:
+    """A checkpoint of an untrained ResNet-18 at `size` px: what a service loads, in a second."""
+    from railway_defect.models.contract import ModelContract
+    from railway_defect.models.module import DefectClassifier
+
+    contract = ModelContract.for_backbone("resnet18", CLASSES, "Defective", size)
+    model = DefectClassifier("resnet18", contract, pretrained=False)
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    return path
+
+
+def test_a_request_not_scored_in_time_is_answered_503(tmp_path: Path, monkeypatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from railway_defect.inference import service
+    from railway_defect.inference.model import load_predictor
+    from railway_defect.inference.predicting import Decision
+
+    real = service.score
+    monkeypatch.setattr(service, "score", lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1])
+    predictor = load_predictor(tiny_checkpoint(tmp_path / "m.ckpt", 32), "cpu")
+    client = TestClient(
+        service.create_app(predictor, Decision.from_config(0.5, 1.0, None), request_timeout_s=0.2)
+    )
+    photo = write_image(tmp_path / "a.png").read_bytes()
+    response = client.post("/predict", files=[("files", ("a.png", photo, "image/png"))])
+    assert response.status_code == 503 and "request_timeout_s=0.2" in response.json()["error"]
+
+
+# the service with its scoring slowed by argv[1] seconds, to have a request in flight on demand
+SLOW_SERVICE = (
+    "import sys, time; import railway_defect.inference.service as service; real = service.score; "
+    "delay = float(sys.argv.pop(1)); service.score = lambda *a, **k: (time.sleep(delay), real(*a, **k))[1]; "
+    "from railway_defect.serve import main; main()"
+)
+
+
+def _serve(tmp_path: Path, *args: str, delay: float | None = None) -> tuple[subprocess.Popen, str]:
+    """A service process on a free port of 127.0.0.1, once it answers /health."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    checkpoint = tiny_checkpoint(tmp_path / "m.ckpt", 32)
+    options = [
+        f"ckpt_path={checkpoint}",
+        f"port={port}",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'serve'}",
+        *args,
+    ]
+    start = ["-c", SLOW_SERVICE, str(delay)] if delay else ["-m", "railway_defect.serve"]
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, *start, *options],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **OFFLINE_ENV},
+            stdout=log,
+            stderr=log,
+        )
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    while True:
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        assert time.monotonic() < deadline, "the service did not start within 180 s"
+        time.sleep(0.3)
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(tmp_path: Path) -> None:
+    """Graceful shutdown: a request being scored when SIGTERM arrives is answered, then the
+    service ends."""
+    import threading
+
+    import httpx
+
+    process, url = _serve(tmp_path, delay=2.0)
+    photo = write_image(tmp_path / "a.png").read_bytes()
+    answers: list[int] = []
+    request = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{url}/predict", files=[("files", ("a.png", photo, "image/png"))], timeout=60
+            ).status_code
+        )
+    )
+    try:
+        request.start()
+        time.sleep(0.8)  # the request is being scored (2 s)
+        process.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        # uvicorn drains, then ends by the signal itself (exit status 143 in a shell)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        process.kill()
+    assert answers == [200]
+
+
+def test_workers_serve_from_several_processes(tmp_path: Path) -> None:
+    """serve workers=2: two worker processes, each with the model loaded, answer requests."""
+    import httpx
+
+    process, url = _serve(tmp_path, "workers=2")
+    try:
+        pids = set()
+        for _ in range(60):  # a new connection each time: the kernel hands them to either worker
+            pids.add(httpx.get(f"{url}/health", timeout=10).json()["worker_pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2 and process.pid not in pids
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

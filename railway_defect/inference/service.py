@@ -5,6 +5,9 @@ get a 4xx JSON error: {"error": ..., "files": [{"file", "error"}]}."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +65,7 @@ class UploadScorer:
             "tta": bool(self.flips),
             "max_upload_mb": self.max_upload_mb,
             "max_files": self.max_files,
+            "worker_pid": os.getpid(),  # which worker process answered (serve workers=N)
         }
 
     def decode(self, name: str, data: bytes) -> InputItem:
@@ -127,6 +131,7 @@ def create_app(
     flips: tuple[int, ...] = (),
     max_upload_mb: float = 20,
     max_files: int = 32,
+    request_timeout_s: float = 60,
 ) -> FastAPI:
     """The scoring service: GET /health (model, classes, threshold), POST /predict (multipart
     `files`: images scored like `predict` does, one row each), GET /metrics (Prometheus).
@@ -136,6 +141,7 @@ def create_app(
         decision: the threshold and review band that label a score.
         flips: test-time flips averaged into each score (image axes: -1 horizontal, -2 vertical).
         max_upload_mb, max_files: per-request limits; beyond them the answer is 413.
+        request_timeout_s: a request not scored by then is answered 503 (the next may get through).
     """
     app = FastAPI(title="railway_defect", version=__version__)
     scorer = UploadScorer(predictor, decision, flips, max_upload_mb, max_files)
@@ -155,7 +161,12 @@ def create_app(
         uploads = await scorer.read_uploads(request)
         if isinstance(uploads, JSONResponse):
             return uploads
-        result = await run_in_threadpool(scorer.score, uploads)
+        try:
+            result = await asyncio.wait_for(run_in_threadpool(scorer.score, uploads), request_timeout_s)
+        except TimeoutError:
+            return _error(
+                503, f"not scored within request_timeout_s={request_timeout_s:g} s; try again later"
+            )
         if isinstance(result, JSONResponse):
             return result
         monitoring.images.inc(len(result))
@@ -174,9 +185,21 @@ def build_service(
     tta_flips: Sequence[str] = ("horizontal",),
     max_upload_mb: float = 20,
     max_files: int = 32,
+    request_timeout_s: float = 60,
 ) -> FastAPI:
     """The service for a model file or run/sweep directory, with the decision and test-time flips
     configured as predict's (conf/inference)."""
     predictor = load_predictor(model_path, device, threshold)
     decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
-    return create_app(predictor, decision, flip_axes(tta, list(tta_flips)), max_upload_mb, max_files)
+    flips = flip_axes(tta, list(tta_flips))
+    return create_app(predictor, decision, flips, max_upload_mb, max_files, request_timeout_s)
+
+
+# uvicorn's worker processes (serve workers=N) build their app from this JSON of build_service's
+# arguments, each loading the model once
+SERVICE_ARGUMENTS_ENV = "RAILWAY_SERVICE_ARGUMENTS"
+
+
+def service_from_environment() -> FastAPI:
+    """The app factory of a worker process (uvicorn's `factory=True`)."""
+    return build_service(**json.loads(os.environ[SERVICE_ARGUMENTS_ENV]))
