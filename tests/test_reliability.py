@@ -485,3 +485,29 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_ends_in_one_line(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "No space left on device" in metrics["error"]
     assert {p.name: sha256(p) for p in (run / "checkpoints").glob("*.ckpt")} == before
+
+
+def test_a_disk_that_fills_while_metrics_json_is_written_ends_in_one_line(
+    compose_train, tiny_dataset: Path, monkeypatch
+) -> None:
+    """The run record is the last thing a run writes: a full disk then is the same one line, and
+    the checkpoints the run wrote stay whole."""
+    from railway_defect.train import TRAIN_DISK_HINT
+    from railway_defect.training import record
+    from railway_defect.utils.commands import run_command
+
+    def full_disk(path: Path, data: object) -> None:
+        if json.loads(json.dumps(data, default=str)).get("status") in ("finished", "failed"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "trainer.max_epochs=1")
+    monkeypatch.setattr(record, "write_json_atomic", full_disk)
+    with pytest.raises(SystemExit) as stopped:
+        run_command(lambda: run_training(cfg), TRAIN_DISK_HINT)
+    message = str(stopped.value)
+    assert message.startswith(
+        f"error: cannot write {Path(cfg.paths.output_dir) / 'metrics.json'}: No space left"
+    )
+    assert "MB free" in message and "hydra.run.dir" in message and "\n" not in message
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert all("state_dict" in torch.load(p, weights_only=False) for p in checkpoints.glob("*.ckpt"))
