@@ -4,6 +4,7 @@ deterministic, DataLoader workers 0 on small CPUs, pinned memory only for a CUDA
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,9 @@ def test_memory_is_pinned_only_for_a_cuda_device(tmp_path: Path) -> None:
     assert dm._pin_memory() is False
     Strategy.root_device = torch.device("cuda", 0)
     assert dm._pin_memory() is True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_the_service_limits_malloc_arenas_where_glibc_allows() -> None:
+    """What keeps the service's memory from growing per request thread (BENCHMARKS.md section 10)."""
+    assert resources.limit_malloc_arenas(2) is True

@@ -24,6 +24,7 @@ from railway_defect.inference.inputs import InputItem
 from railway_defect.inference.model import Predictor, load_predictor
 from railway_defect.inference.monitoring import ServiceMetrics
 from railway_defect.inference.predicting import Decision, flip_axes, prediction_row, score
+from railway_defect.utils.resources import limit_malloc_arenas
 
 MB = 1024 * 1024
 # the start of the messages of starlette.formparsers.MultiPartParser for its max_files/max_fields
@@ -188,7 +189,9 @@ def build_service(
     request_timeout_s: float = 60,
 ) -> FastAPI:
     """The service for a model file or run/sweep directory, with the decision and test-time flips
-    configured as predict's (conf/inference)."""
+    configured as predict's (conf/inference). In every process that serves (each of workers=N),
+    before its request threads exist: fewer malloc arenas, so memory settles after a warm-up."""
+    limit_malloc_arenas()
     predictor = load_predictor(model_path, device, threshold)
     decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
     flips = flip_axes(tta, list(tta_flips))
