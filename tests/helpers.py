@@ -48,12 +48,15 @@ VAL_METRICS = (
 def write_image(
     path: Path, size: tuple[int, int] = (48, 40), label_index: int = 0, seed: int = 0, mode: str = "RGB"
 ) -> Path:
-    """A small image whose content depends on its class (a dark bar for class 0), saved by suffix."""
+    """A small image whose content depends on its class (a dark bar for class 0, none for class 1,
+    a bright band for class 2), saved by suffix."""
     rng = np.random.default_rng(seed)
     w, h = size
     pixels = rng.integers(90, 200, size=(h, w, 3), dtype=np.uint8)
     if label_index == 0:
         pixels[:, w // 3 : w // 3 + max(1, w // 8)] = 10
+    elif label_index == 2:
+        pixels[h // 3 : h // 3 + max(1, h // 6)] = 245
     image = Image.fromarray(pixels).convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

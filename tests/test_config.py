@@ -115,6 +115,7 @@ def test_every_group_choice_composes_and_builds(compose_train, group: str, choic
         image_size=cfg.data.image_size,
         cache_size=cfg.data.cache_size,
         harmonize=cfg.data.harmonize,
+        ordinal=None,
     )
     model = build_model(cfg, data, monitored_metric(callbacks))
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 2)

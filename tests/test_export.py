@@ -50,7 +50,7 @@ def test_onnx_export_uses_the_maintained_exporter(checkpoint: Path, tmp_path: Pa
     assert predictor.kind == "onnx" and predictor.contract.input_size == 64
     # one contract: the export's is the checkpoint's, at the threshold the model is used at
     source = load_predictor(checkpoint)
-    assert predictor.contract == source.contract.with_threshold(source.calibration.threshold)
+    assert predictor.contract == source.contract.with_rule(source.rule)
     with pytest.raises(UserError, match=f"opset={MIN_OPSET} or higher"):
         export_model(str(checkpoint), "onnx", tmp_path / "old.onnx", opset=17)
     assert not (tmp_path / "old.onnx").exists()

@@ -23,13 +23,18 @@ def probability_column(positive_class: str) -> str:
     return f"p_{positive_class}"
 
 
+def shown_classes(class_names: tuple[str, ...] | list[str], positive_index: int) -> list[int]:
+    """The classes whose p a predictions file gives: the positive one (binary), else every class."""
+    return [positive_index] if len(class_names) == 2 else list(range(len(class_names)))
+
+
 def _in_sample_order(trainer: Trainer, scores: torch.Tensor) -> torch.Tensor:
     """Every rank's scores, in the validation split's order. Lightning's validation sampler (a
     DistributedSampler without shuffling) gives rank r the images r, r + W, r + 2W, ... and pads
     the list so that all ranks score as many (the padding repeats the first images, and falls off
     the end here). A collective: every rank calls it at the same hook."""
-    gathered = trainer.strategy.all_gather(scores)  # (world_size, images per rank)
-    return gathered.transpose(0, 1).reshape(-1).cpu()
+    gathered = trainer.strategy.all_gather(scores)  # (world_size, images per rank, classes)
+    return gathered.transpose(0, 1).reshape(-1, *scores.shape[1:]).cpu()
 
 
 class ValidationPredictions(Callback):
@@ -53,7 +58,7 @@ class ValidationPredictions(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking and isinstance(outputs, torch.Tensor):
-            self._scores.append(outputs[:, pl_module.positive_index].detach().float().cpu())
+            self._scores.append(outputs.detach().float().cpu())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -75,11 +80,14 @@ class ValidationPredictions(Callback):
         if not trainer.is_global_zero:
             return
         samples = trainer.datamodule.splits[split]
-        scores = scores.tolist()
+        names = pl_module.contract.class_names
+        shown = shown_classes(names, pl_module.positive_index)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["path", "label", probability_column(pl_module.contract.positive_class), "epoch"])
+        writer.writerow(["path", "label", *(probability_column(names[i]) for i in shown), "epoch"])
         # limit_val_batches may have scored only the first images
-        for sample, score in zip(samples, scores, strict=False):
-            writer.writerow([str(sample.path), sample.label, f"{score:.6f}", trainer.current_epoch])
+        for sample, probs in zip(samples, scores[:, shown].tolist(), strict=False):
+            writer.writerow(
+                [str(sample.path), sample.label, *(f"{p:.6f}" for p in probs), trainer.current_epoch]
+            )
         write_text_atomic(Path(trainer.default_root_dir) / self.filenames[split], buffer.getvalue())

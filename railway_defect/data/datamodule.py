@@ -130,7 +130,7 @@ class RailwayDataModule(LightningDataModule):
         super().__init__()
         c = self.settings = settings
         self.root = Path(c.root).expanduser()
-        self.positive_class = c.positive_class
+        self.positive_class, self.ordinal = c.positive_class, c.ordinal
         self.url, self.sha256 = c.url, c.sha256
         self.val_fraction, self.seed, self.num_folds, self.fold = c.val_fraction, c.seed, c.num_folds, c.fold
         self.split_seed = c.seed if c.split_seed is None else c.split_seed
@@ -281,6 +281,12 @@ class RailwayDataModule(LightningDataModule):
             log.warning("... and %d more unreadable files.", len(failures) - REPORT_LIMIT)
 
     def _check_splits(self) -> None:
+        found = sorted({label for samples in self.splits.values() for label in label_counts(samples)})
+        if self.ordinal is not None and set(self.ordinal) != set(found):
+            raise UserError(
+                f"data.ordinal={list(self.ordinal)} must name every class of {self.root} once, in order "
+                f"(classes found: {', '.join(found)})."
+            )
         classes = self.classes
         if self.positive_class not in classes:
             raise UserError(
@@ -316,6 +322,7 @@ class RailwayDataModule(LightningDataModule):
             "root": str(self.root),
             "layout": self.index.layout,
             "classes": self.classes,
+            "ordinal": self.ordinal is not None,
             "positive_class": self.positive_class,
             "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
             "group_window_s": self.group_window_s,
@@ -349,6 +356,9 @@ class RailwayDataModule(LightningDataModule):
     # ---- what the model needs to know ---------------------------------------------------------
     @property
     def classes(self) -> list[str]:
+        """The class order of the model's outputs: data.ordinal's, else by name."""
+        if self.ordinal is not None:
+            return list(self.ordinal)
         return sorted({label for samples in self.splits.values() for label in label_counts(samples)})
 
     @property

@@ -19,6 +19,7 @@ class DataSettings:
     """Args:
     root / url / sha256: the data folder, and a zip to fetch when it is missing.
     positive_class: the class metrics refer to.
+    ordinal: the classes in their order, least to most severe; None = unordered (sorted by name).
     val_fraction, seed, num_folds, fold: how a validation split is made when the data have none,
         or which cross-validation fold validates; `seed` also orders and augments the batches.
     split_seed: the split's own seed (default `seed`): repeated training seeds on the same folds.
@@ -42,6 +43,7 @@ class DataSettings:
 
     root: str | Path
     positive_class: str = "Defective"
+    ordinal: tuple[str, ...] | None = None
     url: str | None = None
     sha256: str | None = None
     val_fraction: float = 0.2
@@ -70,6 +72,12 @@ class DataSettings:
     audit: bool = True
 
     def __post_init__(self) -> None:
+        if self.ordinal is not None:
+            object.__setattr__(self, "ordinal", tuple(str(c) for c in self.ordinal))
+            if len(set(self.ordinal)) != len(self.ordinal) or len(self.ordinal) < 2:
+                raise UserError(
+                    f"data.ordinal={list(self.ordinal)} must name two or more classes, each once."
+                )
         if self.train_on not in TRAIN_ON_MODES:
             raise UserError(f"data.train_on={self.train_on!r} is not one of {', '.join(TRAIN_ON_MODES)}.")
         try:

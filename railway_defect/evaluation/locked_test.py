@@ -21,6 +21,7 @@ from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.model import Predictor
 from railway_defect.inference.scoring import score_samples
 from railway_defect.sweeps.oof import format_metric
+from railway_defect.utils.class_report import class_markdown, class_report
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -63,17 +64,20 @@ def evaluate_locked_test(
     scored = score_samples(predictor, test[0], record=(record, test[1]), **scoring)
     logits, targets, skipped, samples = scored.logits, scored.targets, scored.skipped, scored.samples
     info, threshold = predictor.contract, predictor.calibration.threshold
-    p_positive = softmax(logits, predictor.calibration.temperature)[:, info.positive_index]
+    probs = softmax(logits, predictor.calibration.temperature)
+    p_positive = probs[:, info.positive_index]
     is_positive = targets == info.positive_index
     negative = negative_label(info.class_names, info.positive_class)
     settings = dict(confidence=confidence, resamples=bootstrap, seed=seed)
     metrics = binary_metrics(is_positive, p_positive, threshold, info.positive_class, negative, **settings)
-    predictions = write_predictions(out / "predictions_test.csv", samples, p_positive, threshold, info)
+    predictions = write_predictions(out / "predictions_test.csv", samples, probs, predictor.rule, info)
     report = {
         "model": {**predictor.describe(), "sha256": predictor.sha256},
         "data": {"root": str(root), "splits": str(record), "split": "Test (locked)", "n": int(targets.size)},
         "threshold": {"value": threshold, "chosen_on": predictor.calibration.details or "the recipe"},
         "metrics": {"at_threshold": metrics},
+        "decision_rule": predictor.rule.describe(info.class_names),
+        "classes": class_report(info.class_names, info.ordinal, predictor.rule, targets, probs, **settings),
         "skipped": skipped,
         "predictions": str(predictions),
         "scored_at": datetime.now().isoformat(timespec="seconds"),
@@ -97,4 +101,6 @@ def markdown(report: dict[str, Any]) -> list[str]:
         "are held-out numbers. 95% intervals.",
         "",
         *md_table(["metric", "value"], rows),
+        "",
+        *class_markdown(report.get("classes")),
     ]

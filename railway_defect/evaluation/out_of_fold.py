@@ -43,10 +43,8 @@ def _check_same_recipe(predictor: Predictor, sweep: Path) -> None:
     members = model_checkpoints(sweep) if sweep.is_dir() else []
     if len(members) < 2:
         raise UserError(f"oof={sweep} is not a cross-validation sweep directory (it holds one model).")
-    ours = predictor.contract.with_threshold(0.5).to_dict()  # thresholds may differ, preprocessing not
-    theirs = [
-        ModelContract.from_hparams(checkpoint_hparams(m)).with_threshold(0.5).to_dict() for m in members
-    ]
+    ours = predictor.contract.without_rule().to_dict()  # thresholds may differ, preprocessing not
+    theirs = [ModelContract.from_hparams(checkpoint_hparams(m)).without_rule().to_dict() for m in members]
     differing = sorted({k for info in theirs for k in ours if ours[k] != info[k]})
     if differing:
         raise UserError(

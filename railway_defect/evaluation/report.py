@@ -37,6 +37,8 @@ from railway_defect.inference.model import (
     write_calibration,
 )
 from railway_defect.inference.scoring import score_samples
+from railway_defect.utils.class_report import class_markdown, class_report
+from railway_defect.utils.decision import Costs, DecisionRule, check_costs, threshold_for_costs
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import run_dir_of
 from railway_defect.utils.markdown import md_table
@@ -98,39 +100,55 @@ def run_evaluation(
     store_calibration: bool = True,
     device: str = "auto",
     oof: str | None = None,
+    costs: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Score a model on a split of its run's data (metrics with intervals; threshold for
     `target_recall` and temperature fitted on Validation, stored beside the model) into
     `output_dir` (default <run>/evaluation/<model>_<split>/). `ckpt_path`: checkpoint, run, CV sweep
     (an ensemble: its out-of-fold predictions) or export; `splits`: `run` (its splits.csv),
     `resplit` (`val_fraction`, `seed`) or a splits.csv; `oof`: the CV sweep of the recipe, to
-    choose the threshold of a final model trained on every labelled photo. conf/evaluate.yaml."""
+    choose the threshold of a final model trained on every labelled photo; `costs`: a K x K cost
+    matrix (true x predicted) whose least expected cost decides instead (binary: the threshold it
+    implies). conf/evaluate.yaml."""
     if not 0.0 < target_recall <= 1.0:
         raise UserError(f"target_recall={target_recall} must be in (0, 1].")
     predictor = load_predictor(ckpt_path, device)
+    checked_costs = None if costs is None else check_costs(costs, predictor.contract.class_names)
     if oof or isinstance(predictor, EnsemblePredictor):
         return evaluate_out_of_fold(predictor, target_recall, oof, output_dir, store_calibration, bootstrap)
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
-    record = run_dir_of(predictor.path) / SPLITS_FILE
-    wants_test = split is None or SPLIT_ALIASES.get(str(split).strip().lower()) == "test"
-    if (locked := locked_test_split(record, root) if splits == "run" and wants_test else None) is not None:
-        out, scoring = (
-            _output_dir(predictor, output_dir, "test"),
-            {"batch_size": batch_size, "cache_dir": cache_dir},
-        )
+    root = _existing_root(data_root)
+    record, locked = _locked_test(predictor, root, split, splits)
+    if locked is not None:
+        scoring = {"batch_size": batch_size, "cache_dir": cache_dir}
+        out = _output_dir(predictor, output_dir, "test")
         return evaluate_locked_test(
             predictor, root, record, locked, out, scoring, confidence, bootstrap, seed
         )
     scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
-    fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall)
+    fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall, checked_costs)
     out = _output_dir(predictor, output_dir, scored.split_key)
     written = write_outputs(predictor, root, scored, fitted, target_recall, ece_bins, out, store_calibration)
     common = _metric_settings(predictor.contract, confidence, bootstrap, seed)
     report = build_report(predictor, root, scored, fitted, target_recall, ece_bins, common, written)
     _write_report(out, report)
     return report
+
+
+def _existing_root(data_root: str) -> Path:
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"Data folder {root} does not exist; set data.root=PATH.")
+    return root
+
+
+def _locked_test(
+    predictor: Predictor, root: Path, split: str | None, splits: str
+) -> tuple[Path, tuple[list[Sample], dict[Path, str]] | None]:
+    """The run's split record, and its locked Test split when evaluate is to score that split
+    (splits=run and split test or unset); None when there is none to score."""
+    record = run_dir_of(predictor.path) / SPLITS_FILE
+    wants_test = split is None or SPLIT_ALIASES.get(str(split).strip().lower()) == "test"
+    return record, locked_test_split(record, root) if splits == "run" and wants_test else None
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
@@ -170,6 +188,13 @@ class Fitted:
     val_probs: np.ndarray
     probs_before: np.ndarray
     probs: np.ndarray
+    positive_index: int
+    # the cost matrix that decides (K classes); binary costs become `threshold`
+    costs: Costs | None = None
+
+    @property
+    def rule(self) -> DecisionRule:
+        return DecisionRule(self.positive_index, self.threshold, self.costs)
 
 
 def score_splits(
@@ -210,17 +235,24 @@ def score_splits(
     return Scored(index, record, split_key, val_logits, val_targets, logits, targets, samples, skipped)
 
 
-def fit_calibration(scored: Scored, pos: int, target_recall: float) -> Fitted:
-    """Temperature (NLL) and the threshold reaching `target_recall`, both on Validation."""
+def fit_calibration(scored: Scored, pos: int, target_recall: float, costs: Costs | None = None) -> Fitted:
+    """Temperature (NLL) on Validation; the threshold reaching `target_recall` on Validation, or
+    the one binary `costs` imply (K-class costs decide themselves; the threshold then only centres
+    predict's review band)."""
     temperature = fit_temperature(scored.val_logits, scored.val_targets)
     val_probs = softmax(scored.val_logits, temperature)
-    threshold = choose_threshold(scored.val_targets == pos, val_probs[:, pos], target_recall)
+    if costs is not None and val_probs.shape[1] == 2:
+        threshold, costs = threshold_for_costs(costs, pos), None
+    else:
+        threshold = choose_threshold(scored.val_targets == pos, val_probs[:, pos], target_recall)
     return Fitted(
         temperature,
         threshold,
         val_probs,
         softmax(scored.logits, 1.0),
         softmax(scored.logits, temperature),
+        pos,
+        costs,
     )
 
 
@@ -245,7 +277,7 @@ def write_outputs(
     store_calibration: bool,
 ) -> dict[str, Any]:
     """The reliability diagram, the per-image scores, and the calibration beside the model."""
-    targets, pos = scored.targets, predictor.contract.positive_index
+    targets = scored.targets
     reliability = _reliability(fitted, targets, bins, out / "reliability.png")
     calibration = Calibration(
         threshold=fitted.threshold,
@@ -257,14 +289,13 @@ def write_outputs(
             "validation_images": int(scored.val_targets.size),
             "fitted_at": datetime.now().isoformat(timespec="seconds"),
         },
+        costs=fitted.costs,
     )
     sidecar = None
     if store_calibration:
         sidecar = write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
     name = f"predictions_{SPLIT_TITLES[scored.split_key].lower()}.csv"
-    predictions = write_predictions(
-        out / name, scored.samples, fitted.probs[:, pos], fitted.threshold, predictor.contract
-    )
+    predictions = write_predictions(out / name, scored.samples, fitted.probs, fitted.rule, predictor.contract)
     return {
         **reliability,
         "calibration_file": str(sidecar) if sidecar else None,
@@ -331,25 +362,41 @@ def build_report(
                 scored.val_targets == pos, fitted.val_probs[:, pos], fitted.threshold, **common
             ),
         },
-        "calibration": {
-            "temperature": fitted.temperature,
-            "fitted_on": "Validation",
-            "bins": bins,
-            "ece_before": written["ece_before"],
-            "ece_after": written["ece_after"],
-            "in_sample": scored.split_key == "val",
-            "reliability": written["reliability"],
-        },
+        "calibration": _calibration_block(scored, fitted, bins, written),
         "metrics": {
             "at_0.5": binary_metrics(is_positive, scores, 0.5, **common),
             "at_threshold": binary_metrics(is_positive, scores, fitted.threshold, **common),
         },
+        "decision_rule": fitted.rule.describe(info.class_names),
+        "classes": class_report(
+            info.class_names,
+            info.ordinal,
+            fitted.rule,
+            targets,
+            fitted.probs,
+            common["confidence"],
+            common["resamples"],
+            common["seed"],
+        ),
         "calibration_file": written["calibration_file"],
         "figures": {"reliability": "reliability.png"},
         "predictions": written["predictions"],
         "output_dir": written["output_dir"],
         # on the images scored here
         "shortcut_audit": audit_and_warn(scored.samples, root, predictor.contract.harmonize),
+    }
+
+
+def _calibration_block(scored: Scored, fitted: Fitted, bins: int, written: dict[str, Any]) -> dict[str, Any]:
+    """The temperature fitted on Validation and the calibration error before and after it."""
+    return {
+        "temperature": fitted.temperature,
+        "fitted_on": "Validation",
+        "bins": bins,
+        "ece_before": written["ece_before"],
+        "ece_after": written["ece_after"],
+        "in_sample": scored.split_key == "val",
+        "reliability": written["reliability"],
     }
 
 
@@ -404,11 +451,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *_confusion(report["metrics"]["at_0.5"]),
         "",
+        *class_markdown(report.get("classes")),
         "## Calibration",
         "",
-        f"Temperature scaling fitted on Validation: T = {cal['temperature']:.3f}. Expected calibration "
-        f"error ({cal['bins']} bins) on {data['split']}: {cal['ece_before']:.4f} before, "
-        f"{cal['ece_after']:.4f} after."
+        f"Temperature scaling fitted on Validation: T = {cal['temperature']:.3f}, one for all classes. "
+        f"Expected calibration error (top label, {cal['bins']} bins) on {data['split']}: "
+        f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after."
         + (" (In-sample: the temperature was fitted on these images.)" if cal["in_sample"] else ""),
         "",
         "![reliability diagram](reliability.png)",

@@ -38,7 +38,7 @@ MIN_OPSET = 18
 def export_metadata(predictor: Predictor) -> dict[str, Any]:
     return {
         # the contract, with the threshold the model is used at (evaluate's, else the recipe's)
-        **predictor.contract.with_threshold(predictor.calibration.threshold).to_dict(),
+        **predictor.contract.with_rule(predictor.rule).to_dict(),
         # its name in exports written before the contract (decode_size), for readers of those
         "cache_size": predictor.contract.decode_size,
         "temperature": predictor.calibration.temperature,

@@ -18,6 +18,7 @@ from torch import nn
 from railway_defect.data.images import decode_image
 from railway_defect.data.transforms import build_transform
 from railway_defect.models.contract import ModelContract
+from railway_defect.utils.decision import Costs, DecisionRule
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import has_record, job_dirs
 from railway_defect.utils.outputs import write_json_atomic
@@ -43,12 +44,19 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The operating threshold on p(positive) and the softmax temperature, fitted by evaluate."""
+    """The decision rule (threshold on p(positive), or costs) and the softmax temperature, fitted
+    by evaluate."""
 
     threshold: float = 0.5
     temperature: float = 1.0
     # how they were chosen (target recall, split, model hash), for the record
     details: dict[str, Any] = field(default_factory=dict)
+    # a K x K cost matrix that decides instead of the threshold (models/decision.py)
+    costs: Costs | None = None
+
+    def __post_init__(self) -> None:
+        if self.costs is not None:  # JSON gives lists; a rule is compared and hashed
+            object.__setattr__(self, "costs", tuple(tuple(float(v) for v in row) for row in self.costs))
 
 
 def calibration_path(model_path: str | Path) -> Path:
@@ -67,7 +75,7 @@ def write_calibration(
     they complete (for the record: the model file's own contract is the one read)."""
     path = calibration_path(model_path)
     record = {**asdict(calibration), "model_sha256": model_sha256}
-    record["contract"] = contract.with_threshold(calibration.threshold).to_dict()
+    record["contract"] = contract.with_rule(rule_of(contract, calibration)).to_dict()
     write_json_atomic(path, record)
     return path
 
@@ -80,7 +88,7 @@ def read_calibration(model_path: Path, model_sha256: str) -> Calibration | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         calibration = Calibration(
-            float(data["threshold"]), float(data["temperature"]), data.get("details", {})
+            float(data["threshold"]), float(data["temperature"]), data.get("details", {}), data.get("costs")
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("Ignoring unreadable %s (%s).", path, e)
@@ -91,6 +99,12 @@ def read_calibration(model_path: Path, model_sha256: str) -> Calibration | None:
         )
         return None
     return calibration
+
+
+def rule_of(contract: ModelContract, calibration: Calibration) -> DecisionRule:
+    """The rule a model decides by: its classes' positive index with the calibration's threshold
+    and costs."""
+    return DecisionRule(contract.positive_index, calibration.threshold, calibration.costs)
 
 
 class Predictor:
@@ -110,6 +124,10 @@ class Predictor:
         self.path, self.sha256, self.calibration, self.kind = path, sha256, calibration, kind
         self.contract = contract
         self.transform = build_transform([], contract.input_size, contract.mean, contract.std)
+
+    @property
+    def rule(self) -> DecisionRule:
+        return rule_of(self.contract, self.calibration)
 
     @property
     def model_id(self) -> str:
@@ -146,6 +164,8 @@ class Predictor:
             "classes": list(self.contract.class_names),
             "positive_class": self.contract.positive_class,
             "threshold": self.calibration.threshold,
+            "costs": _plain(self.calibration.costs),
+            "ordinal": self.contract.ordinal,
             "temperature": self.calibration.temperature,
             "input_size": self.contract.input_size,
         }
@@ -175,7 +195,7 @@ def _recipe_calibration(contract: ModelContract) -> Calibration:
     """The threshold the training recipe set (model.decision_threshold; 0.5 for older checkpoints)."""
     threshold = contract.threshold
     details = {} if threshold == 0.5 else {"threshold": "model.decision_threshold of the training recipe"}
-    return Calibration(threshold, 1.0, details)
+    return Calibration(threshold, 1.0, details, contract.costs)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -200,16 +220,14 @@ class EnsemblePredictor(Predictor):
     Each saw a different part of the data, so their mean is steadier than any one of them."""
 
     def __init__(self, path: Path, members: list[CheckpointPredictor]):
-        preprocessing = {
-            json.dumps(m.contract.with_threshold(0.5).to_dict(), sort_keys=True) for m in members
-        }
+        preprocessing = {json.dumps(m.contract.without_rule().to_dict(), sort_keys=True) for m in members}
         if len(preprocessing) > 1:
             raise UserError(f"The models in {path} differ in classes or preprocessing; pass one run instead.")
         self.members = members
         sha256 = hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest()
-        thresholds = {m.calibration.threshold for m in members}
-        calibration = members[0].calibration if len(thresholds) == 1 else Calibration()
-        contract = members[0].contract.with_threshold(calibration.threshold)
+        rules = {(m.calibration.threshold, m.calibration.costs) for m in members}
+        calibration = members[0].calibration if len(rules) == 1 else Calibration()
+        contract = members[0].contract.with_rule(rule_of(members[0].contract, calibration))
         super().__init__(path, sha256, contract, calibration, "ensemble")
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -264,7 +282,15 @@ def _torch_device(device: str) -> torch.device:
 
 
 def _embedded_calibration(metadata: dict[str, Any]) -> Calibration:
-    return Calibration(float(metadata.get("threshold", 0.5)), float(metadata.get("temperature", 1.0)))
+    return Calibration(
+        float(metadata.get("threshold", 0.5)),
+        float(metadata.get("temperature", 1.0)),
+        costs=metadata.get("costs"),
+    )
+
+
+def _plain(costs: Costs | None) -> list[list[float]] | None:
+    return None if costs is None else [list(row) for row in costs]
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -343,6 +369,8 @@ def load_predictor(
         if not 0.0 <= threshold <= 1.0:
             raise UserError(f"threshold={threshold} must be between 0 and 1.")
         calibration = Calibration(float(threshold), calibration.temperature, {"threshold": "given"})
+        if predictor.calibration.costs is not None:
+            log.warning("threshold=%s replaces the stored cost matrix as the decision rule.", threshold)
     predictor.calibration = calibration
     log.info(
         "Model %s (%s, %s): threshold %.4g, temperature %.4g.",

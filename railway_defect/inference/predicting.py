@@ -26,6 +26,8 @@ from railway_defect.inference.inputs import (
     list_sources,
 )
 from railway_defect.inference.model import CheckpointPredictor, Predictor, load_predictor
+from railway_defect.models.contract import ModelContract
+from railway_defect.utils.decision import Costs, DecisionRule, top_classes
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import atomic_path
 
@@ -34,30 +36,36 @@ log = logging.getLogger(__name__)
 FLIP_AXES = {"horizontal": -1, "vertical": -2}
 
 
-def columns(positive_class: str) -> list[str]:
-    return [
-        "path",
-        "frame",
-        "time_s",
-        f"p_{positive_class}",
-        "label",
-        "threshold",
-        "needs_review",
-        "error",
-        "model",
-    ]
+def columns(class_names: Sequence[str], positive_class: str, top_k: int | None = None) -> list[str]:
+    """Binary models: p of the positive class; K classes: p of each class and of the label; with
+    `top_k`, the k likeliest classes and their p."""
+    if len(class_names) == 2:
+        probabilities = [f"p_{positive_class}", "label"]
+    else:
+        probabilities = [*(f"p_{c}" for c in class_names), "label", "p_label"]
+    top = [name for i in range(1, (top_k or 0) + 1) for name in (f"top{i}", f"p_top{i}")]
+    return ["path", "frame", "time_s", *probabilities, *top, "threshold", "needs_review", "error", "model"]
 
 
 @dataclass(frozen=True)
 class Decision:
-    """How a probability becomes a label and a review flag."""
+    """How probabilities become a row: the label (a threshold on p(positive), or `costs`:
+    models/decision.py), a review flag when p(positive) is in `review_band`, and the `top_k`
+    likeliest classes."""
 
     threshold: float
     review_band: tuple[float, float]
+    costs: Costs | None = None
+    top_k: int | None = None
 
     @classmethod
     def from_config(
-        cls, threshold: float, review_margin: float, review_band: Sequence[float] | None
+        cls,
+        threshold: float,
+        review_margin: float,
+        review_band: Sequence[float] | None,
+        costs: Costs | None = None,
+        top_k: int | None = None,
     ) -> Decision:
         """The band is `review_band` if given, else the threshold ± `review_margin` in log-odds
         (threshold 0.5, margin 1: [0.27, 0.73]; threshold 0.14: [0.057, 0.31])."""
@@ -71,31 +79,70 @@ class Decision:
             t = min(max(threshold, 1e-6), 1 - 1e-6)
             logit = math.log(t / (1 - t))
             low, high = (1 / (1 + math.exp(-(logit + d))) for d in (-review_margin, review_margin))
-        return cls(threshold, (round(low, 6), round(high, 6)))
+        return cls(threshold, (round(low, 6), round(high, 6)), costs, top_k)
+
+    @classmethod
+    def for_model(
+        cls,
+        predictor: Predictor,
+        review_margin: float,
+        review_band: Sequence[float] | None,
+        top_k: int | None,
+    ) -> Decision:
+        """The model's own rule (threshold or costs, from evaluate); `top_k` checked against its classes."""
+        classes = predictor.contract.class_names
+        if top_k is not None and not 1 <= top_k <= len(classes):
+            raise UserError(
+                f"top_k={top_k}: the model has {len(classes)} classes ({', '.join(classes)}); "
+                f"use 1 to {len(classes)}, or top_k=null."
+            )
+        rule = predictor.rule
+        return cls.from_config(rule.threshold, review_margin, review_band, rule.costs, top_k)
+
+    def label_index(self, probs: np.ndarray, positive_index: int) -> int:
+        return int(DecisionRule(positive_index, self.threshold, self.costs).labels(probs[None])[0])
 
     def label(self, probs: np.ndarray, class_names: Sequence[str], positive_index: int) -> str:
-        """The positive class at or above the threshold, else the most likely other class."""
-        if probs[positive_index] >= self.threshold:
-            return class_names[positive_index]
-        others = [i for i in range(len(class_names)) if i != positive_index]
-        return class_names[max(others, key=lambda i: probs[i])]
+        """The positive class at or above the threshold, else the most likely other class (or, with
+        costs, the class of least expected cost)."""
+        return class_names[self.label_index(probs, positive_index)]
 
     def needs_review(self, p: float) -> bool:
         return self.review_band[0] <= p <= self.review_band[1]
+
+
+def _probability_values(
+    probs: np.ndarray | None, contract: ModelContract, decision: Decision
+) -> dict[str, Any]:
+    """The probability, label and top-k cells of a row (None for an item that was not scored)."""
+    names, pos = contract.class_names, contract.positive_index
+    label = None if probs is None else decision.label_index(probs, pos)
+    cells = {"label": None if label is None else names[label]}
+    if len(names) == 2:
+        cells[f"p_{names[pos]}"] = None if probs is None else round(float(probs[pos]), 6)
+    else:
+        for i, name in enumerate(names):
+            cells[f"p_{name}"] = None if probs is None else round(float(probs[i]), 6)
+        cells["p_label"] = None if probs is None else round(float(probs[label]), 6)
+    for rank in range(decision.top_k or 0):
+        top = None if probs is None else int(top_classes(probs, decision.top_k)[rank])
+        cells[f"top{rank + 1}"] = None if top is None else names[top]
+        cells[f"p_top{rank + 1}"] = None if top is None else round(float(probs[top]), 6)
+    return cells
 
 
 def prediction_row(
     item: InputItem, probs: np.ndarray | None, predictor: Predictor, decision: Decision
 ) -> dict[str, Any]:
     """One row, in `columns` order, with plain Python values (None where there is no value)."""
-    info = predictor.contract
-    p = None if probs is None else float(probs[info.positive_index])
+    contract = predictor.contract
+    cells = _probability_values(probs, contract, decision)
+    p = None if probs is None else float(probs[contract.positive_index])
+    row = {"path": item.path, "frame": item.frame, "time_s": item.time_s}
+    names = columns(contract.class_names, contract.positive_class, decision.top_k)
     return {
-        "path": item.path,
-        "frame": item.frame,
-        "time_s": item.time_s,
-        f"p_{info.positive_class}": None if p is None else round(p, 6),
-        "label": None if probs is None else decision.label(probs, info.class_names, info.positive_index),
+        **row,
+        **{name: cells[name] for name in names if name in cells},
         "threshold": round(decision.threshold, 6),
         "needs_review": None if p is None else decision.needs_review(p),
         "error": item.error,
@@ -254,6 +301,7 @@ def run_prediction(
     device: str = "auto",
     workers: int | None = None,
     progress: bool = True,
+    top_k: int | None = None,
 ) -> PredictionSummary:
     """Score every input of `input` and write one CSV row per image or video frame."""
     if batch_size < 1:
@@ -264,13 +312,13 @@ def run_prediction(
     predictor = load_predictor(model_path, device, threshold)
     if gradcam_dir and not isinstance(predictor, CheckpointPredictor):
         raise UserError("gradcam_dir needs the training checkpoint (ckpt_path=...), not an exported model.")
-    decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
+    decision = Decision.for_model(predictor, review_margin, review_band, top_k)
     flips = flip_axes(tta, tta_flips)
     summary = PredictionSummary(0, 0, 0, 0, output)
 
     with (
         _progress(progress) as bar,
-        CsvRowWriter(output, columns(predictor.contract.positive_class)) as writer,
+        CsvRowWriter(output, _columns(predictor, decision)) as writer,
     ):
         task = bar.add_task("predict", total=len(sources), failed=0)
 
@@ -288,6 +336,10 @@ def run_prediction(
             summary.add(rows, predictor.contract.positive_class)
             bar.update(task, advance=len(rows), failed=summary.failed)
     return summary
+
+
+def _columns(predictor: Predictor, decision: Decision) -> list[str]:
+    return columns(predictor.contract.class_names, predictor.contract.positive_class, decision.top_k)
 
 
 def _inputs(

@@ -63,6 +63,7 @@ class UploadScorer:
             "status": "ok",
             **self.predictor.describe(),
             "review_band": list(self.decision.review_band),
+            "top_k": self.decision.top_k,
             "tta": bool(self.flips),
             "max_upload_mb": self.max_upload_mb,
             "max_files": self.max_files,
@@ -187,13 +188,14 @@ def build_service(
     max_upload_mb: float = 20,
     max_files: int = 32,
     request_timeout_s: float = 60,
+    top_k: int | None = None,
 ) -> FastAPI:
     """The service for a model file or run/sweep directory, with the decision and test-time flips
     configured as predict's (conf/inference). In every process that serves (each of workers=N),
     before its request threads exist: fewer malloc arenas, so memory settles after a warm-up."""
     limit_malloc_arenas()
     predictor = load_predictor(model_path, device, threshold)
-    decision = Decision.from_config(predictor.calibration.threshold, review_margin, review_band)
+    decision = Decision.for_model(predictor, review_margin, review_band, top_k)
     flips = flip_axes(tta, list(tta_flips))
     return create_app(predictor, decision, flips, max_upload_mb, max_files, request_timeout_s)
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from railway_defect.models.backbones import get_spec
+from railway_defect.utils.decision import Costs, DecisionRule, check_costs
 from railway_defect.utils.errors import UserError
 
 # what checkpoints from before decode sizes were recorded were decoded with: the data default
@@ -28,6 +29,10 @@ class ModelContract:
     threshold: the decision rule: p(positive) at which a photo is called positive (the recipe's
         model.decision_threshold; evaluate's calibration file may supersede it).
     backbone: the architecture, for the record.
+    costs: a K x K cost matrix (true x predicted) that decides instead of the threshold (evaluate
+        costs=...; models/decision.py).
+    ordinal: the classes are ordered, in `class_names` order (data.ordinal): the report then
+        counts errors by distance.
     """
 
     class_names: tuple[str, ...]
@@ -39,9 +44,13 @@ class ModelContract:
     harmonize: str = "none"
     threshold: float = 0.5
     backbone: str | None = None
+    costs: Costs | None = None
+    ordinal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if self.costs is not None:
+            object.__setattr__(self, "costs", check_costs(self.costs, self.class_names))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.positive_class not in self.class_names:
@@ -55,6 +64,10 @@ class ModelContract:
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
 
+    @property
+    def rule(self) -> DecisionRule:
+        return DecisionRule(self.positive_index, self.threshold, self.costs)
+
     @classmethod
     def for_backbone(
         cls,
@@ -65,6 +78,7 @@ class ModelContract:
         decode_size: int | None = None,
         harmonize: str = "none",
         threshold: float = 0.5,
+        ordinal: bool = False,
     ) -> ModelContract:
         """The contract of `backbone` on this data: its normalisation, and its native input size
         unless the data says otherwise (decode size: the input size unless given)."""
@@ -82,14 +96,19 @@ class ModelContract:
             harmonize,
             float(threshold),
             backbone,
+            ordinal=ordinal,
         )
 
-    def with_threshold(self, threshold: float) -> ModelContract:
-        return replace(self, threshold=float(threshold))
+    def with_rule(self, rule: DecisionRule) -> ModelContract:
+        return replace(self, threshold=float(rule.threshold), costs=rule.costs)
+
+    def without_rule(self) -> ModelContract:
+        """What models must share to be averaged or compared: everything but the decision rule."""
+        return replace(self, threshold=0.5, costs=None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists, not tuples): JSON and `torch.load(weights_only=True)` read them."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: _plain(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelContract:
@@ -119,3 +138,7 @@ class ModelContract:
         if "contract" in hparams:
             return cls.from_dict(dict(hparams["contract"]))
         return cls.from_dict(dict(hparams))
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value

@@ -69,15 +69,14 @@ def estimate(
     if sorted(inner) != list(range(outer_folds)) or sorted(refit_files) != list(range(outer_folds)):
         return None
     thresholds = {k: inner[k].one_model_threshold for k in range(outer_folds)}
+    positive = inner[0].positive_class
+    column = f"p_{positive}"  # K-class files give every class; the estimate is of the positive one
     scores = [
         OuterScore(row["path"], row["label"], float(row[column]), thresholds[k], k, seed)
         for k in range(outer_folds)
         for seed, file in refit_files[k]
-        for rows in [_rows(file)]
-        for column in [next(c for c in rows[0] if c.startswith("p_"))]
-        for row in rows
+        for row in _rows(file)
     ]
-    positive = inner[0].positive_class
     result = NestedEstimate(configuration, positive, outer_folds, target_recall, scores, thresholds)
     result.metrics = {seed: _seed_metrics(result, seed, resamples) for seed in result.seeds()}
     return result

@@ -17,6 +17,8 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 from railway_defect.data.strata import image_size_strata
+from railway_defect.utils.class_report import class_markdown, class_report
+from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -32,6 +34,8 @@ class ImagePrediction:
     path: str
     label: str
     scores: list[float] = field(default_factory=list)
+    # K classes: each repeat's probabilities of every class
+    class_probs: list[list[float]] = field(default_factory=list)
 
     @property
     def score(self) -> float:
@@ -57,6 +61,11 @@ class OutOfFold:
     # one model's estimate: each seed's predictions alone (no mean over seeds), per stratum, at
     # one_model_threshold
     per_seed: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # K classes (three or more): their names in output order, whether ordered, and the K-class
+    # report of the mean probabilities at the threshold (utils/class_report.py)
+    classes: list[str] = field(default_factory=list)
+    ordinal: bool = False
+    class_block: dict[str, Any] | None = None
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -64,32 +73,51 @@ def _read_predictions(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _positive_column(rows: list[dict[str, str]]) -> str:
-    return next(k for k in rows[0] if k.startswith("p_"))
+def _probability_columns(rows: list[dict[str, str]]) -> list[str]:
+    return [k for k in rows[0] if k.startswith("p_")]
 
 
 def pool(
-    configuration: list[str], prediction_files: Sequence[Path], seeds: Sequence[str]
+    configuration: list[str],
+    prediction_files: Sequence[Path],
+    seeds: Sequence[str],
+    positive_class: str | None = None,
+    ordinal: bool = False,
 ) -> OutOfFold | None:
-    """Pool the jobs' predictions: an image's score is its mean over repeats (seeds)."""
+    """Pool the jobs' predictions: an image's score is its mean over repeats (seeds). Binary files
+    give p of the positive class; K-class files p of every class (`positive_class` names the one
+    the threshold is on)."""
     images: dict[str, ImagePrediction] = {}
     repeat_scores: dict[str, dict[str, float]] = {}
-    positive = ""
+    columns: list[str] = []
     for file, seed in zip(prediction_files, seeds, strict=True):
         rows = _read_predictions(file)
         if not rows:
             continue
-        column = _positive_column(rows)
-        positive = column.removeprefix("p_")
+        columns = _probability_columns(rows)
+        column = f"p_{positive_class}" if f"p_{positive_class}" in columns else columns[0]
         for row in rows:
             image = images.setdefault(row["path"], ImagePrediction(row["path"], row["label"]))
             image.scores.append(float(row[column]))
+            if len(columns) > 2:
+                image.class_probs.append([float(row[c]) for c in columns])
             repeat_scores.setdefault(seed, {})[row["path"]] = float(row[column])
     if not images:
         return None
     ordered = sorted(images.values(), key=lambda i: i.path)
     strata = image_size_strata([i.path for i in ordered])
-    return OutOfFold(configuration, len(prediction_files), positive, ordered, strata, repeat_scores)
+    positive = column.removeprefix("p_")
+    classes = [c.removeprefix("p_") for c in columns] if len(columns) > 2 else []
+    return OutOfFold(
+        configuration,
+        len(prediction_files),
+        positive,
+        ordered,
+        strata,
+        repeat_scores,
+        classes=classes,
+        ordinal=ordinal,
+    )
 
 
 def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: int = 1000) -> OutOfFold:
@@ -112,7 +140,18 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
         seed: _point_metrics(by_path, labels, result.strata, result.one_model_threshold)
         for seed, by_path in result.repeat_scores.items()
     }
+    result.class_block = _class_block(result, resamples)
     return result
+
+
+def _class_block(result: OutOfFold, resamples: int) -> dict[str, Any] | None:
+    """K classes: the report of the images' mean probabilities over seeds at the threshold."""
+    if not result.classes:
+        return None
+    probs = np.array([np.mean(i.class_probs, axis=0) for i in result.images])
+    targets = np.array([result.classes.index(i.label) for i in result.images])
+    rule = DecisionRule(result.classes.index(result.positive_class), result.threshold)
+    return class_report(result.classes, result.ordinal, rule, targets, probs, resamples=resamples)
 
 
 def _one_model_threshold(
@@ -204,6 +243,14 @@ def markdown(results: Sequence[OutOfFold]) -> list[str]:
         "once per seed; also optimistic); `evaluate` gives it to a final model.",
         "",
         *one_model_table(results),
+        "",
+        *(
+            line
+            for r in results
+            for line in class_markdown(
+                r.class_block, f"Classes of `{_config(r)}` (out of fold, at its threshold)"
+            )
+        ),
     ]
 
 
@@ -263,6 +310,7 @@ def to_json(results: Sequence[OutOfFold]) -> list[dict[str, Any]]:
             "worst_stratum": worst_stratum(r),
             "per_seed": r.per_seed,
             "metrics": r.metrics,
+            "classes": r.class_block,
         }
         for r in results
     ]

@@ -350,7 +350,14 @@ def pooled_out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
         if not kept:
             continue
         files = [job.run_dir / PREDICTIONS_FILE for job, _ in kept]
-        pooled = oof.pool(list(configuration), files, [seed for _, seed in kept])
+        data = jobs[0].data
+        pooled = oof.pool(
+            list(configuration),
+            files,
+            [seed for _, seed in kept],
+            data.get("positive_class"),
+            bool(data.get("ordinal")),
+        )
         if pooled is not None:
             results.append(pooled)
     return results

@@ -203,7 +203,7 @@ def build_model(
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") and "_target_" in cfg.scheduler else None
     return _instantiate(
         OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "decision_threshold"]),
-        contract=build_contract(cfg, datamodule),
+        contract=build_contract(cfg, datamodule).to_dict(),  # plain values: OmegaConf merges them
         class_weights=datamodule.class_weights,
         monitor=monitor or DEFAULT_MONITOR,
         optimizer=instantiate(cfg.optimizer),
@@ -222,6 +222,7 @@ def build_contract(cfg: DictConfig, datamodule: Any) -> ModelContract:
         decode_size=datamodule.cache_size,
         harmonize=datamodule.harmonize,
         threshold=cfg.model.get("decision_threshold", 0.5),
+        ordinal=datamodule.ordinal is not None,
     )
 
 

@@ -4,6 +4,7 @@ threshold that reaches a target recall with the best precision."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -167,3 +168,152 @@ def choose_threshold(is_positive: np.ndarray, scores: np.ndarray, target_recall:
     chosen = float(thresholds[best])
     below = scores[scores < chosen]
     return (chosen + (float(below.max()) if below.size else 0.0)) / 2.0
+
+
+def _confusions(targets: np.ndarray, predicted: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
+    """(R, K, K) confusion matrices (true x predicted) of the resamples given by `weights` (R, N)."""
+    pairs = np.zeros((targets.size, k * k))
+    pairs[np.arange(targets.size), targets * k + predicted] = 1.0
+    return (weights @ pairs).reshape(-1, k, k)
+
+
+def _per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1 and support of (R, K, K) confusions, each (R, K)."""
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    support, called = confusion.sum(axis=2), confusion.sum(axis=1)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    precision = np.divide(hits, called, out=np.zeros_like(hits), where=called > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(hits), where=total > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def _stratified_weights(targets: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(1 + R, N) draw counts: the data itself, then R bootstrap resamples drawn within each class."""
+    rng = np.random.default_rng(seed)
+    weights = np.zeros((resamples, targets.size))
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        weights[:, members] = _resampled_counts(members.size, resamples, rng)
+    return np.vstack([np.ones(targets.size), weights])
+
+
+def _ovr_auroc(targets: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(1 + R, K) one-vs-rest AUROC of each class in the data and in each resample."""
+    columns = []
+    for c in range(probs.shape[1]):
+        pos, neg = targets == c, targets != c
+        if not pos.any() or not neg.any():
+            columns.append(np.full(weights.shape[0], np.nan))
+            continue
+        columns.append(_resampled_auroc(probs[pos, c], probs[neg, c], weights[:, pos], weights[:, neg]))
+    return np.stack(columns, axis=1)
+
+
+def _interval(values: np.ndarray, confidence: float, method: str) -> dict[str, Any]:
+    """values[0]: on the data; values[1:]: the resamples."""
+    if np.isnan(values[0]):
+        return {"value": None, "low": None, "high": None, "method": "undefined: one class only"}
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.nanquantile(values[1:], [alpha, 1.0 - alpha])
+    return {"value": float(values[0]), "low": float(low), "high": float(high), "method": method}
+
+
+def _ordinal_errors(
+    targets: np.ndarray, predicted: np.ndarray, weights: np.ndarray, k: int, confidence: float, method: str
+) -> dict[str, Any]:
+    """For ordered classes (index = severity): errors by distance, mean absolute class error, and
+    how often a photo is called less severe than it is (the costly direction)."""
+    distance = predicted - targets
+    n = weights.sum(axis=1)
+    by_distance = {
+        f"{d}_step{'s' if d > 1 else ''}": _interval(
+            weights @ (np.abs(distance) == d) / n, confidence, method
+        )
+        for d in range(1, k)
+    }
+    return {
+        "mean_absolute_error": _interval(weights @ np.abs(distance) / n, confidence, method),
+        "by_distance": by_distance,
+        "under_called": _interval(weights @ (distance < 0) / n, confidence, method),
+        "over_called": _interval(weights @ (distance > 0) / n, confidence, method),
+    }
+
+
+def multiclass_metrics(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    predicted: np.ndarray,
+    class_names: list[str] | tuple[str, ...],
+    ordinal: bool = False,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """K-class metrics of `predicted` (class indices) against `targets`, each with a percentile
+    interval over bootstrap resamples drawn within each class: the K x K confusion matrix (counts
+    and row-normalised), precision, recall and F1 of every class, their macro and support-weighted
+    means, balanced accuracy (= macro recall), accuracy, one-vs-rest AUROC of every class and their
+    macro mean; for ordered classes, errors by distance too."""
+    targets, predicted = np.asarray(targets, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    k, method = len(class_names), f"stratified bootstrap ({resamples})"
+    weights = _stratified_weights(targets, resamples, seed)
+    confusion = _confusions(targets, predicted, k, weights)
+    per = _per_class(confusion)
+    share = per["support"] / per["support"].sum(axis=1, keepdims=True)
+    auroc = _ovr_auroc(targets, np.asarray(probs, dtype=np.float64), weights)
+    present = per["support"][0] > 0
+    counts = confusion[0].astype(int)
+    interval = partial(_interval, confidence=confidence, method=method)
+    names = ("precision", "recall", "f1")
+    result = {
+        "n": int(targets.size),
+        "classes": list(class_names),
+        "accuracy": interval(np.trace(confusion, axis1=1, axis2=2) / weights.sum(axis=1)),
+        "balanced_accuracy": interval(per["recall"][:, present].mean(axis=1)),
+        "macro": {name: interval(per[name][:, present].mean(axis=1)) for name in names},
+        "weighted": {name: interval((per[name] * share).sum(axis=1)) for name in names},
+        "auroc_macro": interval(np.nanmean(auroc, axis=1)),
+        "per_class": {
+            c: {
+                **{name: interval(per[name][:, i]) for name in names},
+                "auroc": interval(auroc[:, i]),
+                "support": int(counts[i].sum()),
+            }
+            for i, c in enumerate(class_names)
+        },
+        "confusion_matrix": _confusion_block(counts, class_names),
+    }
+    if ordinal:
+        result["ordinal"] = _ordinal_errors(targets, predicted, weights, k, confidence, method)
+    return result
+
+
+def _confusion_block(counts: np.ndarray, class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The K x K counts (rows true, columns predicted) and each row as shares of its class."""
+    row_normalised = np.divide(counts, counts.sum(axis=1, keepdims=True).clip(min=1))
+    return {
+        "rows": "true",
+        "columns": "predicted",
+        "labels": list(class_names),
+        "matrix": counts.tolist(),
+        "row_normalised": np.round(row_normalised, 4).tolist(),
+    }
+
+
+def expected_cost(
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    costs: Any,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The mean cost per photo of `predicted` under a K x K cost matrix (true x predicted), with a
+    stratified bootstrap interval."""
+    targets, predicted = np.asarray(targets, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    weights = _stratified_weights(targets, resamples, seed)
+    per_photo = np.asarray(costs, dtype=np.float64)[targets, predicted]
+    return _interval(
+        weights @ per_photo / weights.sum(axis=1), confidence, f"stratified bootstrap ({resamples})"
+    )
