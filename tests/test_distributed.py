@@ -380,3 +380,50 @@ def test_two_torchrun_nodes_train_one_run_with_the_default_callbacks(tmp_path: P
     (validated,) = trainer.validate(model, dm, verbose=False)
     for name in VAL_METRICS:
         assert metrics["val"][name] == pytest.approx(validated[name], abs=1e-5), name
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_node_killed_mid_epoch_is_restarted_and_the_run_resumes_from_last_ckpt(tmp_path: Path) -> None:
+    """torchrun --max-restarts=1 on both nodes (c10d rendezvous): node 1's process is killed (SIGKILL)
+    in the middle of epoch 1; its agent starts it again, node 0's agent restarts its own for the new
+    rendezvous round, and both continue, on process-group keys of their own start (join_torchrun_job),
+    from the last.ckpt of epoch 0 (elastic_restart_checkpoint) to the end, in one run directory."""
+    run, port, flag = tmp_path / "run", _free_port(), tmp_path / "killed"
+    train = [*TINY_DDP[1:], "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=3"]
+    train += ["+trainer.limit_train_batches=3", "trainer.strategy.timeout.seconds=60", f"hydra.run.dir={run}"]
+    train += ["+callbacks.kill._target_=tests.stall.KillRank", f"+callbacks.kill.flag={flag}"]
+    nodes = [
+        _start(
+            tmp_path / f"node{rank}",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={rank}",
+            "--nproc_per_node=1",
+            "--max-restarts=1",
+            "--monitor-interval=1",
+            "--rdzv-backend=c10d",  # a new rendezvous round for the restart (static keeps the old peers)
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=killed-node",
+            "-m",
+            "railway_defect.train",
+            *train,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=400) == 0, _stderr(tmp_path / f"node{rank}")[-3000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the nodes hung after a kill:\n{_stderr(tmp_path / 'node0')[-3000:]}")
+    finally:
+        for node in nodes:
+            _kill_group(node)
+    assert flag.exists(), "node 1 was never killed"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert metrics["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert metrics["epochs_completed"] == 3
+    log = (run / "train.log").read_text()
+    assert log.count("torchrun job killed-node restarted: resuming from") == 2, log[-3000:]
+    assert log.count("torchrun job killed-node: start 2 (2 processes)") == 2

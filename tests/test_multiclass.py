@@ -89,6 +89,24 @@ def test_an_ordinal_list_that_names_a_missing_class_is_one_line(tmp_path: Path) 
         module.setup("fit")
 
 
+def test_the_group_bootstrap_resamples_whole_groups() -> None:
+    """Frames of one group are right or wrong together: drawing them one by one would make the
+    interval narrow, as if there were 120 independent photos instead of 12 groups."""
+    targets, groups = np.repeat([0, 1, 2], 40), np.repeat(np.arange(12), 10)
+    predicted = np.where(groups % 2 == 0, targets, (targets + 1) % 3)  # half the groups wrong
+    probs = np.eye(3)[predicted] * 0.8 + 0.2 / 3 * np.eye(3)[(predicted + 1) % 3] + 0.2 / 3
+    by_image = multiclass_metrics(targets, probs, predicted, SLEEPERS, resamples=500)
+    by_group = multiclass_metrics(targets, probs, predicted, SLEEPERS, resamples=500, groups=groups)
+    width = {
+        k: m["balanced_accuracy"]["high"] - m["balanced_accuracy"]["low"]
+        for k, m in (("image", by_image), ("group", by_group))
+    }
+    assert width["group"] > 2 * width["image"], width
+    assert by_group["balanced_accuracy"]["method"] == "stratified group bootstrap (500, 12 groups)"
+    for block in by_group["per_class"].values():
+        assert 0.0 <= block["auroc"]["low"] <= block["auroc"]["high"] <= 1.0
+
+
 @pytest.fixture(scope="module")
 def sleepers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(data root, best.ckpt) of three ordered classes, Poor the positive one, evaluated with costs."""
@@ -96,7 +114,10 @@ def sleepers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = make_split_dataset(base / "data", {"Train": 10, "Validation": 6, "Test": 6}, SLEEPERS)
     run = base / "run"
     common = (f"data.root={root}", ORDINAL, "data.positive_class=Poor")
-    result = run_cli("railway_defect.train", *FAST, *common, "trainer.max_epochs=3", f"hydra.run.dir={run}")
+    with_review = [a for a in FAST if not a.startswith("callbacks.review")]  # the default review images
+    result = run_cli(
+        "railway_defect.train", *with_review, *common, "trainer.max_epochs=3", f"hydra.run.dir={run}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = run / "checkpoints" / "best.ckpt"
     costs = "costs=" + json.dumps(COSTS).replace(" ", "")
@@ -105,6 +126,35 @@ def sleepers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, ckpt
+
+
+def test_tensorboard_shows_every_class(sleepers: tuple[Path, Path]) -> None:
+    """The K x K confusion matrix and a PR curve of each class against the rest."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = sleepers[1].parent.parent
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert {"val/confusion_matrix", "val/predictions"} <= set(events.Tags()["images"])
+    curves = set(events.PluginTagToContent("pr_curves"))
+    assert curves == {f"val/pr_curve/{c}" for c in SLEEPERS}, curves
+
+
+def test_the_shortcut_audit_scores_balanced_accuracy_over_every_class(sleepers: tuple[Path, Path]) -> None:
+    audit = json.loads((sleepers[1].parent.parent / "data_report.json").read_text())["shortcut_audit"]
+    assert audit["metric"].startswith("balanced accuracy over the 3 classes") and audit["chance"] == 0.3333
+    assert audit["counts"] == {c: 16 for c in sorted(SLEEPERS)}  # Train and Validation, every class
+    assert all(e["balanced_accuracy"] <= 1.0 for e in audit["properties"].values())
+
+
+def test_review_notebook_shows_every_class(sleepers: tuple[Path, Path]) -> None:
+    from railway_defect.review import runs as review
+
+    run = sleepers[1].parent.parent
+    evaluation = review.evaluate_checkpoint(run)
+    table = evaluation.table()
+    assert [f"p({c})" for c in SLEEPERS] == [c for c in table.columns if c.startswith("p(")]
+    assert np.allclose(table[[f"p({c})" for c in SLEEPERS]].sum(axis=1), 1.0, atol=3e-3)
+    assert "Recall per class (argmax): `Good`" in review.next_steps(review.open_target(run), evaluation)
 
 
 def test_evaluate_gives_the_k_by_k_report_and_stores_the_cost_rule(sleepers: tuple[Path, Path]) -> None:

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from railway_defect.utils.resources import physical_cores
-from tests.helpers import CONF_DIR, run_cli
+from tests.helpers import CONF_DIR, make_split_dataset, run_cli
 
 # the smallest runs that still train, validate and test: seconds per job on a CPU
 TINY = (
@@ -283,27 +283,36 @@ def test_ddp_inside_a_sweep_spawns_its_processes_with_the_same_backend_and_timeo
 
 @pytest.mark.slow
 def test_every_experiment_runs_in_one_sweep(tmp_path: Path, tiny_dataset: Path) -> None:
-    """lightning-hydra-template's test_experiments: each experiment config, one fast_dev_run job."""
+    """lightning-hydra-template's test_experiments: each experiment config, one fast_dev_run job;
+    the sleepers' recipe (three ordered classes) on three classes of its own."""
     experiments = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "railway_defect.train",
-        "-m",
-        "experiment=glob(*)",
-        "debug=fdr",
-        "model.pretrained=false",
-        "data.image_size=32",
-        "data.cache_size=40",
-        f"data.root={tiny_dataset}",
-        f"hydra.sweep.dir={sweep}",
+    sleepers = make_split_dataset(
+        tmp_path / "sleepers", {"Train": 4, "Validation": 3}, ("Good", "Fair", "Poor")
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_summary(sweep)
-    chosen = sorted(
-        o for row in rows.values() for o in row["overrides"].split() if o.startswith("experiment=")
-    )
-    assert chosen == [f"experiment={e}" for e in experiments]
-    assert {row["status"] for row in rows.values()} == {"ok"}
+    chosen = []
+    # a sweep of final models alone (train_and_val) is refused: it has nothing to compare them by
+    runs = (("glob(*,exclude=sleepers)", tiny_dataset, []), ("sleepers", sleepers, ["data.train_on=train"]))
+    for pattern, root, extra in runs:
+        sweep = tmp_path / f"sweep_{root.name}"
+        result = run_cli(
+            "railway_defect.train",
+            "-m",
+            f"experiment={pattern}",
+            "debug=fdr",
+            "model.pretrained=false",
+            "data.image_size=32",
+            "data.cache_size=40",
+            f"data.root={root}",
+            f"hydra.sweep.dir={sweep}",
+            *extra,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = read_summary(sweep)
+        chosen += [
+            o for row in rows.values() for o in row["overrides"].split() if o.startswith("experiment=")
+        ]
+        assert {row["status"] for row in rows.values()} == {"ok"}
+    assert sorted(chosen) == [f"experiment={e}" for e in experiments]
 
 
 def sweep_final_models(sweep: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -3,8 +3,9 @@
 - `train/augmented_batch`: the first training batch of a fit, as augmented and labelled.
 - `val/predictions`: validation images captioned with true/predicted label and p(positive),
   wrong ones first and framed red.
-- `val/confusion_matrix` (counts and row-normalised), `val/roc_curve`, and `val/pr_curve` for
-  TensorBoard's PR-curve plugin.
+- `val/confusion_matrix` (counts and row-normalised, K x K), `val/roc_curve` of the positive class,
+  and `val/pr_curve` for TensorBoard's PR-curve plugin (three or more classes: `val/pr_curve/<class>`,
+  one against the rest for each).
 - `val/gradcam`: Grad-CAM of the most confident errors and the most confident defects.
 
 Validation images are logged every `every_n_epochs` epochs and whenever the monitored metric
@@ -261,9 +262,8 @@ class ReviewImages(Callback):
         )
         is_positive = targets == positive
         writer.add_figure("val/roc_curve", roc_figure(is_positive, probs[:, positive], names[positive]), step)
-        writer.add_pr_curve(
-            "val/pr_curve", torch.from_numpy(is_positive), torch.from_numpy(probs[:, positive]), step
-        )
+        for tag, cls in pr_curve_tags(names, positive):
+            writer.add_pr_curve(tag, torch.from_numpy(targets == cls), torch.from_numpy(probs[:, cls]), step)
 
         chosen = collector.gradcam_items(self.num_gradcam)
         if chosen:
@@ -294,3 +294,10 @@ def _gradcam_keeping_grads(model: LightningModule, images: torch.Tensor, classes
     finally:
         for param, grad in saved:
             param.grad = grad
+
+
+def pr_curve_tags(class_names: list[str], positive: int) -> list[tuple[str, int]]:
+    """(tag, class index) of each PR curve: the positive class's for two classes, every class's for more."""
+    if len(class_names) <= 2:
+        return [("val/pr_curve", positive)]
+    return [(f"val/pr_curve/{name}", i) for i, name in enumerate(class_names)]

@@ -277,6 +277,8 @@ def audit_samples(samples: Sequence[Sample], root: Path | None = None) -> dict[s
     folds = _number_of_folds(labels.tolist(), groups.tolist()) if len(samples) else 0
     result: dict[str, Any] = {
         "threshold": SHORTCUT_THRESHOLD,
+        "metric": f"balanced accuracy over the {len(set(labels.tolist()))} classes (mean recall)",
+        "chance": round(1.0 / max(len(set(labels.tolist())), 1), 4),
         "n": len(samples),
         "counts": dict(sorted(Counter(labels.tolist()).items())),
         "folds": folds,

@@ -21,7 +21,7 @@ from railway_defect.evaluation.predictions import write_predictions
 from railway_defect.inference.model import Predictor
 from railway_defect.inference.scoring import score_samples
 from railway_defect.sweeps.oof import format_metric
-from railway_defect.utils.class_report import class_markdown, class_report
+from railway_defect.utils.class_report import class_markdown, class_report, photo_groups
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -39,6 +39,16 @@ def locked_test_split(record: Path, root: Path) -> tuple[list[Sample], dict[Path
     return (splits["test"], digests) if splits.get("test") and not splits.get("val") else None
 
 
+def _warn_if_scored_before(previous: Path) -> None:
+    if previous.is_file():
+        log.warning(
+            "The locked Test split was already scored (%s, %s): report that number; a recipe changed "
+            "after seeing it needs a new Test split (another data.test_fraction seed or new photos).",
+            previous,
+            json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
+        )
+
+
 def evaluate_locked_test(
     predictor: Predictor,
     root: Path,
@@ -52,15 +62,8 @@ def evaluate_locked_test(
 ) -> dict[str, Any]:
     """Score the recorded Test split (`test`: samples and digests) once at the model's own
     threshold; `scoring`: score_samples' batch_size and cache_dir, as evaluate scores any split."""
-
     previous = out / "evaluation.json"
-    if previous.is_file():
-        log.warning(
-            "The locked Test split was already scored (%s, %s): report that number; a recipe changed "
-            "after seeing it needs a new Test split (another data.test_fraction seed or new photos).",
-            previous,
-            json.loads(previous.read_text(encoding="utf-8")).get("scored_at", "earlier"),
-        )
+    _warn_if_scored_before(previous)
     scored = score_samples(predictor, test[0], record=(record, test[1]), **scoring)
     logits, targets, skipped, samples = scored.logits, scored.targets, scored.skipped, scored.samples
     info, threshold = predictor.contract, predictor.calibration.threshold
@@ -77,7 +80,15 @@ def evaluate_locked_test(
         "threshold": {"value": threshold, "chosen_on": predictor.calibration.details or "the recipe"},
         "metrics": {"at_threshold": metrics},
         "decision_rule": predictor.rule.describe(info.class_names),
-        "classes": class_report(info.class_names, info.ordinal, predictor.rule, targets, probs, **settings),
+        "classes": class_report(
+            info.class_names,
+            info.ordinal,
+            predictor.rule,
+            targets,
+            probs,
+            **settings,
+            groups=photo_groups(samples),
+        ),
         "skipped": skipped,
         "predictions": str(predictions),
         "scored_at": datetime.now().isoformat(timespec="seconds"),

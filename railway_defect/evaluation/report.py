@@ -37,7 +37,7 @@ from railway_defect.inference.model import (
     write_calibration,
 )
 from railway_defect.inference.scoring import score_samples
-from railway_defect.utils.class_report import class_markdown, class_report
+from railway_defect.utils.class_report import class_markdown, class_report, photo_groups
 from railway_defect.utils.decision import Costs, DecisionRule, check_costs, threshold_for_costs
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import run_dir_of
@@ -377,6 +377,7 @@ def build_report(
             common["confidence"],
             common["resamples"],
             common["seed"],
+            photo_groups(scored.samples),
         ),
         "calibration_file": written["calibration_file"],
         "figures": {"reliability": "reliability.png"},

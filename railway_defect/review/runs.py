@@ -238,14 +238,16 @@ class Evaluation:
         return self.probs.argmax(axis=1)
 
     def table(self) -> pd.DataFrame:
-        """One row per image: file, true and predicted class, p(positive), confidence, correct."""
+        """One row per image: file, true and predicted class, p(positive) (three or more classes: p of
+        each), confidence, correct."""
         names, preds = self.class_names, self.predictions
+        shown = range(len(names)) if len(names) > 2 else [self.positive_index]
         return pd.DataFrame(
             {
                 "file": [_relative(p, self.root) for p in self.paths],
                 "true": [names[t] for t in self.targets],
                 "pred": [names[p] for p in preds],
-                f"p({names[self.positive_index]})": self.probs[:, self.positive_index].round(3),
+                **{f"p({names[i]})": self.probs[:, i].round(3) for i in shown},
                 "confidence": self.probs.max(axis=1).round(3),
                 "correct": preds == self.targets,
             }
@@ -419,6 +421,15 @@ def _evaluation_notes(ev: Evaluation) -> list[str]:
         f"On the {ev.split} split ({len(ev.targets)} images): {missed} of {int(is_pos.sum())} "
         f"`{positive}` missed, {false_alarms} of {int((~is_pos).sum())} others flagged as `{positive}`."
     ]
+    if len(ev.class_names) > 2:
+        recall = {
+            c: float(np.mean(ev.predictions[ev.targets == i] == i))
+            for i, c in enumerate(ev.class_names)
+            if (ev.targets == i).any()
+        }
+        weakest = min(recall, key=recall.get)
+        listed = ", ".join(f"`{c}` {r:.2f}" for c, r in recall.items())
+        notes.append(f"Recall per class (argmax): {listed}; the weakest is `{weakest}`.")
     if missed > false_alarms:
         notes.append(
             f"Missed `{positive}` images cost most in inspection: compare `data.balance=sampler` or "

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
+from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.data.strata import image_size_strata
 from railway_defect.utils.class_report import class_markdown, class_report
 from railway_defect.utils.decision import DecisionRule
@@ -36,6 +37,8 @@ class ImagePrediction:
     scores: list[float] = field(default_factory=list)
     # K classes: each repeat's probabilities of every class
     class_probs: list[list[float]] = field(default_factory=list)
+    # its photo group (the job's splits.csv), resampled whole for the K-class intervals
+    group: str | None = None
 
     @property
     def score(self) -> float:
@@ -62,10 +65,13 @@ class OutOfFold:
     # one_model_threshold
     per_seed: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # K classes (three or more): their names in output order, whether ordered, and the K-class
-    # report of the mean probabilities at the threshold (utils/class_report.py)
+    # report of the mean probabilities at the recipe's threshold (utils/class_report.py)
     classes: list[str] = field(default_factory=list)
     ordinal: bool = False
     class_block: dict[str, Any] | None = None
+    # the recipe's own threshold (model.decision_threshold): the K-class report is at it, as
+    # nothing is chosen on these predictions
+    recipe_threshold: float = 0.5
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -83,6 +89,7 @@ def pool(
     seeds: Sequence[str],
     positive_class: str | None = None,
     ordinal: bool = False,
+    recipe_threshold: float = 0.5,
 ) -> OutOfFold | None:
     """Pool the jobs' predictions: an image's score is its mean over repeats (seeds). Binary files
     give p of the positive class; K-class files p of every class (`positive_class` names the one
@@ -96,8 +103,10 @@ def pool(
             continue
         columns = _probability_columns(rows)
         column = f"p_{positive_class}" if f"p_{positive_class}" in columns else columns[0]
+        groups = _recorded_groups(file.parent / SPLITS_FILE)
         for row in rows:
             image = images.setdefault(row["path"], ImagePrediction(row["path"], row["label"]))
+            image.group = image.group or _group_of(row["path"], groups)
             image.scores.append(float(row[column]))
             if len(columns) > 2:
                 image.class_probs.append([float(row[c]) for c in columns])
@@ -117,7 +126,21 @@ def pool(
         repeat_scores,
         classes=classes,
         ordinal=ordinal,
+        recipe_threshold=recipe_threshold,
     )
+
+
+def _recorded_groups(splits: Path) -> dict[str, str]:
+    """Path (relative to the data root) -> photo group, from a job's splits.csv; {} without one."""
+    if not splits.is_file():
+        return {}
+    return {row["path"]: row["group"] for row in _read_predictions(splits) if row.get("group")}
+
+
+def _group_of(path: str, groups: dict[str, str]) -> str | None:
+    """The group of a predicted path (data root + recorded path): its longest recorded suffix."""
+    parts = Path(path).parts
+    return next((groups[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in groups), None)
 
 
 def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: int = 1000) -> OutOfFold:
@@ -145,13 +168,18 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
 
 
 def _class_block(result: OutOfFold, resamples: int) -> dict[str, Any] | None:
-    """K classes: the report of the images' mean probabilities over seeds at the threshold."""
+    """K classes: the report of the images' mean probabilities over seeds at the recipe's own
+    threshold and at argmax; neither is chosen on them, so it is an estimate, not a selection."""
     if not result.classes:
         return None
     probs = np.array([np.mean(i.class_probs, axis=0) for i in result.images])
     targets = np.array([result.classes.index(i.label) for i in result.images])
-    rule = DecisionRule(result.classes.index(result.positive_class), result.threshold)
-    return class_report(result.classes, result.ordinal, rule, targets, probs, resamples=resamples)
+    rule = DecisionRule(result.classes.index(result.positive_class), result.recipe_threshold)
+    grouped = all(i.group for i in result.images)
+    groups = np.array([i.group for i in result.images]) if grouped else None
+    return class_report(
+        result.classes, result.ordinal, rule, targets, probs, resamples=resamples, groups=groups
+    )
 
 
 def _one_model_threshold(
@@ -248,7 +276,8 @@ def markdown(results: Sequence[OutOfFold]) -> list[str]:
             line
             for r in results
             for line in class_markdown(
-                r.class_block, f"Classes of `{_config(r)}` (out of fold, at its threshold)"
+                r.class_block,
+                f"Classes of `{_config(r)}` (out of fold, at the recipe's threshold: chosen on nothing here)",
             )
         ),
     ]

@@ -67,6 +67,8 @@ class JobRow:
     final_checkpoint: str | None = None
     # the job's `data` config (.hydra/config.yaml): its folds and outer fold
     data: dict[str, Any] = field(default_factory=dict)
+    # the recipe's own threshold (model.decision_threshold): the rule its models ship with
+    decision_threshold: float = 0.5
 
     @property
     def ok(self) -> bool:
@@ -131,12 +133,14 @@ def _read_yaml(path: Path) -> Any:
 
 def read_job(job_dir: Path) -> JobRow:
     overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
+    config = _read_yaml(job_dir / ".hydra" / "config.yaml") or {}
     row = JobRow(
         job=job_dir.name,
         run_dir=job_dir,
         overrides=[str(o) for o in overrides or []],
         status=INCOMPLETE,
-        data=(_read_yaml(job_dir / ".hydra" / "config.yaml") or {}).get("data") or {},
+        data=config.get("data") or {},
+        decision_threshold=float((config.get("model") or {}).get("decision_threshold", 0.5)),
     )
     if not has_record(job_dir):
         row.error = "no metrics.json: the job stopped before training started"
@@ -357,6 +361,7 @@ def pooled_out_of_fold(rows: Sequence[JobRow]) -> list[oof.OutOfFold]:
             [seed for _, seed in kept],
             data.get("positive_class"),
             bool(data.get("ordinal")),
+            jobs[0].decision_threshold,
         )
         if pooled is not None:
             results.append(pooled)

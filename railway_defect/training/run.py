@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -30,6 +31,7 @@ from railway_defect.models.backbones import get_spec
 from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import DEFAULT_MONITOR, DefectClassifier
 from railway_defect.training.checks import check_checkpoint_fits, check_config, resolve_ckpt_path
+from railway_defect.training.elastic import elastic_restart_checkpoint, join_torchrun_job
 from railway_defect.training.launching import spawn_in_sweep
 from railway_defect.training.record import (
     DIVERGED,
@@ -323,6 +325,7 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path | None, int]:
     # a sweep job resumes from its own last.ckpt only: another job's is another fold or seed
     runs_root = None if in_multirun() else Path(cfg.paths.output_root) / cfg.task_name
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir), runs_root)
+    ckpt_path = ckpt_path or elastic_restart_checkpoint(Path(cfg.paths.output_dir))
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, get_spec(cfg.model.backbone).name)
     L.seed_everything(cfg.seed, workers=True)
@@ -384,12 +387,23 @@ def _finish_loggers(cfg: DictConfig, loggers: list[Logger], record: RunRecord) -
             logger.finalize("success")
 
 
+def _join_torchrun_job(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """DDP under torchrun: the process group of this start of the job (training/elastic.py)."""
+    if not isinstance(trainer.strategy, DDPStrategy):
+        return
+    backend = trainer.strategy.process_group_backend
+    backend = backend or ("nccl" if trainer.strategy.root_device.type == "cuda" else "gloo")
+    timeout = cfg.trainer.strategy.get("timeout") if isinstance(cfg.trainer.strategy, DictConfig) else None
+    join_torchrun_job(backend, instantiate(timeout) if timeout is not None else timedelta(minutes=30))
+
+
 def _fit_and_test(cfg: DictConfig, record: RunRecord, watchdog: Watchdog | None = None) -> None:
     """Fit, then test best.ckpt; fills `record` with the outcome and its final status."""
     ckpt_path, torch_threads = _prepare_run(cfg)
     datamodule = _setup_data(cfg, ckpt_path)
     trainer, callbacks, loggers = build_trainer(cfg, datamodule, watchdog)
     model = build_model(cfg, datamodule, monitored_metric(callbacks))
+    _join_torchrun_job(cfg, trainer)
     diverged = None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

@@ -15,6 +15,12 @@ from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import expected_cost, multiclass_metrics
 
 
+def photo_groups(samples: Sequence[Any]) -> np.ndarray | None:
+    """Each sample's photo group, for intervals that resample whole groups; None if one has none."""
+    groups = [getattr(s, "group", None) for s in samples]
+    return np.array(groups) if groups and all(groups) else None
+
+
 def class_report(
     class_names: Sequence[str],
     ordinal: bool,
@@ -24,12 +30,14 @@ def class_report(
     confidence: float = 0.95,
     resamples: int = 1000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
-    """None for two classes; else the metrics at `rule` and at the argmax (what the rule changes)."""
+    """None for two classes; else the metrics at `rule` and at the argmax (what the rule changes);
+    `groups`: the photo group of each image, resampled whole for the intervals."""
     names = list(class_names)
     if len(names) <= 2:
         return None
-    settings = dict(ordinal=ordinal, confidence=confidence, resamples=resamples, seed=seed)
+    settings = dict(ordinal=ordinal, confidence=confidence, resamples=resamples, seed=seed, groups=groups)
     predicted = rule.labels(probs)
     block: dict[str, Any] = {
         "rule": rule.describe(names),
@@ -109,7 +117,7 @@ def class_markdown(block: dict[str, Any] | None, title: str = "Classes") -> list
         "",
         f"Decision rule: {block['rule']}. Balanced accuracy (macro recall) "
         f"{_fmt(rule['balanced_accuracy'])}, accuracy {_fmt(rule['accuracy'])}; at the plain argmax "
-        f"{_fmt(argmax['balanced_accuracy'])}.",
+        f"{_fmt(argmax['balanced_accuracy'])}. 95% intervals: {rule['accuracy']['method']}.",
         "",
         *_confusion_rows(rule["confusion_matrix"]),
         "",

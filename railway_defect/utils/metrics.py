@@ -50,7 +50,8 @@ def _resampled_auroc(
         wins = (pos_scores[:, None] > neg_scores[None, :]) + 0.5 * (
             pos_scores[:, None] == neg_scores[None, :]
         )
-        return np.einsum("rp,rp->r", w_pos, w_neg @ wins.T) / (pos_scores.size * neg_scores.size)
+        pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)  # the sizes, unless whole groups were drawn
+        return np.einsum("rp,rp->r", w_pos, w_neg @ wins.T) / np.where(pairs > 0, pairs, np.nan)
     scores = np.concatenate([pos_scores, neg_scores])
     labels = np.r_[np.ones(pos_scores.size), np.zeros(neg_scores.size)]
     return np.array(
@@ -198,6 +199,21 @@ def _stratified_weights(targets: np.ndarray, resamples: int, seed: int) -> np.nd
     return np.vstack([np.ones(targets.size), weights])
 
 
+def _group_weights(targets: np.ndarray, groups: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(1 + R, N) draw counts of a cluster bootstrap: whole photo groups (near-duplicate frames, a
+    burst) drawn with replacement within each class of their first image, every image of a group
+    counted as often as its group is drawn. Images of one group are not independent, so resampling
+    them one by one gives intervals that are too narrow."""
+    rng = np.random.default_rng(seed)
+    names, index = np.unique(groups, return_inverse=True)
+    first = np.array([targets[np.flatnonzero(index == g)[0]] for g in range(names.size)])
+    group_counts = np.zeros((resamples, names.size))
+    for c in np.unique(first):
+        members = np.flatnonzero(first == c)
+        group_counts[:, members] = _resampled_counts(members.size, resamples, rng)
+    return np.vstack([np.ones(targets.size), group_counts[:, index]])
+
+
 def _ovr_auroc(targets: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(1 + R, K) one-vs-rest AUROC of each class in the data and in each resample."""
     columns = []
@@ -240,6 +256,16 @@ def _ordinal_errors(
     }
 
 
+def _resampling(
+    targets: np.ndarray, groups: np.ndarray | None, resamples: int, seed: int
+) -> tuple[str, np.ndarray]:
+    """The interval method's name and its (1 + R, N) weights: images, or whole groups, per class."""
+    if groups is None:
+        return f"stratified bootstrap ({resamples})", _stratified_weights(targets, resamples, seed)
+    method = f"stratified group bootstrap ({resamples}, {np.unique(groups).size} groups)"
+    return method, _group_weights(targets, np.asarray(groups), resamples, seed)
+
+
 def multiclass_metrics(
     targets: np.ndarray,
     probs: np.ndarray,
@@ -249,15 +275,16 @@ def multiclass_metrics(
     confidence: float = 0.95,
     resamples: int = 1000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """K-class metrics of `predicted` (class indices) against `targets`, each with a percentile
-    interval over bootstrap resamples drawn within each class: the K x K confusion matrix (counts
-    and row-normalised), precision, recall and F1 of every class, their macro and support-weighted
-    means, balanced accuracy (= macro recall), accuracy, one-vs-rest AUROC of every class and their
-    macro mean; for ordered classes, errors by distance too."""
+    interval over bootstrap resamples drawn within each class (whole `groups` when given): the K x K
+    confusion matrix (counts and row-normalised), precision, recall and F1 of every class, their
+    macro and support-weighted means, balanced accuracy (= macro recall), accuracy, one-vs-rest
+    AUROC of every class and their macro mean; for ordered classes, errors by distance too."""
     targets, predicted = np.asarray(targets, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
-    k, method = len(class_names), f"stratified bootstrap ({resamples})"
-    weights = _stratified_weights(targets, resamples, seed)
+    k = len(class_names)
+    method, weights = _resampling(targets, groups, resamples, seed)
     confusion = _confusions(targets, predicted, k, weights)
     per = _per_class(confusion)
     share = per["support"] / per["support"].sum(axis=1, keepdims=True)
