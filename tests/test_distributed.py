@@ -336,6 +336,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_nodes(tmp_path: Path, train: list[str], torchrun: list[str], timeout: float) -> None:
+    """Two torchrun nodes on 127.0.0.1, one process each, running `train`; both must exit 0 within
+    `timeout` seconds (a hang fails the test and kills them)."""
+    nodes = [
+        _start(
+            tmp_path / f"node{rank}",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={rank}",
+            "--nproc_per_node=1",
+            *torchrun,
+            "-m",
+            "railway_defect.train",
+            *train,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=timeout) == 0, _stderr(tmp_path / f"node{rank}")[-3000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two nodes hung:\n{_stderr(tmp_path / 'node0')[-3000:]}")
+    finally:
+        for node in nodes:
+            _kill_group(node)
+
+
 @pytest.mark.slow
 @needs_data
 def test_two_torchrun_nodes_train_one_run_with_the_default_callbacks(tmp_path: Path) -> None:
@@ -346,29 +373,7 @@ def test_two_torchrun_nodes_train_one_run_with_the_default_callbacks(tmp_path: P
     run, port = tmp_path / "run", _free_port()
     train = [*TINY_DDP[1:], "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=1"]
     train += ["+trainer.limit_train_batches=2", f"hydra.run.dir={run}"]
-    nodes = [
-        _start(
-            tmp_path / f"node{rank}",
-            "torch.distributed.run",
-            "--nnodes=2",
-            f"--node_rank={rank}",
-            "--nproc_per_node=1",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            "-m",
-            "railway_defect.train",
-            *train,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        for rank, node in enumerate(nodes):
-            assert node.wait(timeout=300) == 0, _stderr(tmp_path / f"node{rank}")[-3000:]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the two nodes hung:\n{_stderr(tmp_path / 'node0')[-3000:]}")
-    finally:
-        for node in nodes:
-            _kill_group(node)
+    _run_two_nodes(tmp_path, train, ["--master_addr=127.0.0.1", f"--master_port={port}"], timeout=300)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["world_size"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -393,32 +398,10 @@ def test_a_node_killed_mid_epoch_is_restarted_and_the_run_resumes_from_last_ckpt
     train = [*TINY_DDP[1:], "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=3"]
     train += ["+trainer.limit_train_batches=3", "trainer.strategy.timeout.seconds=60", f"hydra.run.dir={run}"]
     train += ["+callbacks.kill._target_=tests.stall.KillRank", f"+callbacks.kill.flag={flag}"]
-    nodes = [
-        _start(
-            tmp_path / f"node{rank}",
-            "torch.distributed.run",
-            "--nnodes=2",
-            f"--node_rank={rank}",
-            "--nproc_per_node=1",
-            "--max-restarts=1",
-            "--monitor-interval=1",
-            "--rdzv-backend=c10d",  # a new rendezvous round for the restart (static keeps the old peers)
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=killed-node",
-            "-m",
-            "railway_defect.train",
-            *train,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        for rank, node in enumerate(nodes):
-            assert node.wait(timeout=400) == 0, _stderr(tmp_path / f"node{rank}")[-3000:]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the nodes hung after a kill:\n{_stderr(tmp_path / 'node0')[-3000:]}")
-    finally:
-        for node in nodes:
-            _kill_group(node)
+    # c10d: a new rendezvous round for the restart (the static rendezvous keeps the old peers)
+    rendezvous = ["--max-restarts=1", "--monitor-interval=1", "--rdzv-backend=c10d"]
+    rendezvous += [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=killed-node"]
+    _run_two_nodes(tmp_path, train, rendezvous, timeout=400)
     assert flag.exists(), "node 1 was never killed"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["world_size"] == 2
