@@ -38,6 +38,7 @@ from railway_defect.inference.model import (
 )
 from railway_defect.inference.scoring import score_samples
 from railway_defect.utils.class_report import class_markdown, class_report, photo_groups
+from railway_defect.utils.class_report import format_interval as _fmt
 from railway_defect.utils.decision import Costs, DecisionRule, check_costs, threshold_for_costs
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import run_dir_of
@@ -401,17 +402,14 @@ def _calibration_block(scored: Scored, fitted: Fitted, bins: int, written: dict[
     }
 
 
-def _fmt(metric: dict[str, Any]) -> str:
-    if metric.get("value") is None:
-        return "n/a"
-    return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
-
-
 def _metric_table(report: dict[str, Any]) -> list[str]:
     m05, mt = report["metrics"]["at_0.5"], report["metrics"]["at_threshold"]
     positive = report["model"]["positive_class"]
     header = [f"metric ({positive})", "at 0.5", f"at threshold {mt['threshold']:.3f}"]
-    return md_table(header, [[name.replace("_", " "), _fmt(m05[name]), _fmt(mt[name])] for name in REPORTED])
+    return md_table(
+        header,
+        [[name.replace("_", " "), _fmt(m05[name]), _fmt(mt[name])] for name in REPORTED],
+    )
 
 
 def _confusion(block: dict[str, Any]) -> list[str]:
@@ -479,7 +477,9 @@ def print_summary(report: dict[str, Any]) -> None:
     table.add_column(f"at {report['threshold']['value']:.3f}", justify="right")
     for name in REPORTED:
         table.add_row(
-            name, _fmt(report["metrics"]["at_0.5"][name]), _fmt(report["metrics"]["at_threshold"][name])
+            name,
+            _fmt(report["metrics"]["at_0.5"][name]),
+            _fmt(report["metrics"]["at_threshold"][name]),
         )
     rich.print(table)
     cal = report["calibration"]

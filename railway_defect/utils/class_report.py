@@ -45,7 +45,7 @@ def class_report(
         "argmax": multiclass_metrics(targets, probs, probs.argmax(axis=1), names, **settings),
     }
     if rule.costs is not None:
-        cost = dict(confidence=confidence, resamples=resamples, seed=seed)
+        cost = dict(confidence=confidence, resamples=resamples, seed=seed, groups=groups)
         block["expected_cost"] = {
             "at_rule": expected_cost(targets, predicted, rule.costs, **cost),
             "argmax": expected_cost(targets, probs.argmax(axis=1), rule.costs, **cost),
@@ -61,10 +61,14 @@ def class_report(
     return block
 
 
-def _fmt(metric: dict[str, Any]) -> str:
+def format_interval(metric: dict[str, Any]) -> str:
+    """`value [low, high]`, or n/a where the metric is undefined."""
     if metric.get("value") is None:
         return "n/a"
     return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
+
+
+_fmt = format_interval
 
 
 def _confusion_rows(matrix: dict[str, Any]) -> list[str]:
@@ -78,7 +82,14 @@ def _confusion_rows(matrix: dict[str, Any]) -> list[str]:
 
 def _per_class_rows(metrics: dict[str, Any]) -> list[str]:
     rows = [
-        [c, str(m["support"]), _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), _fmt(m["auroc"])]
+        [
+            c,
+            str(m["support"]),
+            _fmt(m["precision"]),
+            _fmt(m["recall"]),
+            _fmt(m["f1"]),
+            _fmt(m["auroc"]),
+        ]
         for c, m in metrics["per_class"].items()
     ]
     for average in ("macro", "weighted"):
@@ -134,13 +145,3 @@ def class_markdown(block: dict[str, Any] | None, title: str = "Classes") -> list
     if "ordinal" in rule:
         lines += _ordinal_lines(rule, block["worst_miss"])
     return lines
-
-
-def class_summary_row(block: dict[str, Any], shown: Sequence[str]) -> list[str]:
-    """macro recall, the recall of each class in `shown`, and the ordinal errors, for a summary table."""
-    rule = block["at_rule"]
-    cells = [_fmt(rule["balanced_accuracy"]), *(_fmt(rule["per_class"][c]["recall"]) for c in shown)]
-    if "ordinal" in rule:
-        last = list(rule["ordinal"]["by_distance"].values())[-1]
-        cells += [_fmt(rule["ordinal"]["mean_absolute_error"]), _fmt(last)]
-    return cells

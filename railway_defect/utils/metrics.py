@@ -335,12 +335,11 @@ def expected_cost(
     confidence: float = 0.95,
     resamples: int = 1000,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The mean cost per photo of `predicted` under a K x K cost matrix (true x predicted), with a
-    stratified bootstrap interval."""
+    stratified bootstrap interval (of whole `groups` when given, as multiclass_metrics)."""
     targets, predicted = np.asarray(targets, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
-    weights = _stratified_weights(targets, resamples, seed)
+    method, weights = _resampling(targets, groups, resamples, seed)
     per_photo = np.asarray(costs, dtype=np.float64)[targets, predicted]
-    return _interval(
-        weights @ per_photo / weights.sum(axis=1), confidence, f"stratified bootstrap ({resamples})"
-    )
+    return _interval(weights @ per_photo / weights.sum(axis=1), confidence, method)
