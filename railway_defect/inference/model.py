@@ -190,6 +190,19 @@ class CheckpointPredictor(Predictor):
         """Normalised images -> logits as a plain module, for export."""
         return self.model.network()
 
+    @torch.inference_mode()
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """The backbone's pooled features (what the head sees): where photos look alike to the model."""
+        from railway_defect.models.module import pooled_features
+
+        images = torch.from_numpy(batch).to(self.device)
+        return (
+            pooled_features(self.model.backbone, images, self.model.hparams.flip_invariant)
+            .float()
+            .cpu()
+            .numpy()
+        )
+
 
 def _recipe_calibration(contract: ModelContract) -> Calibration:
     """The threshold the training recipe set (model.decision_threshold; 0.5 for older checkpoints)."""
