@@ -24,6 +24,7 @@ SCRIPTS = {
     "bench_scale.py": ("ratio stream (stream later epoch / memory later epoch)",),
     "bench_startup.py": ("ratio startup (train --help / import torch)",),
     "bench_serve.py": ("ratio latency (p99 / p50)",),
+    "bench_triage.py": ("ratio labels kept (rows / presses)",),
     "bench_backbones.py": (
         "ratio resnet18 train (channels_last / fp32 contiguous)",
         "ratio resnet18 inference compiled (compiled / eager channels_last)",
@@ -32,6 +33,10 @@ SCRIPTS = {
 EXTRA_ARGS = {"bench_backbones.py": ["--compile"]}
 # other lines a script must print (the accuracy side of its goal)
 EXPECTED_LINES = {
+    "bench_triage.py": (
+        "next-photo latency at start of the queue",
+        "next-photo latency at deep of the queue",
+    ),
     "bench_serve.py": ("answered with the documented code: 60 of 60;", "server rss at start:"),
     "bench_predict.py": (
         "accuracy fp32 pytorch: auroc=",

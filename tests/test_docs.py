@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from tests.helpers import OFFLINE_ENV, PROJECT_ROOT, run_cli
 
 PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
-HYDRA_COMMANDS = ("train", "evaluate", "predict", "export", "serve")
+HYDRA_COMMANDS = ("train", "evaluate", "predict", "export", "serve", "triage")
 FENCE = re.compile(r"```(?:bash|sh|shell|console)?\n(.*?)```", re.S)
 CONSOLE_SCRIPT = re.compile(r"^railway-(\w+)\s*(.*)$")
 PLACEHOLDER = re.compile(r"<[^<>]+>")

@@ -1,6 +1,6 @@
 """A triage session: its label store (`<run>/triage.sqlite`) holding the queue and every decision.
 Opening a store that already holds the queue asked for continues it where it stopped; the queue
-can be exported as the manifest training reads or as Label Studio tasks."""
+can be exported as the manifest training reads."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EXPORTS = ("manifest", "label_studio")
+EXPORTS = ("manifest",)
 
 
 def queue_key(input: str, order: str, predictor: Predictor) -> dict[str, Any]:
@@ -69,8 +69,8 @@ def open_store(
     return store
 
 
-def export(store: LabelStore, kind: str, output: str | Path, image_root: str | None = None) -> Path:
-    """The store's labels as training's manifest.csv, or its queue as Label Studio tasks."""
+def export(store: LabelStore, kind: str, output: str | Path) -> Path:
+    """The store's labels as training's manifest.csv."""
     output = Path(output)
     if kind == "manifest":
         rows, changed = write_manifest(store, output)
@@ -79,19 +79,6 @@ def export(store: LabelStore, kind: str, output: str | Path, image_root: str | N
             log.warning(
                 "%d photo(s) left out: changed on disk since labelled (e.g. %s).", len(changed), changed[0]
             )
-        return output
-    if kind == "label_studio":
-        from railway_defect.data.label_studio import export_tasks
-
-        meta = store.meta()
-        items = store.items(0, store.size())
-        export_tasks(items, meta["classes"], meta.get("model"), output, image_root)
-        log.info(
-            "%d Label Studio task(s) written to %s (labelling config: %s).",
-            len(items),
-            output,
-            output.with_suffix(".xml"),
-        )
         return output
     raise UserError(f"export={kind}: use one of {', '.join(EXPORTS)}.")
 
