@@ -9,7 +9,18 @@ import grimp
 import pytest
 
 # highest first: a layer may import any layer below it, never one above
-LAYERS = ("labelling", "review", "evaluation", "inference", "sweeps", "training", "callbacks", "models", "data", "utils")
+LAYERS = (
+    "labelling",
+    "review",
+    "evaluation",
+    "inference",
+    "sweeps",
+    "training",
+    "callbacks",
+    "models",
+    "data",
+    "utils",
+)
 PACKAGE = "railway_defect"
 
 
