@@ -176,7 +176,8 @@ def report(browser, server: Server, db: Path, args) -> None:
         f"labelling: {presses} keyboard labels by 2 reviewers with one kill -9 of the server: "
         f"{rows} rows in the label store"
     )
-    print(f"ratio labels kept (rows / presses): {rows / presses:.3f}")
+    kept = rows / presses  # one labelling run: min, median and max are that run's
+    print(f"ratio labels kept (rows / presses): min={kept:.3f} median={kept:.3f} max={kept:.3f} (1 run)")
 
 
 if __name__ == "__main__":
