@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
@@ -41,6 +42,31 @@ def machine_info() -> str:
         f"machine: cpu={cpu_model()!r} cores={cpus} torch_threads={torch.get_num_threads()} "
         f"torch={torch.__version__} python={platform.python_version()} gpu={gpu} loadavg={load}"
     )
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a benchmark's local server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: Any, timeout: float = 300) -> None:
+    """Poll `url` until it answers 200; a server process that exits, or `timeout`, ends the script."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit(f"the server did not answer {url} in time")
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import PROJECT_ROOT, machine_info, parser
+from _common import PROJECT_ROOT, free_port, machine_info, parser, wait_until_up
 
 # request kind -> the status code the service must answer
 EXPECTED = {"good": 200, "empty": 400, "garbage": 415, "truncated": 415, "too_large": 413, "too_many": 413}
 # one bad request in every BAD_EVERY
 BAD_EVERY = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -81,21 +74,6 @@ def request_files(kind: str, index: int, images: list[bytes]) -> list[tuple[str,
     return [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(parts)]
 
 
-def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit("the server did not answer /health in time")
-
-
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=900)
@@ -118,7 +96,7 @@ def main() -> None:
             command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
-            wait_until_up(url, server)
+            wait_until_up(f"{url}/health", server)
             print(f"server rss at start: {rss_mb(server.pid):.0f} MB")
             run_load(url, server.pid, images, args, httpx)
         finally:

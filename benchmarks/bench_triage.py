@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import PROJECT_ROOT, machine_info, parser
+from _common import PROJECT_ROOT, free_port, machine_info, parser, wait_until_up
 from PIL import Image
 
 from railway_defect.data.label_store import Item, LabelStore, file_digest
@@ -55,10 +54,10 @@ def queue(db: Path, photos: list[Path]) -> None:
 
 
 class Server:
+    """`python -m railway_defect.triage` on the label store `db`, on one port across restarts."""
+
     def __init__(self, db: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.start(db)
 
     def start(self, db: Path) -> None:
@@ -67,19 +66,7 @@ class Server:
             [sys.executable, "-m", "railway_defect.triage", *args],
             cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        self.wait()
-
-    def wait(self, timeout: float = 120) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}api/meta", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise SystemExit("the triage server did not start")
+        wait_until_up(f"{self.url}api/meta", self.process, timeout=120)
 
     @property
     def url(self) -> str:

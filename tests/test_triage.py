@@ -136,6 +136,22 @@ def test_a_photo_changed_on_disk_is_flagged_not_relabelled(tmp_path: Path) -> No
     assert [item["changed"] for item in first] == [True, False]
 
 
+def test_the_page_shows_the_queues_own_rule_and_the_frames_around_a_frame(tmp_path: Path) -> None:
+    """Without the model loaded, the prediction shown is still the queue's rule (threshold 0.12: p
+    0.2 is Defective, which argmax would not say); a frame lists the 3 frames on each side of it."""
+    video = write_video(tmp_path / "walk.mp4")
+    store = LabelStore(tmp_path / "triage.sqlite")
+    items = [Item(i, str(video), 10 * i, float(i), file_digest(video), [0.2, 0.8]) for i in range(10)]
+    meta = {"classes": CLASSES, "positive_class": "Defective", "threshold": 0.12, "order": "defect"}
+    store.set_queue(meta, items)
+    client = TestClient(build_app(store, None, None, loopback_only=True), base_url="http://127.0.0.1")
+    fifth = client.get("/api/items", params={"offset": 5, "limit": 1}).json()[0]
+    assert fifth["predicted"] == "Defective"
+    assert [n["frame"] for n in fifth["neighbours"]] == [20, 30, 40, 50, 60, 70, 80]
+    first = client.get("/api/items", params={"offset": 0, "limit": 1}).json()[0]
+    assert [n["frame"] for n in first["neighbours"]] == [0, 10, 20, 30]
+
+
 def test_concurrent_reviewers_lose_no_decision(tmp_path: Path) -> None:
     """Two reviewers (threads, each with its own connections) writing 50 decisions each at once."""
     store, _ = _store_with_photos(tmp_path, 100)

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.outputs import atomic_path
 
@@ -158,13 +159,19 @@ class LabelStore:
             row = db.execute("SELECT * FROM items WHERE position = ?", (position,)).fetchone()
         return None if row is None else _item(row)
 
-    def frames_of(self, path: str) -> list[Item]:
-        """The queue's frames of one video, in frame order (the neighbours of a frame)."""
+    def frames_near(self, item: Item, each_side: int) -> list[Item]:
+        """The queue's frames of `item`'s video just before and after it, in frame order, itself
+        included (two look-ups on the (path, frame) index, however long the video)."""
         with self._connect() as db:
-            rows = db.execute(
-                "SELECT * FROM items WHERE path = ? AND frame IS NOT NULL ORDER BY frame", (path,)
+            before = db.execute(
+                "SELECT * FROM items WHERE path = ? AND frame < ? ORDER BY frame DESC LIMIT ?",
+                (item.path, item.frame, each_side),
             ).fetchall()
-        return [_item(row) for row in rows]
+            after = db.execute(
+                "SELECT * FROM items WHERE path = ? AND frame >= ? ORDER BY frame LIMIT ?",
+                (item.path, item.frame, each_side + 1),
+            ).fetchall()
+        return [_item(row) for row in [*reversed(before), *after]]
 
     # decisions ------------------------------------------------------------------------------
     def record(
@@ -234,6 +241,17 @@ class LabelStore:
                 "(SELECT position FROM decisions WHERE undone = 0)"
             ).fetchone()
         return int(row[0]) if row[0] is not None else max(self.size() - 1, 0)
+
+
+def queue_rule(meta: dict[str, Any]) -> DecisionRule:
+    """The decision rule the queue was scored with (its `threshold` and `costs`, stored with it), so
+    the label a page shows as the prediction is the model's, whether or not the model is loaded."""
+    costs = meta.get("costs")
+    return DecisionRule(
+        meta["classes"].index(meta["positive_class"]),
+        float(meta.get("threshold", 0.5)),
+        None if costs is None else tuple(tuple(float(v) for v in row) for row in costs),
+    )
 
 
 def changed_on_disk(decision: Decision) -> bool:

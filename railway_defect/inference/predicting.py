@@ -325,7 +325,7 @@ def run_prediction(
         def on_video(path: Path) -> None:  # a video counts as its frames
             bar.update(task, total=bar.tasks[task].total + estimated_frames(path, every_s) - 1)
 
-        for batch in batched(_inputs(predictor, sources, every_s, workers, on_video), batch_size):
+        for batch in batched(model_inputs(predictor, sources, every_s, workers, on_video), batch_size):
             rows = [
                 prediction_row(item, probs, predictor, decision)
                 for item, probs in zip(batch, score(predictor, batch, flips), strict=True)
@@ -342,12 +342,12 @@ def _columns(predictor: Predictor, decision: Decision) -> list[str]:
     return columns(predictor.contract.class_names, predictor.contract.positive_class, decision.top_k)
 
 
-def _inputs(
+def model_inputs(
     predictor: Predictor,
-    sources: list[Path],
+    sources: Sequence[Path],
     every_s: float,
-    workers: int | None,
-    on_video: Callable[[Path], None],
+    workers: int | None = None,
+    on_video: Callable[[Path], None] | None = None,
 ) -> Iterator[InputItem]:
     """The inputs decoded as the model's contract says (storage form, decode size)."""
     contract = predictor.contract

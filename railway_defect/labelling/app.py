@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from railway_defect.data.label_store import Item, LabelStore, changed_on_disk
+from railway_defect.data.label_store import Item, LabelStore, changed_on_disk, queue_rule
 from railway_defect.inference.model import CheckpointPredictor, EnsemblePredictor, Predictor
 
 PAGE = Path(__file__).with_name("static") / "triage.html"
@@ -32,6 +32,8 @@ MAX_PAGE = 200
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 # decoded frames and Grad-CAM overlays kept for moving back and forth
 CACHED_IMAGES = 64
+# video frames shown on each side of a frame
+NEIGHBOURS_EACH_SIDE = 3
 
 
 class LabelRequest(BaseModel):
@@ -45,12 +47,13 @@ class UndoRequest(BaseModel):
 
 
 class Triage:
-    """What the endpoints share: the store, the queue's description and the model (for Grad-CAM)."""
+    """What the endpoints share: the store, the queue's description and rule, the model (for Grad-CAM)."""
 
     def __init__(self, store: LabelStore, predictor: Predictor | None):
-        self.store, self.predictor = store, predictor
+        self.store = store
         self.meta = store.meta()
         self.classes: list[str] = self.meta["classes"]
+        self.rule = queue_rule(self.meta)
         self.size = store.size()
         self.explainer = _explainer(predictor)
         self.model_lock = threading.Lock()
@@ -62,12 +65,13 @@ class Triage:
         return item
 
     def predicted(self, item: Item) -> str | None:
-        if item.probs is None or self.predictor is None:
-            return None if item.probs is None else self.classes[int(np.argmax(item.probs))]
-        return self.classes[int(self.predictor.rule.labels(np.asarray([item.probs]))[0])]
+        """The label the queue's rule gives the item (None: not scored)."""
+        if item.probs is None:
+            return None
+        return self.classes[int(self.rule.labels(np.asarray([item.probs]))[0])]
 
     def describe(self, item: Item, decision: Any) -> dict[str, Any]:
-        neighbours = [] if item.frame is None else _neighbours(self.store.frames_of(item.path), item)
+        near = [] if item.frame is None else self.store.frames_near(item, NEIGHBOURS_EACH_SIDE)
         return {
             "position": item.position,
             "name": Path(item.path).name,
@@ -80,7 +84,7 @@ class Triage:
             "label": None if decision is None else decision.label,
             "reviewer": None if decision is None else decision.reviewer,
             "changed": decision is not None and changed_on_disk(decision),
-            "neighbours": neighbours,
+            "neighbours": [{"position": f.position, "frame": f.frame, "time_s": f.time_s} for f in near],
         }
 
 
@@ -88,13 +92,6 @@ def _explainer(predictor: Predictor | None) -> CheckpointPredictor | None:
     if isinstance(predictor, EnsemblePredictor):
         return predictor.members[0]
     return predictor if isinstance(predictor, CheckpointPredictor) else None
-
-
-def _neighbours(frames: list[Item], item: Item, each_side: int = 3) -> list[dict[str, Any]]:
-    """The queue's frames of the same video just before and after this one (positions to show)."""
-    index = next(i for i, f in enumerate(frames) if f.position == item.position)
-    near = frames[max(0, index - each_side) : index + each_side + 1]
-    return [{"position": f.position, "frame": f.frame, "time_s": f.time_s} for f in near]
 
 
 def read_frame(path: str, frame: int) -> np.ndarray:

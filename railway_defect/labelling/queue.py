@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from railway_defect.data.label_store import Item, file_digest
-from railway_defect.inference.inputs import InputItem, batched, iter_inputs, list_sources
+from railway_defect.inference.inputs import InputItem, batched, list_sources
 from railway_defect.inference.model import CheckpointPredictor, EnsemblePredictor, Predictor
+from railway_defect.inference.predicting import model_inputs
 from railway_defect.sweeps.label_issues import LABEL_ISSUES_FILE
 from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.errors import UserError
@@ -160,9 +161,8 @@ def score_sources(
     predictor: Predictor, sources: Sequence[Path], order: str, every_s: float, batch_size: int
 ) -> Scored:
     """Decode and score every photo or frame, with what the order needs (members, features)."""
-    contract, scored = predictor.contract, Scored()
-    items = iter_inputs(sources, predictor.decode, contract.decode_size, every_s, mode=contract.harmonize)
-    for batch in batched(items, batch_size):
+    scored = Scored()
+    for batch in batched(model_inputs(predictor, sources, every_s), batch_size):
         readable = [item for item in batch if item.image is not None]
         scored.skipped += [(item.path, item.error) for item in batch if item.image is None]
         if not readable:
@@ -178,9 +178,12 @@ def score_sources(
     return scored
 
 
-def read_predictions_csv(path: Path, class_names: Sequence[str], positive_class: str) -> Scored:
+def read_predictions_csv(
+    path: Path, class_names: Sequence[str], positive_class: str, given_column: str | None = None
+) -> Scored:
     """The rows of a predict CSV with their probabilities (binary files carry p of the positive
-    class only: the other class has the rest); rows with an error are left out."""
+    class only: the other class has the rest), and each row's `given_column` (a label it already
+    has) when named; rows with an error are left out."""
     scored = Scored()
     with path.open(newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
@@ -200,17 +203,15 @@ def read_predictions_csv(path: Path, class_names: Sequence[str], positive_class:
             probs = np.array([1 - p, p]) if positive == 1 else np.array([p, 1 - p])
         frame = int(row["frame"]) if row.get("frame") else None
         time_s = float(row["time_s"]) if row.get("time_s") else None
-        scored.add(InputItem(row["path"], frame=frame, time_s=time_s), probs)
+        given = row[given_column] if given_column else None
+        scored.add(InputItem(row["path"], frame=frame, time_s=time_s), probs, given)
     return scored
 
 
 def read_label_issues(source: Path, class_names: Sequence[str], positive_class: str) -> Scored:
     """cleanlab's doubtful labels of a CV sweep, most doubtful first, each with its given label."""
     path = source if source.name == LABEL_ISSUES_FILE else source / LABEL_ISSUES_FILE
-    scored = read_predictions_csv(path, class_names, positive_class)
-    with path.open(newline="", encoding="utf-8") as file:
-        scored.given = [row["label"] for row in csv.DictReader(file)]
-    return scored
+    return read_predictions_csv(path, class_names, positive_class, given_column="label")
 
 
 def collect(input: str, order: str, predictor: Predictor, every_s: float, batch_size: int) -> Scored:
@@ -242,9 +243,9 @@ def build_items(scored: Scored, order: str, predictor: Predictor) -> list[Item]:
     items = []
     for position, i in enumerate(positions):
         path = scored.paths[i]
-        digest = (
-            digests.setdefault(path, file_digest(path)) if scored.frames[i] is not None else file_digest(path)
-        )
+        if scored.frames[i] is None or path not in digests:  # a video: hashed once, not per frame
+            digests[path] = file_digest(path)
+        digest = digests[path]
         probs = [round(float(p), 6) for p in scored.probs[i]]
         score = round(float(scores[i]), 6) if np.isfinite(scores[i]) else None
         items.append(

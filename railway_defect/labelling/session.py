@@ -62,6 +62,8 @@ def open_store(
         "classes": list(contract.class_names),
         "positive_class": contract.positive_class,
         "rule": predictor.rule.describe(contract.class_names),
+        "threshold": predictor.rule.threshold,
+        "costs": None if predictor.rule.costs is None else [list(row) for row in predictor.rule.costs],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     store.set_queue(meta, items)
