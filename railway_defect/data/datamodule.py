@@ -30,6 +30,7 @@ from railway_defect.data.discovery import (
 )
 from railway_defect.data.download import download_and_extract
 from railway_defect.data.images import DecodedImages
+from railway_defect.data.labels import read_labels
 from railway_defect.data.settings import DataSettings
 from railway_defect.data.splits import read_split_record, write_split_record
 from railway_defect.data.storage import choose_storage
@@ -199,6 +200,7 @@ class RailwayDataModule(LightningDataModule):
             recorded, expected = read_split_record(self.splits_from, self.root)
             index = DatasetIndex(layout=f"recorded in {self.splits_from}", splits=recorded)
         else:
+            labels = read_labels(self.settings.labels, self.root) if self.settings.labels else None
             index = discover(
                 self.root,
                 self.val_fraction,
@@ -208,6 +210,7 @@ class RailwayDataModule(LightningDataModule):
                 self.train_on,
                 self.group_window_s,
                 self.test_holdouts,
+                labels,
             )
         self.backend = self._backend(index)
         recorded = (self.splits_from, expected) if self.splits_from is not None else None
@@ -327,6 +330,8 @@ class RailwayDataModule(LightningDataModule):
             "folds": {"num_folds": self.num_folds, "fold": self.fold} if self.num_folds else None,
             "group_window_s": self.group_window_s,
             "test_holdouts": [asdict(holdout) for holdout in self.test_holdouts],
+            # data.labels: reviewed labels laid over the root's (overrides, added photos, ...)
+            "labels": self.index.labels,
             "counts": {
                 split: dict(sorted(label_counts(samples).items())) for split, samples in self.splits.items()
             },

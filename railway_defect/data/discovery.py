@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,12 +58,20 @@ class Sample:
     group: str
 
 
+class LabelOverlay(Protocol):
+    """Reviewed labels laid over a layout's splits (data.labels: data.labels.ReviewedLabels)."""
+
+    def apply(self, splits: dict[str, list[Sample]]) -> tuple[dict[str, list[Sample]], dict[str, Any]]: ...
+
+
 @dataclass
 class DatasetIndex:
     layout: str
     splits: dict[str, list[Sample]]
     # files found but not used, each with the reason (not an image, missing, ...)
     ignored: list[dict[str, str]] = field(default_factory=list)
+    # what data.labels changed (data_report.json `labels`); None without reviewed labels
+    labels: dict[str, Any] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -349,6 +358,13 @@ def holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sam
             f"Only {len(set(groups))} independent photo groups to hold out a validation split from; "
             "add images or provide a Validation folder."
         )
+    largest = max(Counter(s.label for s in samples).values())
+    if largest < n_splits:
+        raise UserError(
+            f"No class has {n_splits} photos, so data.val_fraction={fraction} cannot be held out "
+            f"stratified (the largest has {largest}); raise data.val_fraction, add images or provide a "
+            "Validation folder."
+        )
     train_idx, val_idx = _group_folds([s.label for s in samples], groups, n_splits, seed)[0]
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
@@ -502,10 +518,11 @@ def check_nested_groups(
     seed: int,
     window_s: GroupWindow,
     test_fraction: float | None = None,
+    labels: LabelOverlay | None = None,
 ) -> None:
     """Before a nested CV starts its jobs: every outer fold, and every inner fold of each outer
     training set, needs a group of each class; else one line with the counts and what to ask."""
-    given = _read_layout(Path(root), [])[1]
+    given = _labelled_splits(Path(root), [], labels)[1]
     for outer_fold in range(outer_folds):
         splits = given
         for held_out in held_out_test_folds(test_fraction, outer_folds, outer_fold, seed):
@@ -555,17 +572,18 @@ def discover(
     train_on: str = "train",
     group_window_s: GroupWindow = BURST_SECONDS,
     holdouts: Sequence[HeldOutTestFold] = (),
+    labels: LabelOverlay | None = None,
 ) -> DatasetIndex:
     """Index `root`; when it has no validation split, hold one out of the training data. With
     `num_folds`, the train and validation splits are pooled and fold `fold` becomes validation;
     with `train_on=train_and_val` they are pooled into the training split and nothing validates.
     `holdouts` first hold a Test split out of the labelled photos (held_out_test_folds);
     `group_window_s` says which photos are too close in time to sit on both sides of a split made
-    here."""
+    here; `labels` (data.labels) are laid over the layout's labels before anything is split."""
     root = Path(root)
     check_group_window(group_window_s)
     ignored: list[dict[str, str]] = []
-    layout, splits = _labelled_splits(root, ignored)
+    layout, splits, relabelled = _labelled_splits(root, ignored, labels)
     for held_out in holdouts:
         splits = held_out.split(splits, group_window_s)
     if num_folds is not None:
@@ -573,7 +591,7 @@ def discover(
     elif fold != 0:
         raise UserError(f"data.fold={fold} needs data.num_folds=K (K >= 2) to say how many folds there are.")
     if train_on == TRAIN_AND_VAL and fold != REFIT:
-        return _pool_for_training(root, layout, splits, ignored, num_folds)
+        return replace(_pool_for_training(root, layout, splits, ignored, num_folds), labels=relabelled)
     if "val" not in splits and fold != REFIT:
         splits["train"], splits["val"] = holdout(
             _regrouped(splits["train"], group_window_s), val_fraction, seed
@@ -585,12 +603,18 @@ def discover(
             val_fraction,
         )
     _check_groups(splits)
-    return DatasetIndex(layout=layout, splits=splits, ignored=ignored)
+    return DatasetIndex(layout=layout, splits=splits, ignored=ignored, labels=relabelled)
 
 
-def _labelled_splits(root: Path, ignored: list[dict[str, str]]) -> tuple[str, dict[str, list[Sample]]]:
-    """The layout of `root` and its non-empty splits; no images, or none to train on, is an error."""
+def _labelled_splits(
+    root: Path, ignored: list[dict[str, str]], labels: LabelOverlay | None = None
+) -> tuple[str, dict[str, list[Sample]], dict[str, Any] | None]:
+    """The layout of `root` and its non-empty splits (with `labels` laid over them) and what the
+    labels changed; no images, or none to train on, is an error."""
     layout, splits = _read_layout(root, ignored)
+    relabelled = None
+    if labels is not None:
+        splits, relabelled = labels.apply(splits)
     splits = {split: samples for split, samples in splits.items() if samples}
     if not splits:
         raise UserError(
@@ -599,7 +623,7 @@ def _labelled_splits(root: Path, ignored: list[dict[str, str]]) -> tuple[str, di
         )
     if "train" not in splits:
         raise UserError(f"{root} has no training images (found splits: {', '.join(sorted(splits))}).")
-    return layout, splits
+    return layout, splits, relabelled
 
 
 def _with_fold(

@@ -39,6 +39,9 @@ class DataSettings:
     report_path, splits_path: where data_report.json and splits.csv go; splits_from: a run's
         splits.csv to reuse instead of splitting (evaluation of that run).
     audit: run the shortcut audit on the train + validation images.
+    labels: reviewed labels laid over the root's (a triage.sqlite, a manifest .csv or a Label
+        Studio JSON export; data.labels.read_labels): they override folder labels, and reviewed
+        photos the root does not list are added.
     """
 
     root: str | Path
@@ -70,6 +73,7 @@ class DataSettings:
     splits_from: str | Path | None = None
     harmonize: str = "none"
     audit: bool = True
+    labels: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.ordinal is not None:

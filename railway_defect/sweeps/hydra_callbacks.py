@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from railway_defect.data.discovery import TRAIN_AND_VAL, check_nested_groups, check_train_on
+from railway_defect.data.labels import read_labels
 from railway_defect.sweeps.summary import summarize_and_write
 from railway_defect.training.shutdown import stop_workers
 from railway_defect.utils.commands import command_failure
@@ -84,13 +85,15 @@ def _check_nested_groups(data: DictConfig) -> None:
     if not data.get("outer_folds") or not data.get("num_folds"):
         return
     seed = data.get("split_seed") if data.get("split_seed") is not None else data.get("seed", 42)
+    root = Path(str(data.root)).expanduser()
     check_nested_groups(
-        Path(str(data.root)).expanduser(),
+        root,
         int(data.outer_folds),
         int(data.num_folds),
         int(seed),
         data.get("group_window_s", 10),
         data.get("test_fraction"),
+        read_labels(str(data.labels), root) if data.get("labels") else None,
     )
 
 
