@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,12 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
     assert predictor.contract.harmonize == cfg.data.harmonize
     assert predictor.contract.input_size == cfg.data.image_size
     assert predictor.calibration.threshold == cfg.model.decision_threshold  # until evaluate stores one
+    # the bare network that scores (no Lightning) gives the Lightning module's logits, bit for bit
+    size = cfg.data.image_size
+    batch = np.random.default_rng(0).random((3, 3, size, size), dtype=np.float32)
+    with torch.inference_mode():
+        expected = predictor.model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_array_equal(predictor.logits(batch), expected)
 
     report = run_evaluation(str(ckpt), str(data), bootstrap=20, output_dir=str(tmp_path / "eval"))
     assert report["data"]["n"] == 4
@@ -82,6 +90,28 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
     (row,) = response.json()["predictions"]
     (expected,) = [r for r in _read(tmp_path / "p.csv") if Path(r["path"]) == photo]
     assert row["p_Defective"] == pytest.approx(float(expected["p_Defective"]), abs=1e-4)
+
+
+def test_scoring_a_checkpoint_imports_neither_lightning_nor_torchmetrics(tmp_path: Path) -> None:
+    """predict, serve and triage score through models.network: a serving process does not carry
+    Lightning's imports (BENCHMARKS.md section 10)."""
+    contract = ModelContract.for_backbone("resnet18", ["Defective", "Non defective"], "Defective", 32)
+    model = DefectClassifier("resnet18", contract, pretrained=False)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, ckpt)
+    code = (
+        "import sys, numpy as np\n"
+        "from railway_defect.inference.model import load_predictor\n"
+        "p = load_predictor(sys.argv[1], 'cpu')\n"
+        "p.probabilities(np.zeros((2, 3, 32, 32), np.float32))\n"
+        "p.features(np.zeros((1, 3, 32, 32), np.float32))\n"
+        "print([m for m in ('lightning', 'torchmetrics') if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_harmonize_brings_every_photo_to_one_storage_form(tmp_path: Path) -> None:

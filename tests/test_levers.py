@@ -11,7 +11,8 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from railway_defect.models.contract import ModelContract
-from railway_defect.models.module import FLIP_AXES, DefectClassifier, FrozenFeatureCache
+from railway_defect.models.module import DefectClassifier, FrozenFeatureCache
+from railway_defect.models.network import FLIP_AXES
 from railway_defect.models.schedules import warmup_cosine
 from railway_defect.utils.errors import UserError
 

@@ -3,6 +3,7 @@ the network, the preprocessing it was trained with, and its stored threshold and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -172,32 +173,46 @@ class Predictor:
 
 
 class CheckpointPredictor(Predictor):
-    """A Lightning checkpoint of DefectClassifier; the only kind that can explain (Grad-CAM)."""
+    """A Lightning checkpoint of DefectClassifier; the only kind that can explain (Grad-CAM).
+    Scores with the bare network (models.network: Lightning is not imported); the Lightning
+    module, which Grad-CAM and the review notebooks use, is loaded when first asked for."""
 
     def __init__(self, path: Path, sha256: str, device: str = "auto"):
-        from railway_defect.models.module import load_classifier
+        from railway_defect.models.network import load_network
 
         self.device = _torch_device(device)
-        self.model = load_classifier(path, self.device)
-        contract = self.model.contract
+        self._network, contract, hparams = load_network(path, self.device)
+        self.channels_last = bool(hparams.get("channels_last", True))
         super().__init__(path, sha256, contract, _recipe_calibration(contract), "checkpoint")
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        """The checkpoint's DefectClassifier (a LightningModule), in eval mode on this device."""
+        from railway_defect.models.module import load_classifier
+
+        return load_classifier(self.path, self.device)
+
+    def _images(self, batch: np.ndarray) -> torch.Tensor:
+        images = torch.from_numpy(batch).to(self.device)
+        # as the module trained: a no-op when the batch already is
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+        return self._network(self._images(batch)).float().cpu().numpy()
 
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module, for export."""
-        return self.model.network()
+        return self._network
 
     @torch.inference_mode()
     def features(self, batch: np.ndarray) -> np.ndarray:
         """The backbone's pooled features (what the head sees): where photos look alike to the model."""
-        from railway_defect.models.module import pooled_features
+        from railway_defect.models.network import pooled_features
 
-        images = torch.from_numpy(batch).to(self.device)
+        network = self._network
         return (
-            pooled_features(self.model.backbone, images, self.model.hparams.flip_invariant)
+            pooled_features(network.backbone, self._images(batch), network.flip_invariant)
             .float()
             .cpu()
             .numpy()

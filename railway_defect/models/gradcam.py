@@ -13,7 +13,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from railway_defect.models.backbones import get_spec
-from railway_defect.models.module import FLIP_AXES, DefectClassifier
+from railway_defect.models.module import DefectClassifier
+from railway_defect.models.network import FLIP_AXES
 
 
 def gradcam_heatmaps(

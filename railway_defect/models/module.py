@@ -28,13 +28,17 @@ from railway_defect import __version__
 from railway_defect.data.images import content_digest
 from railway_defect.models.backbones import create_backbone
 from railway_defect.models.contract import ModelContract
+from railway_defect.models.network import (
+    Network,
+    classifier_head,
+    logits_per_head,
+    pooled_features,
+    read_checkpoint,
+)
 from railway_defect.utils.errors import UserError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
-# the views a flip_invariant model averages: the photo and its horizontal, vertical and double flip
-# (image axes flipped in each)
-FLIP_AXES: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 # metrics computed per class; the positive class's value is logged
 PER_CLASS = ("precision", "recall", "f1", "auroc")
 # validation metrics that can pick the best checkpoint (higher is better)
@@ -132,41 +136,6 @@ def hold_frozen_layers(module: nn.Module) -> None:
         hold_frozen_layers(child)
 
 
-class FeatureNorm(nn.BatchNorm1d):
-    """Features standardised by batch statistics in training and running ones in eval (no affine
-    parameters); the last batch of an epoch may hold one image, which takes the running ones."""
-
-    def __init__(self, num_features: int):
-        super().__init__(num_features, affine=False)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.training and features.shape[0] == 1:
-            return nn.functional.batch_norm(
-                features, self.running_mean, self.running_var, training=False, eps=self.eps
-            )
-        return super().forward(features)
-
-
-def _head(num_features: int, num_classes: int, dropout: float, norm: bool, num_heads: int) -> nn.Sequential:
-    """Features -> the logits of `num_heads` linear heads side by side (batch, heads x classes)."""
-    layers = [FeatureNorm(num_features)] if norm else []
-    return nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(num_features, num_classes * num_heads))
-
-
-def logits_per_head(head_output: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(batch, heads x classes) -> (batch, heads, classes)."""
-    return head_output.unflatten(1, (num_heads, -1))
-
-
-def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: bool) -> torch.Tensor:
-    """The backbone's pooled features, or with `flip_invariant` their mean over the photo and its
-    three flips (one backbone pass over the stacked views; the batch size stays dynamic for export)."""
-    if not flip_invariant:
-        return backbone(images)
-    views = torch.cat([images.flip(axes) if axes else images for axes in FLIP_AXES])
-    return backbone(views).unflatten(0, (len(FLIP_AXES), -1)).mean(0)
-
-
 # an image tensor by its shape and the digest of its values
 ContentKey = tuple[tuple[int, ...], str]
 
@@ -222,19 +191,6 @@ def shared_feature_cache(backbone: nn.Module, *setting: object) -> FrozenFeature
         _shared_cache.clear()
         _shared_cache[key] = FrozenFeatureCache()
     return _shared_cache[key]
-
-
-class Network(nn.Module):
-    """DefectClassifier's images -> logits path without Lightning, for export."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int):
-        super().__init__()
-        self.backbone, self.head, self.flip_invariant = backbone, head, flip_invariant
-        self.num_heads = num_heads
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        output = self.head(pooled_features(self.backbone, images, self.flip_invariant))
-        return logits_per_head(output, self.num_heads).mean(1)
 
 
 class DefectClassifier(LightningModule):
@@ -302,7 +258,9 @@ class DefectClassifier(LightningModule):
         self.hparams["contract"] = self.contract.to_dict()  # plain values: weights_only loading
         created = create_backbone(backbone, pretrained, weights_path, require_pretrained)
         self.backbone = created.model
-        self.head = _head(created.spec.num_features, len(class_names), dropout, head_norm, num_heads)
+        self.head = classifier_head(
+            created.spec.num_features, len(class_names), dropout, head_norm, num_heads
+        )
         # facts of the construction, stored beside the arguments by on_save_checkpoint
         self.pretrained_loaded, self.weights_source = created.pretrained_loaded, created.weights_source
         self.positive_index = self.contract.positive_index
@@ -530,11 +488,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Def
     never a look-up of ImageNet or `weights_path` files, never compiled; in eval mode on `device`.
     `model.hparams` holds the constructor arguments (preprocessing included), `model.mean/std`
     the input normalisation."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hparams, state = dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"]
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {e}).") from e
+    hparams, state = read_checkpoint(path)
     accepted = inspect.signature(DefectClassifier.__init__).parameters
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     kwargs.update(pretrained=False, require_pretrained=False, weights_path=None, compile=False)
