@@ -1,7 +1,7 @@
 """`python -m railway_defect.triage ckpt_path=... input=PHOTOS [order=defect]`: a local web page to
 review photos one at a time and label them by keyboard (conf/triage.yaml); the labels go to
 `<run>/triage.sqlite`, which `train data.labels=...` reads. `export=manifest` writes the labels
-to `output` instead of serving."""
+to `output` instead of serving, `export=label_studio` the queue as Label Studio tasks."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _prepare(cfg: DictConfig):
     if cfg.export:
         if not cfg.output:
             raise UserError(f"export={cfg.export} writes to output=FILE; give one.")
-        return export(store, cfg.export, cfg.output), None
+        return export(store, cfg.export, cfg.output, cfg.document_root), None
     token = access_token(cfg.host, cfg.token)
     return build_app(store, predictor, token, loopback_only=token is None), token
 

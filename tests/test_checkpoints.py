@@ -93,14 +93,16 @@ def test_checkpoint_of_each_option_works_in_every_command(compose_train, tmp_pat
 
 
 def test_scoring_a_checkpoint_imports_neither_lightning_nor_torchmetrics(tmp_path: Path) -> None:
-    """predict, serve and triage score through models.network: a serving process does not carry
-    Lightning's imports (BENCHMARKS.md section 10)."""
+    """predict, serve and triage score through models.network, and the Hydra callbacks every
+    command runs import no Lightning either: a serving process does not carry it (BENCHMARKS.md
+    section 10)."""
     contract = ModelContract.for_backbone("resnet18", ["Defective", "Non defective"], "Defective", 32)
     model = DefectClassifier("resnet18", contract, pretrained=False)
     ckpt = tmp_path / "model.ckpt"
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, ckpt)
     code = (
         "import sys, numpy as np\n"
+        "import railway_defect.inference.service, railway_defect.sweeps.hydra_callbacks\n"
         "from railway_defect.inference.model import load_predictor\n"
         "p = load_predictor(sys.argv[1], 'cpu')\n"
         "p.probabilities(np.zeros((2, 3, 32, 32), np.float32))\n"

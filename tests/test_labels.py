@@ -138,6 +138,39 @@ def test_a_photo_changed_since_it_was_labelled_or_gone_is_left_out(tmp_path: Pat
     assert (report["changed_on_disk"], report["added"], report["overridden"]) == (2, 1, 0)
 
 
+def test_a_label_studio_json_export_relabels_the_photos_it_names(tmp_path: Path) -> None:
+    """Label Studio's "JSON" export: local-files URLs resolved against data.root, the latest
+    annotation that was not cancelled."""
+    root = make_split_dataset(tmp_path / "data", {"Train": 3, "Validation": 2})
+    choice = [{"from_name": "label", "to_name": "image", "type": "choices"}]
+
+    def annotation(label: str, updated: str, cancelled: bool = False) -> dict[str, object]:
+        return {
+            "id": len(updated),
+            "result": [{**choice[0], "id": "r", "value": {"choices": [label]}}],
+            "was_cancelled": cancelled,
+            "created_at": "2026-12-01T10:00:00.000000Z",
+            "updated_at": updated,
+        }
+
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "/data/local-files/?d=Train/Defective/Train_0.jpg"},
+            "annotations": [
+                annotation("Non defective", "2026-12-01T10:05:00.000000Z"),
+                annotation("Defective", "2026-12-01T10:01:00.000000Z"),
+                annotation("Defective", "2026-12-01T10:09:00.000000Z", cancelled=True),
+            ],
+        }
+    ]
+    export = tmp_path / "project-1-at-2026-12-01.json"
+    export.write_text(json.dumps(tasks))
+    dm = _setup(root, export, tmp_path)
+    assert _labels_of(dm)["Defective/Train_0.jpg"] == ("train", "Non defective")
+    assert (dm.index.labels["kind"], dm.index.labels["overridden"]) == ("label_studio", 1)
+
+
 def test_bad_label_files_are_one_line_errors_and_another_database_is_not_written(tmp_path: Path) -> None:
     conflicting = tmp_path / "twice.csv"
     conflicting.write_text("path,label\na.png,Defective\na.png,Non defective\n")

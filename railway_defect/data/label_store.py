@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,7 +62,18 @@ MANIFEST_COLUMNS = ("path", "label", "split", "group")
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes ('' when it cannot be read: it then matches no stored digest)."""
+    """sha256 of a file's bytes ('' when it cannot be read: it then matches no stored digest).
+    Cached by the file's size, inode and change times, so that showing a page of labelled photos
+    does not read each again; any write changes ctime, which no tool can set back."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ""
+    return _digest(str(path), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _digest(path: str, size: int, inode: int, mtime_ns: int, ctime_ns: int) -> str:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as file:

@@ -31,6 +31,7 @@ from railway_defect.data.discovery import (
     _split_name,
 )
 from railway_defect.data.label_store import LabelStore, reviewed_labels
+from railway_defect.data.label_studio import read_annotations
 from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,6 @@ def read_labels(path: str | Path, root: str | Path) -> ReviewedLabels:
     if source.suffix.lower() == ".csv":
         return _from_manifest(source, Path(root))
     if source.suffix.lower() == ".json":
-        from railway_defect.data.label_studio import read_annotations  # TEMP
-
         pairs = read_annotations(source, root)
         return ReviewedLabels(source, "label_studio", _unique(_rows(pairs), source))
     raise UserError(

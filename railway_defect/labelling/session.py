@@ -1,6 +1,7 @@
 """A triage session: its label store (`<run>/triage.sqlite`) holding the queue and every decision.
 Opening a store that already holds the queue asked for continues it where it stopped; the queue
-can be exported as the manifest training reads."""
+can be exported as the manifest training reads, or as Label Studio tasks (with the model's
+predictions and the labels given so far) to label it in Label Studio instead."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from railway_defect.data.label_store import LabelStore, write_manifest
+from railway_defect.data.label_studio import export_tasks
 from railway_defect.inference.model import Predictor, load_predictor
 from railway_defect.labelling.app import LOOPBACK_HOSTS
 from railway_defect.labelling.queue import build_items, collect
@@ -18,7 +20,7 @@ from railway_defect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EXPORTS = ("manifest",)
+EXPORTS = ("manifest", "label_studio")
 
 
 def queue_key(input: str, order: str, predictor: Predictor) -> dict[str, Any]:
@@ -71,8 +73,10 @@ def open_store(
     return store
 
 
-def export(store: LabelStore, kind: str, output: str | Path) -> Path:
-    """The store's labels as training's manifest.csv."""
+def export(store: LabelStore, kind: str, output: str | Path, document_root: str | None = None) -> Path:
+    """The store's labels as training's manifest.csv (`manifest`), or its photos as Label Studio tasks
+    and their labelling config beside them (`label_studio`: export_tasks logs the counts, the config's
+    path and how to start Label Studio on them)."""
     output = Path(output)
     if kind == "manifest":
         rows, changed = write_manifest(store, output)
@@ -82,6 +86,8 @@ def export(store: LabelStore, kind: str, output: str | Path) -> Path:
                 "%d photo(s) left out: changed on disk since labelled (e.g. %s).", len(changed), changed[0]
             )
         return output
+    if kind == "label_studio":
+        return export_tasks(store, output, document_root)
     raise UserError(f"export={kind}: use one of {', '.join(EXPORTS)}.")
 
 

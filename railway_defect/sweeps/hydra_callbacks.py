@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from railway_defect.data.discovery import TRAIN_AND_VAL, check_nested_groups, check_train_on
 from railway_defect.data.labels import read_labels
-from railway_defect.sweeps.summary import summarize_and_write
 from railway_defect.training.shutdown import stop_workers
 from railway_defect.utils.commands import command_failure
 from railway_defect.utils.errors import UserError
@@ -97,6 +96,14 @@ def _check_nested_groups(data: DictConfig) -> None:
     )
 
 
+def _summarize(sweep_dir: Path, metric: str | None, show: bool = True) -> Any:
+    """The sweep's summary. Imported here, not above: these callbacks run in every command, and
+    sweeps.summary imports Lightning, which a serving process need not carry (~100 MB)."""
+    from railway_defect.sweeps.summary import summarize_and_write
+
+    return summarize_and_write(sweep_dir, metric, show=show)
+
+
 def _sweep_dir(config: DictConfig) -> Path | None:
     if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
         return None
@@ -113,7 +120,7 @@ class SweepSummary(Callback):
         sweep_dir = _sweep_dir(config)
         if sweep_dir is not None and sweep_dir.is_dir():
             try:
-                summarize_and_write(sweep_dir, OmegaConf.select(config, "optimized_metric"), show=False)
+                _summarize(sweep_dir, OmegaConf.select(config, "optimized_metric"), show=False)
             except UserError as e:
                 log.warning("No sweep summary: %s", e)
 
@@ -121,7 +128,7 @@ class SweepSummary(Callback):
         sweep_dir = _sweep_dir(config)
         if sweep_dir is None or not sweep_dir.is_dir():
             return
-        summary = summarize_and_write(sweep_dir, OmegaConf.select(config, "optimized_metric"))
+        summary = _summarize(sweep_dir, OmegaConf.select(config, "optimized_metric"))
         if summary.not_ok:
             jobs = ", ".join(f"{row.job} ({row.status})" for row in summary.not_ok)
             raise command_failure(
@@ -152,7 +159,7 @@ class StopJobsOnSigterm(Callback):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
             stop_workers(grace_s)
             with contextlib.suppress(UserError, OSError):
-                summarize_and_write(sweep_dir, metric, show=False)
+                _summarize(sweep_dir, metric, show=False)
             log.warning(
                 "SIGTERM: the sweep stopped; its interrupted jobs saved last.ckpt. Continue it with the "
                 "same command plus ckpt_path=last hydra.sweep.dir=%s (each job resumes from its own).",
