@@ -387,3 +387,38 @@ def test_labelling_by_keyboard_in_the_browser_survives_undo_reload_two_reviewers
     labels, _ = reviewed_labels(LabelStore(db))
     assert exported == {Path(p).name: label for p, label in labels.items()}
     assert len(exported) == sum(1 for d in LabelStore(db).current().values() if d.frame is None)
+
+
+def test_the_page_shows_grad_cam_on_g_the_frames_around_a_frame_and_help_on_question_mark(
+    model_and_photos: tuple[Path, Path], browser: object, tmp_path: Path
+) -> None:
+    ckpt, photos = model_and_photos
+    db = tmp_path / "triage.sqlite"
+    server = Server(ckpt, photos, db, tmp_path / "server.log")
+    server.wait_ready()
+    try:
+        frame = next(i for i in LabelStore(db).items(0, 100) if i.frame is not None)
+        page = _open(browser, server.url, "ann", at=frame.position)
+        loaded = "(img) => img.complete && img.naturalWidth > 0"
+        strip = page.locator("#strip img")  # type: ignore[attr-defined]
+        strip.first.wait_for()
+        assert strip.count() >= 2
+        current = page.locator("#strip img.current")  # type: ignore[attr-defined]
+        assert current.count() == 1 and current.get_attribute("src") == f"/api/image/{frame.position}"
+        assert page.eval_on_selector("#strip img.current", loaded)  # type: ignore[attr-defined]
+
+        page.keyboard.press("g")  # type: ignore[attr-defined]
+        page.wait_for_function(  # type: ignore[attr-defined]
+            "(() => { const img = document.getElementById('photo'); return img.src.includes('/api/gradcam/') "
+            "&& img.complete && img.naturalWidth > 0; })()"
+        )
+        assert "on" in (page.get_attribute("#mode", "class") or "")  # type: ignore[attr-defined]
+        page.keyboard.press("g")  # type: ignore[attr-defined]
+        page.wait_for_function("document.getElementById('photo').src.includes('/api/image/')")  # type: ignore[attr-defined]
+
+        page.keyboard.press("?")  # type: ignore[attr-defined]
+        assert page.is_visible("#help")  # type: ignore[attr-defined]
+        page.keyboard.press("Escape")  # type: ignore[attr-defined]
+        assert not page.is_visible("#help")  # type: ignore[attr-defined]
+    finally:
+        server.kill()
