@@ -278,6 +278,7 @@ class Server:
     """The triage command in its own process, as a user starts it."""
 
     def __init__(self, ckpt: Path, photos: Path, db: Path, log: Path):
+        self.ckpt, self.photos, self.db = ckpt, photos, db
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         args = [f"ckpt_path={ckpt}", f"input={photos}", f"db={db}", f"port={self.port}"]
@@ -305,6 +306,23 @@ class Server:
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
+
+    def restarted(self) -> Server:
+        """The same command started again on the same database."""
+        server = Server(self.ckpt, self.photos, self.db, self.log)
+        server.wait_ready()
+        return server
+
+
+@pytest.fixture
+def server(model_and_photos: tuple[Path, Path], tmp_path: Path) -> Iterator[Server]:
+    """The triage command on the model's folder, with a database of its own; killed at the end."""
+    ckpt, photos = model_and_photos
+    started = Server(ckpt, photos, tmp_path / "triage.sqlite", tmp_path / "server.log")
+    started.wait_ready()
+    yield started
+    if started.process.poll() is None:
+        started.kill()
 
 
 @pytest.fixture
@@ -336,12 +354,9 @@ def _saved(page: object, count: int) -> None:
 
 
 def test_labelling_by_keyboard_in_the_browser_survives_undo_reload_two_reviewers_and_kill_9(
-    model_and_photos: tuple[Path, Path], browser: object, tmp_path: Path
+    server: Server, browser: object, tmp_path: Path
 ) -> None:
-    ckpt, photos = model_and_photos
-    db = tmp_path / "triage.sqlite"
-    server = Server(ckpt, photos, db, tmp_path / "server.log")
-    server.wait_ready()
+    db = server.db
     ann = _open(browser, server.url, "ann")
     assert "1 / 16" in ann.inner_text("#position")
     _press(ann, "1", then_shown=1)  # Defective
@@ -367,8 +382,7 @@ def test_labelling_by_keyboard_in_the_browser_survives_undo_reload_two_reviewers
     assert len(store.current()) == 6
 
     server.kill()  # mid-queue: what was saved is on disk
-    restarted = Server(ckpt, photos, db, tmp_path / "server.log")
-    restarted.wait_ready()
+    restarted = server.restarted()
     carol = _open(browser, restarted.url, "carol")
     assert "5 / 16" in carol.inner_text("#position")  # the first photo nobody labelled
     _press(carol, "Enter", then_shown=5)
@@ -390,35 +404,28 @@ def test_labelling_by_keyboard_in_the_browser_survives_undo_reload_two_reviewers
 
 
 def test_the_page_shows_grad_cam_on_g_the_frames_around_a_frame_and_help_on_question_mark(
-    model_and_photos: tuple[Path, Path], browser: object, tmp_path: Path
+    server: Server, browser: object
 ) -> None:
-    ckpt, photos = model_and_photos
-    db = tmp_path / "triage.sqlite"
-    server = Server(ckpt, photos, db, tmp_path / "server.log")
-    server.wait_ready()
-    try:
-        frame = next(i for i in LabelStore(db).items(0, 100) if i.frame is not None)
-        page = _open(browser, server.url, "ann", at=frame.position)
-        loaded = "(img) => img.complete && img.naturalWidth > 0"
-        strip = page.locator("#strip img")  # type: ignore[attr-defined]
-        strip.first.wait_for()
-        assert strip.count() >= 2
-        current = page.locator("#strip img.current")  # type: ignore[attr-defined]
-        assert current.count() == 1 and current.get_attribute("src") == f"/api/image/{frame.position}"
-        assert page.eval_on_selector("#strip img.current", loaded)  # type: ignore[attr-defined]
+    frame = next(i for i in LabelStore(server.db).items(0, 100) if i.frame is not None)
+    page = _open(browser, server.url, "ann", at=frame.position)
+    loaded = "(img) => img.complete && img.naturalWidth > 0"
+    strip = page.locator("#strip img")  # type: ignore[attr-defined]
+    strip.first.wait_for()
+    assert strip.count() >= 2
+    current = page.locator("#strip img.current")  # type: ignore[attr-defined]
+    assert current.count() == 1 and current.get_attribute("src") == f"/api/image/{frame.position}"
+    assert page.eval_on_selector("#strip img.current", loaded)  # type: ignore[attr-defined]
 
-        page.keyboard.press("g")  # type: ignore[attr-defined]
-        page.wait_for_function(  # type: ignore[attr-defined]
-            "(() => { const img = document.getElementById('photo'); return img.src.includes('/api/gradcam/') "
-            "&& img.complete && img.naturalWidth > 0; })()"
-        )
-        assert "on" in (page.get_attribute("#mode", "class") or "")  # type: ignore[attr-defined]
-        page.keyboard.press("g")  # type: ignore[attr-defined]
-        page.wait_for_function("document.getElementById('photo').src.includes('/api/image/')")  # type: ignore[attr-defined]
+    page.keyboard.press("g")  # type: ignore[attr-defined]
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "(() => { const img = document.getElementById('photo'); return img.src.includes('/api/gradcam/') "
+        "&& img.complete && img.naturalWidth > 0; })()"
+    )
+    assert "on" in (page.get_attribute("#mode", "class") or "")  # type: ignore[attr-defined]
+    page.keyboard.press("g")  # type: ignore[attr-defined]
+    page.wait_for_function("document.getElementById('photo').src.includes('/api/image/')")  # type: ignore[attr-defined]
 
-        page.keyboard.press("?")  # type: ignore[attr-defined]
-        assert page.is_visible("#help")  # type: ignore[attr-defined]
-        page.keyboard.press("Escape")  # type: ignore[attr-defined]
-        assert not page.is_visible("#help")  # type: ignore[attr-defined]
-    finally:
-        server.kill()
+    page.keyboard.press("?")  # type: ignore[attr-defined]
+    assert page.is_visible("#help")  # type: ignore[attr-defined]
+    page.keyboard.press("Escape")  # type: ignore[attr-defined]
+    assert not page.is_visible("#help")  # type: ignore[attr-defined]
