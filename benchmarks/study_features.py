@@ -23,7 +23,7 @@ from railway_defect.data.discovery import discover
 from railway_defect.data.images import decode_files
 from railway_defect.data.transforms import build_transform
 from railway_defect.models.backbones import create_backbone
-from railway_defect.models.module import pooled_features
+from railway_defect.models.network import pooled_features
 
 # name -> (backbone, storage form, decode size, input size[, flip-invariant: default true])
 VARIANTS = {
