@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,43 @@ def groups_for(data: dict[str, np.ndarray], window: float | str) -> np.ndarray:
     return np.array(pooled_groups(samples, window))
 
 
+def fit_loop(
+    model: torch.nn.Module,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    samples: int,
+    seed: int,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    batch: int = 32,
+) -> torch.nn.Module:
+    """The recipe's training of a head: AdamW, linear warmup over a tenth of the steps then cosine,
+    shuffled batches (a batch of one skipped: batch norm); `loss_of(indices)` gives a batch's loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(samples / batch)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(samples, generator=generator).split(batch):
+            if len(idx) < 2:
+                continue
+            loss = loss_of(idx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
 def train_head(
     x: np.ndarray,
     y: np.ndarray,
@@ -59,31 +97,13 @@ def train_head(
     )
     counts = np.bincount(y, minlength=2)
     weights = torch.tensor(len(y) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(y) / batch)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(y), generator=generator).split(batch):
-            if len(idx) < 2:
-                continue
-            logits = model(x_t[idx]).unflatten(1, (heads, 2))
-            loss = sum(loss_fn(logits[:, h], y_t[idx]) for h in range(heads))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        logits = model(x_t[idx]).unflatten(1, (heads, 2))
+        return sum(loss_fn(logits[:, h], y_t[idx]) for h in range(heads))
+
+    return fit_loop(model, loss_of, len(y), seed, epochs, lr, weight_decay, batch)
 
 
 def scores_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:

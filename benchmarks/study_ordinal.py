@@ -20,13 +20,12 @@ and the better of the two is a choice of one among two (mildly optimistic).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from _common import machine_info, parser
-from study_frozen_heads import groups_for, load
+from study_frozen_heads import fit_loop, groups_for, load
 
 from railway_defect.data.discovery import _group_folds
 from railway_defect.utils.decision import DecisionRule
@@ -76,30 +75,17 @@ def fit(kind: str, x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     model = _softmax_heads(x.shape[1], k, HEADS) if kind == "softmax" else OrdinalHeads(x.shape[1], k, HEADS)
     counts = np.bincount(y, minlength=k)
     weights = torch.tensor(len(y) / (k * np.maximum(counts, 1)), dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = EPOCHS * math.ceil(len(y) / BATCH)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(EPOCHS):
-        model.train()
-        for idx in torch.randperm(len(y), generator=generator).split(BATCH):
-            if len(idx) < 2:
-                continue
-            loss = _loss(kind, model, x_t[idx], y_t[idx], weights)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit_loop(
+        model,
+        lambda idx: _loss(kind, model, x_t[idx], y_t[idx], weights),
+        len(y),
+        seed,
+        EPOCHS,
+        LR,
+        WEIGHT_DECAY,
+        BATCH,
+    )
 
 
 @torch.no_grad()
