@@ -116,6 +116,22 @@ def test_scoring_a_checkpoint_imports_neither_lightning_nor_torchmetrics(tmp_pat
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_a_checkpoint_written_before_the_head_options_scores_as_the_module_loads_it(tmp_path: Path) -> None:
+    """Keys added to the model later (head_norm, flip_invariant, num_heads, ...) are missing from older
+    checkpoints: the scoring network takes the same defaults as DefectClassifier, so both agree."""
+    contract = ModelContract.for_backbone("resnet18", ["Defective", "Non defective"], "Defective", 32)
+    model = DefectClassifier("resnet18", contract, pretrained=False)
+    later = ("dropout", "head_norm", "flip_invariant", "num_heads", "channels_last")
+    hparams = {k: v for k, v in model.hparams.items() if k not in later}
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": model.state_dict()}, ckpt)
+    predictor = load_predictor(ckpt, device="cpu")
+    batch = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with torch.inference_mode():
+        expected = predictor.model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_array_equal(predictor.logits(batch), expected)
+
+
 def test_harmonize_brings_every_photo_to_one_storage_form(tmp_path: Path) -> None:
     big = write_image(tmp_path / "big.jpg", size=(640, 480))
     thumb = write_image(tmp_path / "thumb.jpg", size=(224, 224))

@@ -174,8 +174,8 @@ class Predictor:
 
 class CheckpointPredictor(Predictor):
     """A Lightning checkpoint of DefectClassifier; the only kind that can explain (Grad-CAM).
-    Scores with the bare network (models.network: Lightning is not imported); the Lightning
-    module, which Grad-CAM and the review notebooks use, is loaded when first asked for."""
+    Scores and explains with the bare network (models.network: Lightning is not imported); the
+    Lightning module, which the review notebooks use, is loaded when first asked for."""
 
     def __init__(self, path: Path, sha256: str, device: str = "auto"):
         from railway_defect.models.network import load_network

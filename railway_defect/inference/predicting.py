@@ -246,7 +246,7 @@ def save_gradcams(
         return
     batch = predictor.preprocess([items[i].image for i in chosen])
     heatmaps = gradcam_heatmaps(
-        predictor.model,
+        predictor.network(),
         torch.from_numpy(batch).to(predictor.device),
         [predictor.contract.positive_index] * len(chosen),
     )

@@ -131,7 +131,7 @@ def gradcam_overlay(explainer: CheckpointPredictor, item: Item, class_index: int
             Image.fromarray(read_frame(item.path, item.frame)), contract.decode_size, contract.harmonize
         )
     batch = torch.from_numpy(explainer.preprocess([image])).to(explainer.device)
-    heatmap = gradcam_heatmaps(explainer.model, batch, [class_index])[0]
+    heatmap = gradcam_heatmaps(explainer.network(), batch, [class_index])[0]
     heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     return jpeg(overlay(image, heatmap))
 

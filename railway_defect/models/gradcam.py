@@ -11,17 +11,17 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
 from railway_defect.models.backbones import get_spec
-from railway_defect.models.module import DefectClassifier
 from railway_defect.models.network import FLIP_AXES
 
 
-def gradcam_heatmaps(
-    model: DefectClassifier, images: torch.Tensor, class_indices: Sequence[int]
-) -> np.ndarray:
-    """Heatmaps in [0, 1] of shape (B, H, W) explaining `class_indices[i]` for normalised `images[i]`."""
-    layer = dict(model.backbone.named_modules())[get_spec(model.hparams.backbone).cam_layer]
+def gradcam_heatmaps(model: nn.Module, images: torch.Tensor, class_indices: Sequence[int]) -> np.ndarray:
+    """Heatmaps in [0, 1] of shape (B, H, W) explaining `class_indices[i]` for normalised `images[i]`.
+    `model`: a DefectClassifier while it trains, or the Network that scores (models.network): both
+    name their `backbone`, its `backbone_name` and whether they are `flip_invariant`."""
+    layer = dict(model.backbone.named_modules())[get_spec(model.backbone_name).cam_layer]
     was_training = model.training
     model.eval()
     try:
@@ -31,7 +31,7 @@ def gradcam_heatmaps(
             heatmaps = cam(input_tensor=images.detach().clone().requires_grad_(True), targets=targets)
     finally:
         model.train(was_training)
-    return _unflipped_mean(heatmaps) if model.hparams.get("flip_invariant") else heatmaps
+    return _unflipped_mean(heatmaps) if model.flip_invariant else heatmaps
 
 
 def _unflipped_mean(heatmaps: np.ndarray) -> np.ndarray:

@@ -347,6 +347,15 @@ class DefectClassifier(LightningModule):
         return list(self.contract.class_names)
 
     @property
+    def backbone_name(self) -> str:
+        """The factory's name of the backbone (Grad-CAM looks its layer up by it, as for Network)."""
+        return str(self.hparams.backbone)
+
+    @property
+    def flip_invariant(self) -> bool:
+        return bool(self.hparams.get("flip_invariant", False))
+
+    @property
     def mean(self) -> list[float]:
         return list(self.contract.mean)
 
@@ -381,7 +390,9 @@ class DefectClassifier(LightningModule):
     def network(self) -> nn.Module:
         """Normalised images -> logits as a plain module (export traces it; a LightningModule
         outside a Trainer cannot be)."""
-        return Network(self.backbone, self.head, self.hparams.flip_invariant, self.hparams.num_heads).eval()
+        return Network(
+            self.backbone, self.head, self.flip_invariant, self.hparams.num_heads, self.backbone_name
+        ).eval()
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor]

@@ -58,12 +58,15 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, flip_invariant: b
 
 class Network(nn.Module):
     """DefectClassifier's images -> logits path without Lightning: what export traces and what
-    predict, serve and triage score with (`load_network`: no Lightning or torchmetrics imported)."""
+    predict, serve and triage score and explain with (`load_network`: no Lightning or torchmetrics
+    imported). `backbone_name` names the factory's backbone (its Grad-CAM layer)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int):
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, flip_invariant: bool, num_heads: int, backbone_name: str
+    ):
         super().__init__()
         self.backbone, self.head, self.flip_invariant = backbone, head, flip_invariant
-        self.num_heads = num_heads
+        self.num_heads, self.backbone_name = num_heads, backbone_name
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         output = self.head(pooled_features(self.backbone, images, self.flip_invariant))
@@ -86,7 +89,8 @@ def load_network(
     contract and its constructor arguments; never a look-up of ImageNet weights."""
     hparams, state = read_checkpoint(path)
     contract = ModelContract.from_hparams(hparams)
-    created = create_backbone(str(hparams["backbone"]), False, None, False)
+    backbone = str(hparams["backbone"])
+    created = create_backbone(backbone, False, None, False)
     head = classifier_head(
         created.spec.num_features,
         len(contract.class_names),
@@ -94,9 +98,8 @@ def load_network(
         bool(hparams.get("head_norm", False)),
         int(hparams.get("num_heads", 1)),
     )
-    network = Network(
-        created.model, head, bool(hparams.get("flip_invariant", False)), int(hparams.get("num_heads", 1))
-    )
+    flip_invariant, num_heads = bool(hparams.get("flip_invariant", False)), int(hparams.get("num_heads", 1))
+    network = Network(created.model, head, flip_invariant, num_heads, backbone)
     network.load_state_dict({k: v for k, v in state.items() if k.startswith(("backbone.", "head."))})
     if hparams.get("channels_last", True):
         network.to(memory_format=torch.channels_last)
