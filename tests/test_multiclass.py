@@ -18,7 +18,13 @@ from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.inference.model import calibration_path, load_predictor
 from railway_defect.inference.predicting import Decision
 from railway_defect.inference.service import build_service
-from railway_defect.utils.decision import DecisionRule, check_costs, threshold_for_costs
+from railway_defect.utils.decision import (
+    DecisionRule,
+    check_costs,
+    choose_class_weights,
+    class_weight_costs,
+    threshold_for_costs,
+)
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.metrics import multiclass_metrics
 from tests.helpers import FAST, make_split_dataset, run_cli, write_image
@@ -50,6 +56,41 @@ def test_binary_costs_are_the_threshold_they_imply() -> None:
     probs = np.stack([p, 1 - p], axis=1)
     by_costs = DecisionRule(0, 0.5, costs).labels(probs)
     assert (by_costs == DecisionRule(0, threshold).labels(probs)).all()
+
+
+def test_class_weights_are_the_argmax_of_the_weighted_probabilities() -> None:
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=200)
+    weights = (1.0, 2.5, 0.4)
+    rule = DecisionRule(2, 0.5, class_weight_costs(weights))
+    assert (rule.labels(probs) == (probs * weights).argmax(axis=1)).all()
+
+
+def test_chosen_class_weights_raise_a_class_the_argmax_misses() -> None:
+    # every Fair frame is p(Good) 0.55, p(Fair) 0.40: the argmax calls all of them Good
+    good = np.tile([0.9, 0.08, 0.02], (10, 1))
+    fair = np.tile([0.55, 0.40, 0.05], (10, 1))
+    poor = np.tile([0.1, 0.2, 0.7], (10, 1))
+    probs, targets = np.vstack([good, fair, poor]), np.repeat([0, 1, 2], 10)
+    rule = choose_class_weights(targets, probs, positive_index=2, target_recall=0.95)
+    assert (rule.labels(probs) == targets).all()
+    weights = [row[(i + 1) % 3] for i, row in enumerate(rule.costs)]
+    # Fair is weighted up by enough to win 0.40 against 0.55, and not so much that Good frames go Fair:
+    # the middle of the interval (0.55 / 0.40, 0.9 / 0.08) in log terms
+    ratio = weights[1] / weights[0]
+    assert 0.55 / 0.40 < ratio < 0.9 / 0.08
+    assert np.log(ratio) == pytest.approx(np.log(np.sqrt(0.55 / 0.40 * 0.9 / 0.08)), abs=0.1)
+
+
+def test_chosen_class_weights_reach_the_worst_class_recall_before_macro_recall() -> None:
+    # half the Poor frames look Fair (p(Poor) 0.3): reaching Poor recall 1 costs Fair frames
+    fair = np.tile([0.1, 0.6, 0.3], (10, 1))
+    poor = np.vstack([np.tile([0.1, 0.6, 0.3], (5, 1)), np.tile([0.05, 0.15, 0.8], (5, 1))])
+    good = np.tile([0.9, 0.08, 0.02], (10, 1))
+    probs, targets = np.vstack([good, fair, poor]), np.repeat([0, 1, 2], 10)
+    at_target = choose_class_weights(targets, probs, positive_index=2, target_recall=1.0).labels(probs)
+    assert (at_target[targets == 2] == 2).all()  # every Poor frame, at the price of every Fair one
+    lenient = choose_class_weights(targets, probs, positive_index=2, target_recall=0.5).labels(probs)
+    assert (lenient[targets == 1] == 1).all() and (lenient[targets == 2] == 2).sum() == 5
 
 
 def test_bad_costs_say_the_shape_and_order_expected() -> None:
@@ -268,3 +309,16 @@ def test_cross_validation_summary_reports_the_classes_out_of_fold(tmp_path: Path
     assert np.sum(block["at_rule"]["confusion_matrix"]["matrix"]) == 24  # every image once, out of fold
     assert "2_steps" in block["at_rule"]["ordinal"]["by_distance"]
     assert "Classes of" in (sweep / "summary.md").read_text()
+
+    # the recipe's final model takes the class weights chosen on the sweep's out-of-fold predictions
+    final = tmp_path / "final"
+    recipe = (*FAST, "trainer.max_epochs=1", f"data.root={root}", ORDINAL, "data.positive_class=Poor")
+    final_only = ("data.train_on=train_and_val", "callbacks.model_checkpoint.monitor=null")
+    result = run_cli("railway_defect.train", *recipe, *final_only, f"hydra.run.dir={final}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("railway_defect.evaluate", f"ckpt_path={final}", f"oof={sweep}", f"data.root={root}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The classes are decided by the likeliest class after weighting" in result.stdout
+    predictor = load_predictor(final, device="cpu")
+    assert predictor.calibration.costs is not None
+    assert [list(row) for row in predictor.calibration.costs] == pooled["one_model_costs"]

@@ -153,7 +153,14 @@ def test_nested_cv_never_reads_the_locked_test_split(tmp_path: Path) -> None:
     assert set().union(*outer_tests) == set(root.glob("*.jpg")) - locked_photos
 
 
-def _job(sweep: Path, name: str, data: dict, overrides: list[str], files: dict[str, list]) -> None:
+def _job(
+    sweep: Path,
+    name: str,
+    data: dict,
+    overrides: list[str],
+    files: dict[str, list],
+    columns: tuple[str, ...] = ("p_Defective",),
+) -> None:
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -162,8 +169,8 @@ def _job(sweep: Path, name: str, data: dict, overrides: list[str], files: dict[s
     for filename, rows in files.items():
         with (job / filename).open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "label", "p_Defective", "epoch"])
-            writer.writerows([str(p), label, score, 1] for p, label, score in rows)
+            writer.writerow(["path", "label", *columns, "epoch"])
+            writer.writerows([str(p), label, *np.atleast_1d(score), 1] for p, label, score in rows)
 
 
 def test_the_nested_estimate_scores_each_outer_fold_at_its_inner_folds_threshold(tmp_path: Path) -> None:
@@ -203,6 +210,60 @@ def test_the_nested_estimate_scores_each_outer_fold_at_its_inner_folds_threshold
     with (sweep / "nested_predictions.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 16
     assert "Nested cross-validation estimate (report these)" in (sweep / "summary.md").read_text()
+
+
+SLEEPERS = ("Good", "Fair", "Poor")
+P = {"Good": (0.9, 0.08, 0.02), "Poor": (0.05, 0.15, 0.8), "Fair?": (0.55, 0.40, 0.05)}
+
+
+def test_a_k_class_nested_estimate_decides_each_outer_fold_by_its_inner_folds_class_weights(
+    tmp_path: Path,
+) -> None:
+    """Outer fold 0's inner folds score every Fair frame (0.55, 0.40, 0.05): the argmax calls them
+    Good, so they choose weights that lift Fair. Outer fold 1's inner folds score Fair frames
+    (0.1, 0.8, 0.1): no lift. The refits score each outer Fair frame (0.55, 0.40, 0.05), which is
+    then Fair in fold 0 and Good in fold 1, each at its own fold's rule."""
+    photos = [(write_image(tmp_path / "img" / f"{i}.png", seed=i), SLEEPERS[i % 3]) for i in range(24)]
+    sweep, jobs = tmp_path / "sweep", 0
+    inner_fair = {0: P["Fair?"], 1: (0.1, 0.8, 0.1)}
+    common = {"num_folds": 2, "outer_folds": 2, "positive_class": "Poor", "ordinal": list(SLEEPERS)}
+    columns = tuple(f"p_{c}" for c in SLEEPERS)
+    for outer in (0, 1):
+        held, rest = photos[outer * 12 : outer * 12 + 12], photos[(1 - outer) * 12 : (1 - outer) * 12 + 12]
+        scored = {**P, "Fair": inner_fair[outer]}
+        for fold in (0, 1):
+            part = [(p, lab, scored[lab]) for p, lab in rest[fold::2]]
+            data = {**common, "fold": fold, "outer_fold": outer}
+            overrides = [f"data.outer_fold={outer}", f"data.fold={fold}"]
+            _job(sweep, str(jobs), data, overrides, {"predictions_val.csv": part}, columns)
+            jobs += 1
+        outer_rows = [(p, lab, P["Fair?"] if lab == "Fair" else P[lab]) for p, lab in held]
+        data = {**common, "fold": REFIT, "outer_fold": outer}
+        overrides = [f"data.outer_fold={outer}", f"data.fold={REFIT}"]
+        _job(sweep, str(jobs), data, overrides, {"predictions_test.csv": outer_rows}, columns)
+        jobs += 1
+
+    summary = summarize_and_write(sweep, show=False)
+
+    (estimate,) = summary.nested
+    lift = [rule.class_weights()[1] / rule.class_weights()[0] for rule in estimate.rules.values()]
+    assert lift[0] > 0.55 / 0.40 and lift[1] < 0.55 / 0.40
+    block = estimate.class_blocks[""]["at_rule"]
+    assert block["confusion_matrix"]["matrix"] == [[8, 0, 0], [4, 4, 0], [0, 0, 8]]
+    assert block["balanced_accuracy"]["value"] == pytest.approx((1 + 0.5 + 1) / 3)
+    with (sweep / "nested_predictions.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["label"] == "Fair"]
+    assert (
+        sorted((r["outer_fold"], r["predicted"]) for r in rows) == [("0", "Fair")] * 4 + [("1", "Good")] * 4
+    )
+    saved = json.loads((sweep / "nested.json").read_text())[0]
+    assert saved["classes"][""]["worst_miss"] == {
+        "true": "Poor",
+        "predicted": "Good",
+        "count": 0,
+        "of": 8,
+    }
+    assert "Nested estimate of the classes" in (sweep / "summary.md").read_text()
 
 
 def test_the_label_audit_ranks_the_photos_whose_label_the_predictions_doubt(tmp_path: Path) -> None:
@@ -286,6 +347,46 @@ def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estima
         rows = list(csv.DictReader(f))
     assert len({r["path"] for r in rows}) == 24
     assert "nested estimate (all photos): balanced_accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_experiment_nested_cv_of_ordered_classes_reports_them_at_the_inner_folds_class_weights(
+    tmp_path: Path,
+) -> None:
+    """Three ordered classes through the one command (default callbacks and logger): each outer
+    fold's inner folds choose class weights, and the K-class estimate is reported at them."""
+    root = tmp_path / "data"
+    for i in range(36):
+        write_image(root / SLEEPERS[i % 3] / f"{i}.png", label_index=i % 3, seed=i)
+    sweep = tmp_path / "nested"
+    result = run_cli(
+        "railway_defect.train",
+        "experiment=nested_cv",
+        f"data.root={root}",
+        "data.outer_folds=2",
+        "data.num_folds=2",
+        "data.ordinal=[Good,Fair,Poor]",
+        "data.positive_class=Poor",
+        "model=resnet18",
+        "model.pretrained=false",
+        "model.backbone_lr_scale=0",
+        "augmentation=none",
+        "data.image_size=32",
+        "data.cache_size=40",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (estimate,) = json.loads((sweep / "nested.json").read_text())
+    assert sorted(estimate["class_rules"]) == ["0", "1"]
+    block = estimate["classes"][""]
+    assert np.sum(block["at_rule"]["confusion_matrix"]["matrix"]) == 36  # every frame once, outer fold
+    assert block["worst_miss"]["of"] == 12
+    with (sweep / "nested_predictions.csv").open() as f:
+        assert {r["predicted"] for r in csv.DictReader(f)} <= set(SLEEPERS)
+    assert "nested estimate (all photos): macro recall" in result.stdout
 
 
 def test_a_nested_cv_with_too_few_groups_stops_before_its_first_job(tmp_path: Path) -> None:

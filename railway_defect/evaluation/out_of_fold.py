@@ -72,12 +72,13 @@ def evaluate_out_of_fold(
         _check_same_recipe(predictor, sweep)
     pooled = _pooled(sweep, target_recall, bootstrap)
     threshold = pooled.threshold if is_ensemble else pooled.one_model_threshold
+    costs = pooled.one_model_rule.costs if pooled.one_model_rule else None  # K classes: class weights
     details = {
         "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
         "target_recall": target_recall,
         "fitted_at": datetime.now().isoformat(timespec="seconds"),
     }
-    calibration = Calibration(threshold=threshold, temperature=1.0, details=details)
+    calibration = Calibration(threshold=threshold, temperature=1.0, details=details, costs=costs)
     sidecar = None
     if store_calibration:
         sidecar = write_calibration(predictor.path, calibration, predictor.sha256, predictor.contract)
@@ -125,4 +126,13 @@ def _markdown(
             "metrics at it are optimistic). The final model saw every image these fold models were "
             "scored on; it is estimated by one model's rows below, not by the mean over seeds."
         )
-    return [title, "", chosen, "", *oof.markdown_table([pooled]), "", *oof.one_model_table([pooled]), ""]
+    lines = [title, "", chosen, "", *oof.markdown_table([pooled]), "", *oof.one_model_table([pooled]), ""]
+    if pooled.one_model_rule is not None:
+        lines += [
+            f"The classes are decided by {pooled.one_model_rule.describe(pooled.classes)}: the best macro "
+            f"recall whose {pooled.positive_class} recall reaches {target_recall} on every seed's "
+            "out-of-fold predictions together (chosen on them: optimistic; the nested CV of the "
+            "recipe, experiment=nested_cv, estimates this choice).",
+            "",
+        ]
+    return lines

@@ -2,7 +2,9 @@
 out-of-fold predictions choose what the recipe chooses (one model's threshold for the target
 recall), and the refit on the outer fold's other photos (data.fold=refit) scores the outer fold at
 it. Nothing chosen has seen an outer fold's photos, so the pooled outer-fold metrics are the
-selection-aware estimate to report; the inner out-of-fold numbers, used to choose, are optimistic."""
+selection-aware estimate to report; the inner out-of-fold numbers, used to choose, are optimistic.
+K classes: the inner folds choose one model's class weights too (oof.OutOfFold.one_model_rule, what
+`evaluate oof=` stores for a final model), and the outer folds give the K-class report at them."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.data.strata import image_size_strata
 from railway_defect.sweeps import oof
+from railway_defect.utils.class_report import class_markdown, labelled_report
+from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -37,6 +42,10 @@ class OuterScore:
     threshold: float
     outer_fold: int
     seed: str
+    # K classes: every class's probability, in the model's order
+    probs: tuple[float, ...] = ()
+    # its photo group (the refit's splits.csv), resampled whole for the K-class intervals
+    group: str | None = None
 
 
 @dataclass
@@ -50,6 +59,12 @@ class NestedEstimate:
     thresholds: dict[int, float]
     # seed -> stratum -> metrics with intervals (each seed's refits are one model per outer fold)
     metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # K classes: their names, whether ordered, each outer fold's chosen rule, and seed -> the
+    # K-class report of its outer-fold predictions, each at its own fold's rule
+    classes: list[str] = field(default_factory=list)
+    ordinal: bool = False
+    rules: dict[int, DecisionRule] = field(default_factory=dict)
+    class_blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def seeds(self) -> list[str]:
         return sorted({s.seed for s in self.scores})
@@ -69,17 +84,57 @@ def estimate(
     if sorted(inner) != list(range(outer_folds)) or sorted(refit_files) != list(range(outer_folds)):
         return None
     thresholds = {k: inner[k].one_model_threshold for k in range(outer_folds)}
-    positive = inner[0].positive_class
-    column = f"p_{positive}"  # K-class files give every class; the estimate is of the positive one
+    positive, classes = inner[0].positive_class, inner[0].classes
     scores = [
-        OuterScore(row["path"], row["label"], float(row[column]), thresholds[k], k, seed)
+        score
         for k in range(outer_folds)
         for seed, file in refit_files[k]
-        for row in _rows(file)
+        for score in _outer_scores(file, k, seed, thresholds[k], positive, classes)
     ]
     result = NestedEstimate(configuration, positive, outer_folds, target_recall, scores, thresholds)
     result.metrics = {seed: _seed_metrics(result, seed, resamples) for seed in result.seeds()}
+    if classes:
+        result.classes, result.ordinal = classes, inner[0].ordinal
+        result.rules = {k: inner[k].one_model_rule for k in range(outer_folds)}
+        result.class_blocks = {seed: _seed_class_block(result, seed, resamples) for seed in result.seeds()}
     return result
+
+
+def _outer_scores(
+    file: Path, fold: int, seed: str, threshold: float, positive: str, classes: list[str]
+) -> list[OuterScore]:
+    """A refit's outer-fold predictions: p of the positive class (K classes: every p too) and the
+    photo group its splits.csv recorded."""
+    groups = oof.recorded_groups(file.parent / SPLITS_FILE)
+    return [
+        OuterScore(
+            row["path"],
+            row["label"],
+            float(row[f"p_{positive}"]),
+            threshold,
+            fold,
+            seed,
+            tuple(float(row[f"p_{c}"]) for c in classes),
+            oof.group_of(row["path"], groups),
+        )
+        for row in _rows(file)
+    ]
+
+
+def _seed_class_block(result: NestedEstimate, seed: str, resamples: int) -> dict[str, Any]:
+    """K classes: one seed's outer-fold predictions, each photo decided by its outer fold's rule."""
+    mine = [s for s in result.scores if s.seed == seed]
+    probs = np.array([s.probs for s in mine])
+    folds = np.array([s.outer_fold for s in mine])
+    predicted = np.zeros(len(mine), dtype=np.int64)
+    for k, rule in result.rules.items():
+        predicted[folds == k] = rule.labels(probs[folds == k])
+    targets = np.array([result.classes.index(s.label) for s in mine])
+    groups = np.array([s.group for s in mine]) if all(s.group for s in mine) else None
+    rule = "each outer fold's class weights, chosen on its inner folds' out-of-fold predictions"
+    return labelled_report(
+        result.classes, result.ordinal, rule, targets, probs, predicted, resamples=resamples, groups=groups
+    )
 
 
 def _rows(file: Path) -> list[dict[str, str]]:
@@ -127,24 +182,64 @@ def markdown(results: Sequence[NestedEstimate]) -> list[str]:
     ]
     lines += md_table(["configuration", "seed", "stratum (n)", *SHOWN], body)
     thresholds = ", ".join(f"{t:.3f}" for r in results for t in r.thresholds.values())
-    return [*lines, "", f"Thresholds chosen by the inner folds (outer fold 0, 1, ...): {thresholds}."]
+    lines += ["", f"Thresholds chosen by the inner folds (outer fold 0, 1, ...): {thresholds}."]
+    return [*lines, *(line for r in results for line in _class_markdown(r))]
+
+
+def _class_markdown(result: NestedEstimate) -> list[str]:
+    """K classes: each seed's K-class report at the inner folds' class weights, and the weights."""
+    if not result.classes:
+        return []
+    rules = "; ".join(f"outer fold {k}: {rule.describe(result.classes)}" for k, rule in result.rules.items())
+    lines = [
+        "",
+        f"The rows above are the {result.positive_class} class against the rest at its threshold. The "
+        f"classes are decided by class weights that each outer fold's inner folds chose (the best macro "
+        f"recall whose {result.positive_class} recall reaches {result.target_recall}): {rules}.",
+        "",
+    ]
+    config = " ".join(result.configuration) or "(defaults)"
+    for seed, block in result.class_blocks.items():
+        lines += class_markdown(
+            block, f"Nested estimate of the classes, `{config}`, seed {seed or '(default)'}"
+        )
+    return lines
 
 
 def summary_line(result: NestedEstimate, stratum: str = "all") -> str:
-    """'BA 0.88 [0.83, 0.92], recall 0.95 [...]' of the first seed, for the console."""
-    m = result.metrics[result.seeds()[0]][stratum]
+    """'BA 0.88 [0.83, 0.92], recall 0.95 [...]' of the first seed, for the console (K classes:
+    macro recall and the positive class's recall at the chosen class weights)."""
+    seed = result.seeds()[0]
+    if result.classes:
+        at_rule = result.class_blocks[seed]["at_rule"]
+        recall = at_rule["per_class"][result.positive_class]["recall"]
+        return (
+            f"macro recall {oof.format_metric(at_rule['balanced_accuracy'])}, "
+            f"{result.positive_class} recall {oof.format_metric(recall)}"
+        )
+    m = result.metrics[seed][stratum]
     return ", ".join(f"{name} {oof.format_metric(m[name])}" for name in SHOWN)
 
 
 def to_csv(results: Sequence[NestedEstimate]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["configuration", "seed", "outer_fold", "path", "label", "score", "threshold"])
+    classes = results[0].classes if results else []
+    extra = [*(f"p_{c}" for c in classes), "predicted"] if classes else []
+    writer.writerow(["configuration", "seed", "outer_fold", "path", "label", "score", "threshold", *extra])
     for r in results:
         for s in r.scores:
             row = [" ".join(r.configuration), s.seed, s.outer_fold, s.path, s.label]
-            writer.writerow([*row, f"{s.score:.6f}", f"{s.threshold:.6f}"])
+            writer.writerow([*row, f"{s.score:.6f}", f"{s.threshold:.6f}", *_class_cells(r, s)])
     return buffer.getvalue()
+
+
+def _class_cells(result: NestedEstimate, score: OuterScore) -> list[str]:
+    """K classes: every p and the label its outer fold's rule gives."""
+    if not result.classes:
+        return []
+    label = result.rules[score.outer_fold].labels(np.array([score.probs]))[0]
+    return [*(f"{p:.6f}" for p in score.probs), result.classes[label]]
 
 
 def to_json(results: Sequence[NestedEstimate]) -> list[dict[str, Any]]:
@@ -158,6 +253,9 @@ def to_json(results: Sequence[NestedEstimate]) -> list[dict[str, Any]]:
             "mean_threshold": statistics.fmean(r.thresholds.values()),
             "images": len({s.path for s in r.scores}),
             "metrics": r.metrics,
+            "classes": r.class_blocks or None,
+            "class_rules": {k: rule.describe(r.classes) for k, rule in r.rules.items()} or None,
+            "class_costs": {k: rule.costs for k, rule in r.rules.items()} or None,
         }
         for r in results
     ]

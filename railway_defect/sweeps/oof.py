@@ -19,7 +19,7 @@ from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 from railway_defect.data.splits import SPLITS_FILE
 from railway_defect.data.strata import image_size_strata
 from railway_defect.utils.class_report import class_markdown, class_report
-from railway_defect.utils.decision import DecisionRule
+from railway_defect.utils.decision import DecisionRule, choose_class_weights
 from railway_defect.utils.markdown import md_table
 from railway_defect.utils.metrics import binary_metrics, choose_threshold, negative_label
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -72,6 +72,10 @@ class OutOfFold:
     # the recipe's own threshold (model.decision_threshold): the K-class report is at it, as
     # nothing is chosen on these predictions
     recipe_threshold: float = 0.5
+    # K classes: one model's rule chosen on every seed's predictions together (class weights of the
+    # best macro recall whose positive-class recall reaches target_recall); what `evaluate oof=`
+    # stores and what a nested sweep's inner folds choose
+    one_model_rule: DecisionRule | None = None
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -103,10 +107,10 @@ def pool(
             continue
         columns = _probability_columns(rows)
         column = f"p_{positive_class}" if f"p_{positive_class}" in columns else columns[0]
-        groups = _recorded_groups(file.parent / SPLITS_FILE)
+        groups = recorded_groups(file.parent / SPLITS_FILE)
         for row in rows:
             image = images.setdefault(row["path"], ImagePrediction(row["path"], row["label"]))
-            image.group = image.group or _group_of(row["path"], groups)
+            image.group = image.group or group_of(row["path"], groups)
             image.scores.append(float(row[column]))
             if len(columns) > 2:
                 image.class_probs.append([float(row[c]) for c in columns])
@@ -130,14 +134,14 @@ def pool(
     )
 
 
-def _recorded_groups(splits: Path) -> dict[str, str]:
+def recorded_groups(splits: Path) -> dict[str, str]:
     """Path (relative to the data root) -> photo group, from a job's splits.csv; {} without one."""
     if not splits.is_file():
         return {}
     return {row["path"]: row["group"] for row in _read_predictions(splits) if row.get("group")}
 
 
-def _group_of(path: str, groups: dict[str, str]) -> str | None:
+def group_of(path: str, groups: dict[str, str]) -> str | None:
     """The group of a predicted path (data root + recorded path): its longest recorded suffix."""
     parts = Path(path).parts
     return next((groups[s] for k in range(len(parts)) if (s := "/".join(parts[k:])) in groups), None)
@@ -164,7 +168,19 @@ def score(result: OutOfFold, target_recall: float = TARGET_RECALL, resamples: in
         for seed, by_path in result.repeat_scores.items()
     }
     result.class_block = _class_block(result, resamples)
+    result.one_model_rule = _one_model_rule(result)
     return result
+
+
+def _one_model_rule(result: OutOfFold) -> DecisionRule | None:
+    """K classes: the class weights chosen on every seed's predictions together (each image once
+    per seed), as `_one_model_threshold` chooses a binary threshold."""
+    if not result.classes:
+        return None
+    targets = [result.classes.index(i.label) for i in result.images for _ in i.class_probs]
+    probs = [p for i in result.images for p in i.class_probs]
+    positive = result.classes.index(result.positive_class)
+    return choose_class_weights(np.array(targets), np.array(probs), positive, result.target_recall)
 
 
 def _class_block(result: OutOfFold, resamples: int) -> dict[str, Any] | None:
@@ -340,6 +356,8 @@ def to_json(results: Sequence[OutOfFold]) -> list[dict[str, Any]]:
             "per_seed": r.per_seed,
             "metrics": r.metrics,
             "classes": r.class_block,
+            "one_model_rule": None if r.one_model_rule is None else r.one_model_rule.describe(r.classes),
+            "one_model_costs": None if r.one_model_rule is None else r.one_model_rule.costs,
         }
         for r in results
     ]

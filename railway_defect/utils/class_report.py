@@ -37,24 +37,40 @@ def class_report(
     names = list(class_names)
     if len(names) <= 2:
         return None
-    settings = dict(ordinal=ordinal, confidence=confidence, resamples=resamples, seed=seed, groups=groups)
+    settings = dict(confidence=confidence, resamples=resamples, seed=seed, groups=groups)
     predicted = rule.labels(probs)
-    block: dict[str, Any] = {
-        "rule": rule.describe(names),
-        "at_rule": multiclass_metrics(targets, probs, predicted, names, **settings),
-        "argmax": multiclass_metrics(targets, probs, probs.argmax(axis=1), names, **settings),
-    }
+    block = labelled_report(names, ordinal, rule.describe(names), targets, probs, predicted, **settings)
     if rule.costs is not None:
-        cost = dict(confidence=confidence, resamples=resamples, seed=seed, groups=groups)
         block["expected_cost"] = {
-            "at_rule": expected_cost(targets, predicted, rule.costs, **cost),
-            "argmax": expected_cost(targets, probs.argmax(axis=1), rule.costs, **cost),
+            "at_rule": expected_cost(targets, predicted, rule.costs, **settings),
+            "argmax": expected_cost(targets, probs.argmax(axis=1), rule.costs, **settings),
         }
+    return block
+
+
+def labelled_report(
+    class_names: list[str],
+    ordinal: bool,
+    rule: str,
+    targets: np.ndarray,
+    probs: np.ndarray,
+    predicted: np.ndarray,
+    **settings: Any,
+) -> dict[str, Any]:
+    """The K-class block of labels already decided (`predicted`, by the rule described as `rule`):
+    nested CV decides each outer fold by its own rule. `settings`: multiclass_metrics' intervals."""
+    block: dict[str, Any] = {
+        "rule": rule,
+        "at_rule": multiclass_metrics(targets, probs, predicted, class_names, ordinal=ordinal, **settings),
+        "argmax": multiclass_metrics(
+            targets, probs, probs.argmax(axis=1), class_names, ordinal=ordinal, **settings
+        ),
+    }
     if ordinal:
-        most, least = len(names) - 1, 0
+        most, least = len(class_names) - 1, 0
         block["worst_miss"] = {
-            "true": names[most],
-            "predicted": names[least],
+            "true": class_names[most],
+            "predicted": class_names[least],
             "count": int(np.sum((targets == most) & (predicted == least))),
             "of": int(np.sum(targets == most)),
         }
