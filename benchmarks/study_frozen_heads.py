@@ -113,21 +113,35 @@ def scores_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 HEAD: dict[str, float] = {}
+# features of the same photos in other storage forms (--train-views): extra training rows, each
+# with its photo's label; the inner and outer folds are scored in the photos' own form only
+TRAIN_VIEWS: list[np.ndarray] = []
 
 
-def nested_once(x, y, groups, split_seed: int, train_seed: int, outer: int = 5, inner: int = 5):
-    """Outer-fold scores of the refit and the threshold its inner folds chose, for every photo."""
+def _train(x: np.ndarray, y: np.ndarray, idx: np.ndarray, seed: int) -> torch.nn.Module:
+    rows = np.concatenate([x[idx], *(view[idx] for view in TRAIN_VIEWS)])
+    return train_head(rows, np.tile(y[idx], 1 + len(TRAIN_VIEWS)), seed, **HEAD)
+
+
+def nested_once(x, y, groups, split_seed: int, train_seed: int, outer: int = 5, inner: int = 5, strata=None):
+    """Outer-fold scores of the refit and the threshold its inner folds chose, for every photo
+    (`strata`: a stratum per photo, each with its own threshold chosen on its inner photos)."""
     labels = list(np.where(y == 1, POSITIVE, "other"))
     score, threshold, fold_of = np.zeros(len(y)), np.zeros(len(y)), np.zeros(len(y), dtype=int)
     for k, (rest, test) in enumerate(_group_folds(labels, list(groups), outer, split_seed)):
         inner_scores = np.zeros(len(rest))
         inner_labels = [labels[i] for i in rest]
         for tr, va in _group_folds(inner_labels, list(groups[rest]), inner, split_seed):
-            model = train_head(x[rest[tr]], y[rest[tr]], train_seed, **HEAD)
+            model = _train(x, y, rest[tr], train_seed)
             inner_scores[va] = scores_of(model, x[rest[va]])
-        chosen = choose_threshold(y[rest] == 1, inner_scores, TARGET_RECALL)
-        model = train_head(x[rest], y[rest], train_seed, **HEAD)
-        score[test], threshold[test], fold_of[test] = scores_of(model, x[test]), chosen, k
+        model = _train(x, y, rest, train_seed)
+        score[test], fold_of[test] = scores_of(model, x[test]), k
+        threshold[test] = choose_threshold(y[rest] == 1, inner_scores, TARGET_RECALL)
+        for stratum in [] if strata is None else np.unique(strata):
+            mine = strata[rest] == stratum
+            if y[rest][mine].any():
+                chosen = choose_threshold(y[rest][mine] == 1, inner_scores[mine], TARGET_RECALL)
+                threshold[test[strata[test] == stratum]] = chosen
     return score, threshold, fold_of
 
 
@@ -152,6 +166,10 @@ def main() -> None:
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--head", default="", help="train_head settings, e.g. epochs=60,lr=0.003")
+    p.add_argument("--train-views", default="", help="';'-separated variants: extra training rows")
+    p.add_argument(
+        "--per-stratum", action="store_true", help="a threshold for the 640 squares, one for the rest"
+    )
     args = p.parse_args()
     HEAD.update({k: float(v) for k, v in (kv.split("=") for kv in args.head.split(",") if kv)})
     for key in ("epochs", "heads", "batch"):
@@ -163,6 +181,9 @@ def main() -> None:
     for variant, window in itertools.product(args.variants.split(";"), windows):
         data = load(args.features, variant.split("+"))
         x, y = data["features"], (data["labels"] == POSITIVE).astype(int)
+        views = [load(args.features, v.split("+")) for v in args.train_views.split(";") if v]
+        assert all((view["paths"] == data["paths"]).all() for view in views)
+        TRAIN_VIEWS[:] = [view["features"] for view in views]
         groups = groups_for(data, window)
         strata = {
             "all": np.ones(len(y), bool),
@@ -170,7 +191,10 @@ def main() -> None:
         }
         per_seed = []
         for seed in seeds:
-            score, threshold, _ = nested_once(x, y, groups, seed, seed + 100)
+            squares = (
+                np.where(data["sources"] == "roboflow-640", "square", "other") if args.per_stratum else None
+            )
+            score, threshold, _ = nested_once(x, y, groups, seed, seed + 100, strata=squares)
             per_seed.append({name: metrics(y, score, threshold, m) for name, m in strata.items()})
         summary = {
             name: {k: float(np.mean([r[name][k] for r in per_seed])) for k in per_seed[0][name] if k != "n"}
@@ -191,7 +215,11 @@ def main() -> None:
             f"AUC {m.get('auroc', float('nan')):.3f}"
             for name, m in summary.items()
         )
-        print(f"{variant} {args.head} window={window} groups={len(set(groups))}: {cells}", flush=True)
+        print(
+            f"{variant} +views[{args.train_views}] {args.head} window={window} "
+            f"groups={len(set(groups))}: {cells}",
+            flush=True,
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
