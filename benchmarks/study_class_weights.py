@@ -17,12 +17,10 @@ nested estimates with 95% stratified group-bootstrap intervals.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-from _common import machine_info, parser
-from study_frozen_heads import groups_for, load
-from study_ordinal import CLASSES, RULE, fit, probabilities
+from _common import machine_info
+from study_ordinal import CLASSES, RULE, fit, load_sleepers, probabilities, sleeper_parser
 
 from railway_defect.data.discovery import _group_folds
 from railway_defect.utils.decision import DecisionRule, choose_class_weights
@@ -75,18 +73,11 @@ def summary(y: np.ndarray, probs: np.ndarray, predicted: np.ndarray, groups: np.
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--features", type=Path, default=Path("outputs/sleeper_features"))
-    p.add_argument("--variant", default="lite2_none384")
-    p.add_argument("--seeds", default="1,2,3")
+    p = sleeper_parser(__doc__)
     p.add_argument("--targets", default="0.95,0.99", help="Poor recall targets of the chosen weights")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     print(machine_info())
-    data = load(args.features, [args.variant])
-    x = data["features"].astype(np.float32)
-    y = np.array([CLASSES.index(str(label)) for label in data["labels"]])
-    groups = groups_for(data, 10)
+    x, y, groups = load_sleepers(args.features, args.variant)
     targets = [float(t) for t in args.targets.split(",")]
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -19,6 +19,7 @@ and the better of the two is a choice of one among two (mildly optimistic).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -121,18 +122,27 @@ def summary(y: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> dict[str, o
     return {**row, "ordinal": m["ordinal"], "two_step_count": two_steps}
 
 
-def main() -> None:
-    p = parser(__doc__.split("\n\n")[0])
+def sleeper_parser(doc: str) -> argparse.ArgumentParser:
+    """The sleeper studies' options: the feature cache, its variant, split seeds, the JSON output."""
+    p = parser(doc.split("\n\n")[0])
     p.add_argument("--features", type=Path, default=Path("outputs/sleeper_features"))
     p.add_argument("--variant", default="lite2_none384")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = p.parse_args()
-    print(machine_info())
-    data = load(args.features, [args.variant])
-    x = data["features"].astype(np.float32)
+    return p
+
+
+def load_sleepers(features: Path, variant: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, class indices (CLASSES order) and the photo groups of the cached frames."""
+    data = load(features, [variant])
     y = np.array([CLASSES.index(str(label)) for label in data["labels"]])
-    groups = groups_for(data, 10)
+    return data["features"].astype(np.float32), y, groups_for(data, 10)
+
+
+def main() -> None:
+    args = sleeper_parser(__doc__).parse_args()
+    print(machine_info())
+    x, y, groups = load_sleepers(args.features, args.variant)
     counts = dict(zip(CLASSES, np.bincount(y).tolist(), strict=True))
     print(f"{len(y)} frames, {np.unique(groups).size} groups, classes {counts}")
     results = {}

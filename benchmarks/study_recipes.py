@@ -130,6 +130,14 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.image_size=448",
         "data.cache_size=448",
     ),
+    # ... on the pooled features of three stages of blocks beside the final ones (issue 27, STUDY.md)
+    "lite2_stages_probe_448": _with(
+        HEADS5,
+        "model=efficientnet_lite2_stages",
+        "data.harmonize=none",
+        "data.image_size=448",
+        "data.cache_size=448",
+    ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more
     "lite2_probe_then_finetune": _with(

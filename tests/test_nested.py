@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -213,6 +214,31 @@ def test_the_nested_estimate_scores_each_outer_fold_at_its_inner_folds_threshold
 
 
 SLEEPERS = ("Good", "Fair", "Poor")
+
+
+def _tiny_nested_cv(root: Path, sweep: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """experiment=nested_cv, 2 outer x (2 inner + refit) jobs of a tiny frozen probe as
+    experiment=offline_best trains (the jobs share its feature cache)."""
+    return run_cli(
+        "railway_defect.train",
+        "experiment=nested_cv",
+        f"data.root={root}",
+        "data.outer_folds=2",
+        "data.num_folds=2",
+        *overrides,
+        "model=resnet18",
+        "model.pretrained=false",
+        "model.backbone_lr_scale=0",
+        "augmentation=none",
+        "data.image_size=32",
+        "data.cache_size=40",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        f"paths.cache_dir={sweep.parent / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+
+
 P = {"Good": (0.9, 0.08, 0.02), "Poor": (0.05, 0.15, 0.8), "Fair?": (0.55, 0.40, 0.05)}
 
 
@@ -315,24 +341,7 @@ def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estima
     a frozen probe as experiment=offline_best trains, so the jobs share the feature cache."""
     root = _walks(tmp_path / "data", walks=8, per_walk=3)
     sweep = tmp_path / "nested"
-    result = run_cli(
-        "railway_defect.train",
-        "experiment=nested_cv",
-        f"data.root={root}",
-        "data.outer_folds=2",
-        "data.num_folds=2",
-        "data.group_window_s=300",
-        "model=resnet18",
-        "model.pretrained=false",
-        "model.backbone_lr_scale=0",
-        "augmentation=none",
-        "data.image_size=32",
-        "data.cache_size=40",
-        "trainer.max_epochs=1",
-        "trainer.accelerator=cpu",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={sweep}",
-    )
+    result = _tiny_nested_cv(root, sweep, "data.group_window_s=300")
     assert result.returncode == 0, result.stderr[-3000:]
     folds = [
         yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["data"]
@@ -359,25 +368,7 @@ def test_experiment_nested_cv_of_ordered_classes_reports_them_at_the_inner_folds
     for i in range(36):
         write_image(root / SLEEPERS[i % 3] / f"{i}.png", label_index=i % 3, seed=i)
     sweep = tmp_path / "nested"
-    result = run_cli(
-        "railway_defect.train",
-        "experiment=nested_cv",
-        f"data.root={root}",
-        "data.outer_folds=2",
-        "data.num_folds=2",
-        "data.ordinal=[Good,Fair,Poor]",
-        "data.positive_class=Poor",
-        "model=resnet18",
-        "model.pretrained=false",
-        "model.backbone_lr_scale=0",
-        "augmentation=none",
-        "data.image_size=32",
-        "data.cache_size=40",
-        "trainer.max_epochs=1",
-        "trainer.accelerator=cpu",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={sweep}",
-    )
+    result = _tiny_nested_cv(root, sweep, "data.ordinal=[Good,Fair,Poor]", "data.positive_class=Poor")
     assert result.returncode == 0, result.stderr[-3000:]
     (estimate,) = json.loads((sweep / "nested.json").read_text())
     assert sorted(estimate["class_rules"]) == ["0", "1"]
