@@ -56,8 +56,7 @@ def nested_once(x, y, groups, seed: int, targets: list[float]) -> tuple[np.ndarr
         for t in targets:
             rule: DecisionRule = choose_class_weights(y[rest], inner, POOR, t)
             labels[f"weights@{t}"][test] = rule.labels(outer_probs[test])
-            weights = [round(row[(i + 1) % len(row)], 3) for i, row in enumerate(rule.costs)]
-            print(f"  seed {seed} outer {k}: target {t} weights {weights}")
+            print(f"  seed {seed} outer {k}: target {t} weights {rule.class_weights()}")
     return outer_probs, labels
 
 

@@ -11,10 +11,8 @@ Each variant writes <out>/<variant>.npz: paths, labels, declared groups, sources
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +26,10 @@ from railway_defect.models.backbones import create_backbone
 from railway_defect.models.network import pooled_features
 
 # name -> (backbone, storage form, decode size, input size[, flip-invariant: default true])
-# `_stages`: the pooled features of the last three stages of blocks beside the final ones
 VARIANTS = {
-    "lite2_stages448": ("efficientnet_lite2", "none", 448, 448),
-    "lite2_stages384": ("efficientnet_lite2", "none", 384, 384),
+    # the backbone of model=efficientnet_lite2_stages: blocks 2, 4, 6 pooled beside the final features
+    "lite2_stages448": ("efficientnet_lite2_stages", "none", 448, 448),
+    "lite2_stages384": ("efficientnet_lite2_stages", "none", 384, 384),
     "lite2_thumb448": ("efficientnet_lite2", "thumbnail", 448, 448),
     "lite2_none448_noflip": ("efficientnet_lite2", "none", 448, 448, False),
     "lite2_none640_noflip": ("efficientnet_lite2", "none", 640, 640, False),
@@ -67,13 +65,11 @@ def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
     transform = build_transform([], input_size, backbone.spec.mean, backbone.spec.std)
     kept = [s for s in samples if s.path in decoded.images]
     features = []
-    with _stage_features(model, variant.startswith("lite2_stages")) as stages:
-        for start in range(0, len(kept), batch):
-            images = torch.stack(
-                [transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]]
-            )
-            final = pooled_features(model, images, flip_invariant=flips[0] if flips else True)
-            features.append(torch.cat([*stages.pooled(len(images)), final], dim=1).numpy())
+    for start in range(0, len(kept), batch):
+        images = torch.stack(
+            [transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]]
+        )
+        features.append(pooled_features(model, images, flip_invariant=flips[0] if flips else True).numpy())
     source = sources(root)
     return {
         "paths": np.array([str(s.path) for s in kept]),
@@ -82,34 +78,6 @@ def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
         "sources": np.array([source.get(str(s.path), "") for s in kept]),
         "features": np.concatenate(features).astype(np.float32),
     }
-
-
-class _StageHooks:
-    """Global-average-pooled outputs of some blocks of a timm EfficientNet, captured by forward
-    hooks during the pass that gives the final features, averaged over the flipped views."""
-
-    def __init__(self) -> None:
-        self.outputs: list[torch.Tensor] = []
-
-    def hook(self, _module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self.outputs.append(output.mean(dim=(2, 3)))
-
-    def pooled(self, n: int) -> list[torch.Tensor]:
-        """Each hooked block's pooled features of the last `n` images (mean over their views)."""
-        pooled = [o.unflatten(0, (-1, n)).mean(0) for o in self.outputs]
-        self.outputs.clear()
-        return pooled
-
-
-@contextlib.contextmanager
-def _stage_features(model: torch.nn.Module, enabled: bool) -> Iterator[_StageHooks]:
-    hooks = _StageHooks()
-    handles = [model.blocks[i].register_forward_hook(hooks.hook) for i in (2, 4, 6)] if enabled else []
-    try:
-        yield hooks
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def test_chosen_class_weights_raise_a_class_the_argmax_misses() -> None:
     probs, targets = np.vstack([good, fair, poor]), np.repeat([0, 1, 2], 10)
     rule = choose_class_weights(targets, probs, positive_index=2, target_recall=0.95)
     assert (rule.labels(probs) == targets).all()
-    weights = [row[(i + 1) % 3] for i, row in enumerate(rule.costs)]
+    weights = rule.class_weights()
     # Fair is weighted up by enough to win 0.40 against 0.55, and not so much that Good frames go Fair:
     # the middle of the interval (0.55 / 0.40, 0.9 / 0.08) in log terms
     ratio = weights[1] / weights[0]

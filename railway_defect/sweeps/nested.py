@@ -124,17 +124,24 @@ def _outer_scores(
 def _seed_class_block(result: NestedEstimate, seed: str, resamples: int) -> dict[str, Any]:
     """K classes: one seed's outer-fold predictions, each photo decided by its outer fold's rule."""
     mine = [s for s in result.scores if s.seed == seed]
-    probs = np.array([s.probs for s in mine])
-    folds = np.array([s.outer_fold for s in mine])
-    predicted = np.zeros(len(mine), dtype=np.int64)
-    for k, rule in result.rules.items():
-        predicted[folds == k] = rule.labels(probs[folds == k])
+    probs, predicted = np.array([s.probs for s in mine]), _decided(result, mine)
     targets = np.array([result.classes.index(s.label) for s in mine])
     groups = np.array([s.group for s in mine]) if all(s.group for s in mine) else None
     rule = "each outer fold's class weights, chosen on its inner folds' out-of-fold predictions"
     return labelled_report(
         result.classes, result.ordinal, rule, targets, probs, predicted, resamples=resamples, groups=groups
     )
+
+
+def _decided(result: NestedEstimate, scores: Sequence[OuterScore]) -> np.ndarray:
+    """K classes: the class index each outer-fold photo gets from its own outer fold's rule."""
+    if not scores:
+        return np.zeros(0, dtype=np.int64)
+    probs, folds = np.array([s.probs for s in scores]), np.array([s.outer_fold for s in scores])
+    predicted = np.zeros(len(scores), dtype=np.int64)
+    for k, rule in result.rules.items():
+        predicted[folds == k] = rule.labels(probs[folds == k])
+    return predicted
 
 
 def _rows(file: Path) -> list[dict[str, str]]:
@@ -228,18 +235,12 @@ def to_csv(results: Sequence[NestedEstimate]) -> str:
     extra = [*(f"p_{c}" for c in classes), "predicted"] if classes else []
     writer.writerow(["configuration", "seed", "outer_fold", "path", "label", "score", "threshold", *extra])
     for r in results:
-        for s in r.scores:
+        labels = [r.classes[i] for i in _decided(r, r.scores)] if r.classes else []
+        for i, s in enumerate(r.scores):
             row = [" ".join(r.configuration), s.seed, s.outer_fold, s.path, s.label]
-            writer.writerow([*row, f"{s.score:.6f}", f"{s.threshold:.6f}", *_class_cells(r, s)])
+            cells = [*(f"{p:.6f}" for p in s.probs), labels[i]] if r.classes else []
+            writer.writerow([*row, f"{s.score:.6f}", f"{s.threshold:.6f}", *cells])
     return buffer.getvalue()
-
-
-def _class_cells(result: NestedEstimate, score: OuterScore) -> list[str]:
-    """K classes: every p and the label its outer fold's rule gives."""
-    if not result.classes:
-        return []
-    label = result.rules[score.outer_fold].labels(np.array([score.probs]))[0]
-    return [*(f"{p:.6f}" for p in score.probs), result.classes[label]]
 
 
 def to_json(results: Sequence[NestedEstimate]) -> list[dict[str, Any]]:
