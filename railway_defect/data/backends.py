@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
+from railway_defect.data.device import EncodedImage, encode_all
 from railway_defect.data.discovery import DatasetIndex, Sample
 from railway_defect.data.images import DecodedImages, decode_files
 from railway_defect.data.settings import DataSettings
@@ -31,9 +32,11 @@ class MemoryBackend:
 
     name = "memory"
 
-    def __init__(self, settings: DataSettings):
-        self.settings = settings
+    def __init__(self, settings: DataSettings, encoded: bool = False):
+        """`encoded`: keep each image as JPEG bytes for the device path (data.decode=gpu)."""
+        self.settings, self.encoded = settings, encoded
         self.decoded = DecodedImages()
+        self.jpegs: dict[Path, EncodedImage] = {}
 
     def load(self, index: DatasetIndex, recorded: Recorded) -> tuple[Splits, DecodedImages]:
         """The readable samples of each split, and what decoding found (images, digests, failures)."""
@@ -43,13 +46,17 @@ class MemoryBackend:
         self.decoded = decode_files(paths, c.cache_size, cache_dir, max_pixels=c.max_pixels, mode=c.harmonize)
         if recorded is not None:
             check_unchanged(recorded[0], recorded[1], self.decoded.digests)
+        if self.encoded:  # bytes only: about a tenth of the arrays' memory
+            self.jpegs, self.decoded.images = encode_all(self.decoded.images), {}
         kept = {
-            split: [s for s in samples if s.path in self.decoded.images]
+            split: [s for s in samples if s.path in self.decoded.digests]
             for split, samples in index.splits.items()
         }
         return kept, self.decoded
 
-    def images(self, split: str, samples: Sequence[Sample]) -> Sequence[np.ndarray]:
+    def images(self, split: str, samples: Sequence[Sample]) -> Sequence[np.ndarray | EncodedImage]:
+        if self.encoded:
+            return [self.jpegs[s.path] for s in samples]
         return [self.decoded.images[s.path] for s in samples]
 
     def train_loader(
@@ -66,8 +73,9 @@ class StreamBackend:
 
     name = "stream"
 
-    def __init__(self, settings: DataSettings, stream_dir: str):
-        self.settings, self.stream_dir = settings, stream_dir
+    def __init__(self, settings: DataSettings, stream_dir: str, encoded: bool = False):
+        """`encoded`: chunks of JPEG bytes for the device path (data.decode=gpu)."""
+        self.settings, self.stream_dir, self.encoded = settings, stream_dir, encoded
         # per split: the optimized folder and the stored position of each kept row
         self.streams: dict[str, tuple[str, array[int]]] = {}
 
@@ -105,9 +113,9 @@ class StreamBackend:
         targets = label_codes(readable, classes)
         assert readable.digests is not None
         items = zip((d.decode() for d in readable.digests), map(int, targets), strict=True)
-        key = split_key(items, classes, c.cache_size, c.harmonize, c.max_pixels)
+        key = split_key(items, classes, c.cache_size, c.harmonize, c.max_pixels, self.encoded)
         location, meta = build_split(
-            self.stream_dir, readable.paths, targets, key, c.cache_size, c.max_pixels, c.harmonize
+            self.stream_dir, readable.paths, targets, key, c.cache_size, c.max_pixels, c.harmonize, self.encoded
         )
         kept = np.ones(len(readable), dtype=bool)
         for position, reason in meta["failures"].items():

@@ -20,6 +20,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from railway_defect.data.audit import audit_and_warn
 from railway_defect.data.backends import MemoryBackend, StreamBackend
+from railway_defect.data.device import (
+    DeviceItems,
+    DevicePlan,
+    EncodedBatch,
+    UnsupportedOnDevice,
+    collate_encoded,
+    decode_on,
+    render,
+    resolve_decode,
+)
 from railway_defect.data.discovery import (
     REFIT,
     TRAIN_AND_VAL,
@@ -151,8 +161,13 @@ class RailwayDataModule(LightningDataModule):
         self.splits_path = Path(c.splits_path) if c.splits_path else None
         self.splits_from = Path(c.splits_from) if c.splits_from else None
         self.audit = c.audit
-        self.train_transform = build_transform(list(train_transforms), c.image_size, mean, std, seed=c.seed)
+        self.augmentations, self.mean, self.std = list(train_transforms), tuple(mean), tuple(std)
+        self.train_transform = build_transform(self.augmentations, c.image_size, mean, std, seed=c.seed)
         self.eval_transform = build_transform([], c.image_size, mean, std)
+        # `cpu` or `gpu` once set up (data.decode resolved: data.device), and the device type that
+        # resolution assumes when setup() runs before a trainer is attached (training/run.py sets it)
+        self.decode_used: str | None = None
+        self.device_type = "cpu"
         self.index: DatasetIndex | None = None
         self.decoded: DecodedImages | None = None
         self.storage = c.storage
@@ -212,6 +227,10 @@ class RailwayDataModule(LightningDataModule):
                 self.test_holdouts,
                 labels,
             )
+        self.decode_used = self._resolve_decode(len(index.splits.get("train", [])))
+        if self.decode_used == "gpu":
+            self.train_transform = DeviceItems(self._device_plan(), seed=self.seed)
+            self.eval_transform = DeviceItems(DevicePlan(self.image_size))
         self.backend = self._backend(index)
         recorded = (self.splits_from, expected) if self.splits_from is not None else None
         self.splits, decoded = self.backend.load(index, recorded)
@@ -229,11 +248,41 @@ class RailwayDataModule(LightningDataModule):
         if storage == "auto":
             paths = [s.path for samples in index.splits.values() for s in samples]
             storage = choose_storage(storage, paths, self.cache_size, self.harmonize)
+        encoded = self.decode_used == "gpu"
         return (
-            StreamBackend(self.settings, self.stream_dir)
+            StreamBackend(self.settings, self.stream_dir, encoded)
             if storage == "stream"
-            else MemoryBackend(self.settings)
+            else MemoryBackend(self.settings, encoded)
         )
+
+    def _device_plan(self) -> DevicePlan:
+        return DevicePlan.from_transforms(self.augmentations, self.image_size)
+
+    def _resolve_decode(self, train_images: int) -> str:
+        """data.decode with `auto` resolved for the trainer's device, the training set's size and
+        the augmentation list."""
+        try:
+            self._device_plan()
+            plan_error = None
+        except UnsupportedOnDevice as e:
+            plan_error = str(e)
+        try:
+            return resolve_decode(self.settings.decode, self._device_type(), train_images, plan_error)
+        except UnsupportedOnDevice as e:
+            raise UserError(f"{e}.") from None
+
+    def _device_type(self) -> str:
+        """The trainer's device type, else `device_type`."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device.type if trainer is not None else self.device_type
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """data.decode=gpu: the batch's JPEG bytes decoded onto `device` and made into the model's
+        input there (data.device.render); any other batch is moved as Lightning moves it."""
+        if not isinstance(batch, EncodedBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        images = render(decode_on(batch.data, device), batch.params, self.image_size, self.mean, self.std)
+        return images, batch.targets.to(device, non_blocking=True)
 
     @property
     def storage_used(self) -> str | None:
@@ -336,6 +385,7 @@ class RailwayDataModule(LightningDataModule):
                 split: dict(sorted(label_counts(samples).items())) for split, samples in self.splits.items()
             },
             "storage": self.storage_used,
+            "decode": self.decode_used,
             # counts, then the first REPORT_LIMIT of each kind: readable for 200,000 files
             "skipped_count": len(self.decoded.failures),
             "skipped": [
@@ -396,10 +446,15 @@ class RailwayDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory(),
+            collate_fn=self._collate(),
             # its own generator: starting an epoch's iterator must not draw from the global RNG,
             # or dropout's random stream would depend on when the iterator was created
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _collate(self) -> Callable[[list], Any] | None:
+        """On the device path, bytes and parameter rows (EncodedBatch); else the default."""
+        return collate_encoded if self.decode_used == "gpu" else None
 
     def _pin_memory(self) -> bool:
         """Pinned host memory only speeds up copies to a CUDA device."""
@@ -423,6 +478,7 @@ class RailwayDataModule(LightningDataModule):
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 pin_memory=self._pin_memory(),
+                **({"collate_fn": self._collate()} if self._collate() else {}),
             )
             if loader is not None:
                 return loader

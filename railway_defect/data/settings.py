@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from railway_defect.data.device import DECODE_MODES
 from railway_defect.data.discovery import BURST_SECONDS, TRAIN_ON_MODES, GroupWindow
 from railway_defect.data.images import DEFAULT_MAX_PIXELS, check_harmonize
 from railway_defect.data.storage import STORAGE_MODES
@@ -36,6 +37,8 @@ class DataSettings:
         evenly), loss (class-weighted loss), stratum (every class x image-size stratum cell
         drawn evenly, so that how a photo was stored cannot stand in for its label).
     storage, stream_dir: decoded images in memory, or LitData chunks (auto: by size).
+    decode: where batches are decoded and augmented: cpu (loader workers), gpu (the trainer's
+        device, from stored JPEG bytes: data.device), auto (gpu on CUDA for large sets).
     report_path, splits_path: where data_report.json and splits.csv go; splits_from: a run's
         splits.csv to reuse instead of splitting (evaluation of that run).
     audit: run the shortcut audit on the train + validation images.
@@ -55,6 +58,7 @@ class DataSettings:
     cache_size: int = 256
     cache_dir: str | Path | None = None
     storage: str = "auto"
+    decode: str = "auto"
     stream_dir: str | Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 32
@@ -88,6 +92,8 @@ class DataSettings:
             check_harmonize(self.harmonize)
         except ValueError as e:
             raise UserError(f"{e}.") from None
+        if self.decode not in DECODE_MODES:
+            raise UserError(f"data.decode={self.decode!r} is not one of {', '.join(DECODE_MODES)}.")
         if self.balance not in BALANCE_MODES:
             raise UserError(f"data.balance={self.balance!r} is not one of {', '.join(BALANCE_MODES)}.")
         if self.batch_size < 1:

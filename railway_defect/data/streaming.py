@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
 
+from railway_defect.data.device import STORED_QUALITY, EncodedImage, encode_image
 from railway_defect.data.images import DecodeError, content_digest, load_image_file
 from railway_defect.utils.outputs import write_json_atomic
 from railway_defect.utils.resources import available_cpus
@@ -86,10 +87,16 @@ def digest_files(
 
 
 def split_key(
-    items: Iterable[tuple[str, int]], classes: Sequence[str], cache_size: int, harmonize: str, max_pixels: int
+    items: Iterable[tuple[str, int]],
+    classes: Sequence[str],
+    cache_size: int,
+    harmonize: str,
+    max_pixels: int,
+    encoded: bool = False,
 ) -> str:
     """The name of a split's optimized folder: every input of its content, nothing else (paths
-    are left out: moving the data folder reuses the build)."""
+    are left out: moving the data folder reuses the build). `encoded`: JPEG bytes for the device
+    path (data.decode=gpu) instead of arrays."""
     h = hashlib.blake2b(digest_size=16)
     settings = {
         "version": FORMAT_VERSION,
@@ -97,6 +104,7 @@ def split_key(
         "harmonize": harmonize,
         "max_pixels": max_pixels,
         "classes": list(classes),
+        **({"encoded": f"jpeg{STORED_QUALITY}"} if encoded else {}),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     for digest, target in items:
@@ -111,10 +119,11 @@ def storage_order(key: str, count: int) -> np.ndarray:
 
 
 def _decode_item(
-    item: list[Any], min_side: int, max_pixels: int, mode: str, failure_dir: str
+    item: list[Any], min_side: int, max_pixels: int, mode: str, failure_dir: str, encoded: bool = False
 ) -> dict[str, Any]:
-    """One optimize input -> one stored item; a file that fails to decode becomes an empty
-    placeholder (positions must not shift) and its reason is written to `failure_dir`."""
+    """One optimize input -> one stored item (`encoded`: its JPEG bytes and size, for the device
+    path); a file that fails to decode becomes an empty placeholder (positions must not shift) and
+    its reason is written to `failure_dir`."""
     index, path, target = item
     try:
         image, _ = load_image_file(Path(path), min_side, None, max_pixels, mode)
@@ -122,7 +131,18 @@ def _decode_item(
     except DecodeError as e:
         image, error = np.zeros((0, 0, 3), dtype=np.uint8), str(e) or "unreadable"
         Path(failure_dir, f"{index}.txt").write_text(error)
-    return {"index": index, "target": target, "image": image, "error": error}
+    stored = {"index": index, "target": target, "image": image, "error": error}
+    if encoded:
+        jpeg = encode_image(image) if not error else EncodedImage(np.zeros(0, np.uint8), 0, 0)
+        stored.update(image=jpeg.data, height=jpeg.height, width=jpeg.width)
+    return stored
+
+
+def stored_image(item: dict[str, Any]) -> np.ndarray | EncodedImage:
+    """A stored item's image: an array, or the device path's JPEG bytes with their size."""
+    if "height" in item:
+        return EncodedImage(item["image"], int(item["height"]), int(item["width"]))
+    return item["image"]
 
 
 def _read_meta(location: str) -> dict[str, Any] | None:
@@ -226,6 +246,7 @@ def build_split(
     min_side: int,
     max_pixels: int,
     mode: str,
+    encoded: bool = False,
     num_workers: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The optimized folder of one split (built unless a finished one with this key exists) and
@@ -242,7 +263,9 @@ def build_split(
         workers = max(1, min(num_workers or available_cpus(), len(paths)))
         log.info("Building the optimized data %s: %d images on %d workers.", location, len(paths), workers)
         start = time.perf_counter()
-        decode = functools.partial(_decode_item, min_side=min_side, max_pixels=max_pixels, mode=mode)
+        decode = functools.partial(
+            _decode_item, min_side=min_side, max_pixels=max_pixels, mode=mode, encoded=encoded
+        )
         failures, failure_dir = _build(location, key, paths, targets, decode, workers)
         meta = {"key": key, "count": len(paths), "failures": {str(k): v for k, v in sorted(failures.items())}}
         _write_meta(location, meta)
@@ -265,10 +288,10 @@ class StreamedImages(Sequence[np.ndarray]):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+    def __getitem__(self, i: int) -> np.ndarray | EncodedImage:  # type: ignore[override]
         if self._dataset is None:
             self._dataset = StreamingDataset(self.location)
-        return self._dataset[self.positions[i]]["image"]
+        return stored_image(self._dataset[self.positions[i]])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
@@ -293,7 +316,7 @@ class AugmentedStream(StreamingDataset):
         epoch = self.current_epoch - 1  # the StreamingDataLoader counts epochs from 1
         index_seed = int(item["index"]) * 2_654_435_761 % 2**32
         self.augment.set_random_seed(epoch_seed(self.augment_seed, epoch) ^ index_seed)
-        return self.augment(image=item["image"])["image"], int(item["target"])
+        return self.augment(image=stored_image(item))["image"], int(item["target"])
 
 
 class TrainerEpochLoader(StreamingDataLoader):

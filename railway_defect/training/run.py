@@ -26,6 +26,7 @@ from railway_defect.callbacks.history import EpochHistory
 from railway_defect.callbacks.review_images import ReviewImages
 from railway_defect.callbacks.selection import monitored_metric, selecting_checkpoint
 from railway_defect.data.audit import audit_markdown
+from railway_defect.data.device import accelerator_device_type
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.contract import ModelContract
@@ -334,6 +335,7 @@ def _prepare_run(cfg: DictConfig) -> tuple[Path | None, int]:
 
 def _setup_data(cfg: DictConfig, ckpt_path: Path | None) -> RailwayDataModule:
     datamodule = build_datamodule(cfg)
+    datamodule.device_type = accelerator_device_type(str(cfg.trainer.get("accelerator", "auto")))
     datamodule.prepare_data()
     datamodule.setup("fit")
     _quiet_expected_noise(datamodule.num_workers)
@@ -371,6 +373,8 @@ def _run_facts(
             "root": str(datamodule.root),
             "counts": datamodule.report["counts"],
             "skipped": datamodule.report["skipped_count"],
+            "storage": datamodule.storage_used,
+            "decode": datamodule.decode_used,
         },
         "epochs_completed": trainer.current_epoch,
         "precision": str(trainer.precision),

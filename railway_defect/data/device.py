@@ -1,0 +1,241 @@
+"""`data.decode=gpu`: images are kept as JPEG bytes, and every batch is decoded (nvJPEG, through
+torchvision.io.decode_jpeg), cropped, resized, flipped, colour-adjusted and normalised on the
+trainer's device, so that CPU loader workers no longer limit a GPU. The workers only hand over each
+image's bytes with its random parameters (`DevicePlan.sample`), drawn from a generator seeded by
+(seed, epoch, image) as on the CPU path, so a run is repeatable.
+
+The parameters come from the configured albumentations list (one place says what augmentation a
+recipe uses); a transform this path cannot run on the device is named in a one-line error
+(`data.decode=gpu`) or sends `auto` to the CPU path. Crop + resize is one `roi_align` over the
+batch (bilinear at the centre of each output pixel: what albumentations' resize computes), so the
+images the model sees match the CPU path's to a small tolerance (tests/test_device_decode.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "cpu", "gpu")
+# `auto` decodes on the device from this many training images: below it the whole set is a few
+# seconds of CPU work an epoch, and re-encoding it as JPEG costs more than it saves
+AUTO_MIN_IMAGES = 2_000
+# the stored form of each decoded image on the device path (a re-encode; about 1/255 mean error)
+STORED_QUALITY = 95
+# a parameter row: crop box (x0, y0, x1, y1) in pixels, horizontal / vertical flip, contrast, brightness
+PARAMS = ("x0", "y0", "x1", "y1", "hflip", "vflip", "alpha", "beta")
+
+
+class UnsupportedOnDevice(ValueError):
+    """A configured augmentation that the device path cannot run."""
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A decoded image as the device path stores it: JPEG bytes and the image's size."""
+
+    data: np.ndarray  # uint8, one dimension
+    height: int
+    width: int
+
+
+def encode_image(image: np.ndarray) -> EncodedImage:
+    """An RGB uint8 array (H, W, 3) as JPEG bytes of quality STORED_QUALITY."""
+    from torchvision.io import encode_jpeg
+
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    data = encode_jpeg(chw, quality=STORED_QUALITY).numpy()
+    return EncodedImage(data, int(image.shape[0]), int(image.shape[1]))
+
+
+def encode_all(images: dict[Any, np.ndarray], workers: int | None = None) -> dict[Any, EncodedImage]:
+    """encode_image of every value, in threads (libjpeg-turbo releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from railway_defect.utils.resources import available_cpus
+
+    with ThreadPoolExecutor(max_workers=workers or available_cpus()) as pool:
+        return dict(zip(images, pool.map(encode_image, images.values()), strict=True))
+
+
+def check_decode(mode: str) -> str:
+    if mode not in DECODE_MODES:
+        raise ValueError(f"data.decode={mode!r} is not one of {', '.join(DECODE_MODES)}")
+    return mode
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What the device does to each image: a random resized crop (its scale and ratio ranges),
+    flips and a brightness/contrast change with their probabilities, then the resize to `size`."""
+
+    size: int
+    crop: tuple[tuple[float, float], tuple[float, float]] | None = None  # (scale, ratio)
+    hflip: float = 0.0
+    vflip: float = 0.0
+    colour: tuple[float, tuple[float, float], tuple[float, float]] | None = None  # p, brightness, contrast
+
+    @classmethod
+    def from_transforms(cls, transforms: Sequence[Any], size: int) -> DevicePlan:
+        """The plan of an albumentations list; UnsupportedOnDevice names a transform it cannot run."""
+        import albumentations as A
+
+        fields: dict[str, Any] = {}
+        for position, t in enumerate(transforms):
+            name = type(t).__name__
+            if isinstance(t, A.RandomResizedCrop) and position == 0 and t.p == 1:
+                fields["crop"] = (tuple(t.scale), tuple(t.ratio))
+            elif isinstance(t, A.HorizontalFlip | A.VerticalFlip):
+                fields["hflip" if isinstance(t, A.HorizontalFlip) else "vflip"] = float(t.p)
+            elif isinstance(t, A.RandomBrightnessContrast) and t.brightness_by_max and not t.ensure_safe_range:
+                fields["colour"] = (float(t.p), tuple(t.brightness_limit), tuple(t.contrast_limit))
+            else:
+                raise UnsupportedOnDevice(
+                    f"albumentations.{name} (position {position}) has no device form; the device path "
+                    "runs a first RandomResizedCrop, HorizontalFlip, VerticalFlip and "
+                    "RandomBrightnessContrast (brightness_by_max)"
+                )
+        return cls(size, **fields)
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        """One image's parameter row (PARAMS): the whole image, unflipped and unchanged when the
+        plan has no random step (evaluation)."""
+        box = self._crop_box(rng, height, width) if self.crop else (0.0, 0.0, float(width), float(height))
+        hflip = float(self.hflip > 0 and rng.random() < self.hflip)
+        vflip = float(self.vflip > 0 and rng.random() < self.vflip)
+        alpha, beta = 1.0, 0.0
+        if self.colour is not None and rng.random() < self.colour[0]:
+            _, brightness, contrast = self.colour
+            alpha, beta = 1.0 + rng.uniform(*contrast), rng.uniform(*brightness) * 255.0
+        return np.array([*box, hflip, vflip, alpha, beta], dtype=np.float32)
+
+    def _crop_box(self, rng: np.random.Generator, height: int, width: int) -> tuple[float, ...]:
+        """The Inception-style crop (as albumentations and torchvision draw it): an area share and a
+        log-uniform aspect ratio, ten tries, then the centre crop at the nearest allowed ratio."""
+        assert self.crop is not None
+        (scale_low, scale_high), (ratio_low, ratio_high) = self.crop
+        area = height * width
+        for _ in range(10):
+            target = area * rng.uniform(scale_low, scale_high)
+            ratio = math.exp(rng.uniform(math.log(ratio_low), math.log(ratio_high)))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+                return float(x), float(y), float(x + w), float(y + h)
+        ratio = width / height
+        w, h = (width, height)
+        if ratio < ratio_low:
+            h = round(width / ratio_low)
+        elif ratio > ratio_high:
+            w = round(height * ratio_high)
+        x, y = (width - w) // 2, (height - h) // 2
+        return float(x), float(y), float(x + w), float(y + h)
+
+
+class DeviceItems:
+    """What a loader worker does on the device path, in place of the CPU transform (same calls):
+    the image's bytes and its parameter row, from a generator that `set_random_seed` reseeds."""
+
+    def __init__(self, plan: DevicePlan, seed: int | None = None):
+        self.plan, self.rng = plan, np.random.default_rng(seed)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, image: EncodedImage) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        params = self.plan.sample(self.rng, image.height, image.width)
+        return {"image": (torch.from_numpy(image.data), torch.from_numpy(params))}
+
+
+class EncodedBatch(NamedTuple):
+    """A batch before the device: JPEG bytes (on the CPU, as nvJPEG wants them), parameter rows
+    (B, len(PARAMS)) and targets."""
+
+    data: list[torch.Tensor]
+    params: torch.Tensor
+    targets: torch.Tensor
+
+
+def collate_encoded(items: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], int]]) -> EncodedBatch:
+    data = [encoded for (encoded, _), _ in items]
+    params = torch.stack([p for (_, p), _ in items])
+    return EncodedBatch(data, params, torch.tensor([target for _, target in items]))
+
+
+def decode_on(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes -> (3, H, W) uint8 images on `device`: nvJPEG in one batched call on CUDA."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    decoded = decode_jpeg(data, mode=ImageReadMode.UNCHANGED, device=device)
+    return list(decoded) if isinstance(decoded, list | tuple) else [decoded]
+
+
+def _canvas(images: list[torch.Tensor]) -> torch.Tensor:
+    """The images in one (B, 3, H, W) float tensor of the largest size, each padded by repeating
+    its last row and column (a crop resampled at its edge never mixes in another value)."""
+    height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    canvas = torch.empty((len(images), 3, height, width), dtype=torch.float32, device=images[0].device)
+    for k, image in enumerate(images):
+        h, w = image.shape[1:]
+        canvas[k, :, :h, :w] = image
+        canvas[k, :, :h, w:] = image[:, :, -1:]
+        canvas[k, :, h:, :] = canvas[k, :, h - 1 : h, :]
+    return canvas
+
+
+def render(
+    images: list[torch.Tensor], params: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Decoded uint8 images and their parameter rows -> the normalised (B, 3, size, size) batch:
+    crop + resize in one roi_align (bilinear at each output pixel's centre, as cv2's resize), then
+    flips, contrast and brightness (clipped to 0..255) and normalisation."""
+    from torchvision.ops import roi_align
+
+    device = images[0].device
+    params = params.to(device, torch.float32)
+    boxes = torch.cat([torch.arange(len(images), device=device, dtype=torch.float32)[:, None], params[:, :4]], 1)
+    x = roi_align(_canvas(images), boxes, output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    x = torch.where(params[:, 4, None, None, None] > 0.5, x.flip(-1), x)
+    x = torch.where(params[:, 5, None, None, None] > 0.5, x.flip(-2), x)
+    x = (x * params[:, 6, None, None, None] + params[:, 7, None, None, None]).clamp_(0, 255)
+    mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (x - mean_t) / std_t
+
+
+def accelerator_device_type(accelerator: str) -> str:
+    """The device type a trainer.accelerator value trains on (`auto`: CUDA when there is one)."""
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(accelerator)
+
+
+def resolve_decode(mode: str, device_type: str, train_images: int, plan_error: str | None) -> str:
+    """`cpu` or `gpu` for data.decode: `auto` is gpu when training on CUDA with at least
+    AUTO_MIN_IMAGES training images and augmentations the device can run; an explicit `gpu` with
+    augmentations it cannot run is a one-line error."""
+    if check_decode(mode) == "gpu":
+        if plan_error is not None:
+            raise UnsupportedOnDevice(f"data.decode=gpu: {plan_error}; use data.decode=cpu")
+        if device_type != "cuda":
+            log.warning("data.decode=gpu on a %s trainer: the batch path runs there (no speed-up).", device_type)
+        return "gpu"
+    if mode == "cpu":
+        return "cpu"
+    reasons = [
+        *([] if device_type == "cuda" else [f"the trainer runs on {device_type}"]),
+        *([] if train_images >= AUTO_MIN_IMAGES else [f"{train_images} < {AUTO_MIN_IMAGES} training images"]),
+        *([] if plan_error is None else [plan_error]),
+    ]
+    choice = "cpu" if reasons else "gpu"
+    log.info("data.decode=auto -> %s%s.", choice, f" ({'; '.join(reasons)})" if reasons else "")
+    return choice

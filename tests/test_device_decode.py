@@ -1,0 +1,202 @@
+"""data.decode: `auto` picks the device path only on CUDA, for large sets and augmentations it can
+run; the device path (here on the CPU: the same torch ops, the stand-in for a GPU) gives the model
+the images of the CPU path to a stated tolerance, draws the same random parameters for the same
+(seed, epoch, image), and trains a checkpoint that scores like one trained on the CPU path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from railway_defect.data import device
+from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.data.device import (
+    DeviceItems,
+    DevicePlan,
+    EncodedBatch,
+    UnsupportedOnDevice,
+    collate_encoded,
+    decode_on,
+    encode_image,
+    render,
+    resolve_decode,
+)
+from railway_defect.data.transforms import build_transform
+from railway_defect.models.module import DefectClassifier
+from railway_defect.training.run import run_training
+from railway_defect.utils.errors import UserError
+from tests.helpers import CONF_DIR, FAST
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CPU = torch.device("cpu")
+
+
+def photo(height: int = 180, width: int = 240, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image: smooth shading, edges and mild sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([96 + 80 * np.sin(x / 23), 128 + 60 * np.cos(y / 17), 60 + 0.5 * x], -1)
+    image[height // 3 : height // 2, :, :] = 30  # a dark rail
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def pixels(normalised: torch.Tensor) -> torch.Tensor:
+    """A normalised (3, H, W) image back in 0..255 units."""
+    return normalised * torch.tensor(STD).view(3, 1, 1) * 255 + torch.tensor(MEAN).view(3, 1, 1) * 255
+
+
+def device_eval(images: list[np.ndarray], size: int = 160, stored: bool = True) -> torch.Tensor:
+    """The device path's evaluation images (no random step), from stored JPEG bytes or raw pixels."""
+    items = DeviceItems(DevicePlan(size))
+    batch = collate_encoded([(items(encode_image(image))["image"], 0) for image in images])
+    if stored:
+        decoded = decode_on(batch.data, CPU)
+    else:
+        decoded = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in images]
+    return render(decoded, batch.params, size, MEAN, STD)
+
+
+def augmentation(name: str, size: int = 160) -> list:
+    """The transforms of conf/augmentation/<name>.yaml at image size `size`."""
+    config = OmegaConf.merge({"data": {"image_size": size}}, OmegaConf.load(CONF_DIR / "augmentation" / f"{name}.yaml"))
+    return list(instantiate(config.transforms))
+
+
+def test_evaluation_images_match_the_cpu_path_to_the_stated_tolerance() -> None:
+    images = [photo(180, 240, 0), photo(256, 200, 1)]
+    cpu = torch.stack([build_transform([], 160, MEAN, STD)(image=i)["image"] for i in images])
+    # the resize itself: bilinear at pixel centres, as cv2's, within rounding (max 1 of 255)
+    raw = (pixels(device_eval(images, stored=False)[0]) - pixels(cpu[0])).abs()
+    assert raw.max() <= 1.0
+    # the stored form (JPEG quality 95) adds its own small error: mean under 2 of 255 (1.2 on the
+    # sample photos)
+    for got, want in zip(device_eval(images), cpu, strict=True):
+        error = (pixels(got) - pixels(want)).abs()
+        assert error.mean() < 2.0 and np.percentile(error.numpy(), 99) < 12
+
+
+def test_a_crop_flip_and_colour_change_match_albumentations() -> None:
+    image = photo(200, 260)
+    params = torch.tensor([[40.0, 30.0, 240.0, 190.0, 1.0, 0.0, 1.1, 12.0]])
+    raw = [torch.from_numpy(image).permute(2, 0, 1).contiguous()]
+    got = pixels(render(raw, params, 128, MEAN, STD)[0])
+    cropped = A.Compose([A.Crop(40, 30, 240, 190), A.Resize(128, 128), A.HorizontalFlip(p=1)])(image=image)
+    colour = A.RandomBrightnessContrast(p=1).apply(cropped["image"], alpha=1.1, beta=12.0)
+    want = torch.from_numpy(colour.astype(np.float32)).permute(2, 0, 1)
+    # inside the crop both resample the same pixels; at its border the device reads the true
+    # neighbours where cv2 repeats the crop's edge
+    assert (got - want)[:, 2:-2, 2:-2].abs().max() <= 2.0
+
+
+def test_parameters_repeat_for_the_same_seed_and_stay_within_the_ranges() -> None:
+    plan = DevicePlan.from_transforms(augmentation("light"), 160)
+    assert plan.crop == ((0.7, 1.0), (0.75, 1.3333)) and plan.hflip == 0.5 and plan.colour is not None
+    items = DeviceItems(plan)
+    rows = []
+    for seed in range(200):
+        items.set_random_seed(seed)
+        first = plan.sample(items.rng, 300, 400)
+        items.set_random_seed(seed)
+        assert np.array_equal(first, plan.sample(items.rng, 300, 400))
+        rows.append(first)
+    rows = np.array(rows)
+    x0, y0, x1, y1 = rows[:, :4].T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 400).all() and (y1 <= 300).all()
+    area = (x1 - x0) * (y1 - y0) / (300 * 400)
+    assert area.min() >= 0.69 and area.max() <= 1.0
+    assert 0.3 < rows[:, 4].mean() < 0.7 and set(rows[:, 5]) == {0.0}
+    changed = rows[:, 6] != 1
+    assert 0.3 < changed.mean() < 0.7 and (np.abs(rows[changed, 7]) <= 0.15 * 255).all()
+
+
+def test_a_transform_without_a_device_form_is_named() -> None:
+    with pytest.raises(UnsupportedOnDevice, match="albumentations.Downscale"):
+        DevicePlan.from_transforms(augmentation("nuisance"), 160)
+    assert DevicePlan.from_transforms(augmentation("none"), 160) == DevicePlan(160)
+
+
+@pytest.mark.parametrize(
+    ("mode", "device_type", "images", "error", "expected"),
+    [
+        ("auto", "cuda", 5_000, None, "gpu"),
+        ("auto", "cpu", 5_000, None, "cpu"),
+        ("auto", "cuda", 500, None, "cpu"),
+        ("auto", "cuda", 5_000, "albumentations.Downscale has no device form", "cpu"),
+        ("cpu", "cuda", 5_000, None, "cpu"),
+        ("gpu", "cpu", 10, None, "gpu"),
+    ],
+)
+def test_auto_decodes_on_the_device_only_where_it_pays(
+    mode: str, device_type: str, images: int, error: str | None, expected: str
+) -> None:
+    assert resolve_decode(mode, device_type, images, error) == expected
+
+
+def test_gpu_with_an_augmentation_it_cannot_run_is_a_one_line_error(tiny_dataset: Path) -> None:
+    dm = RailwayDataModule.from_settings(
+        augmentation("nuisance"), root=tiny_dataset, image_size=32, cache_size=40, decode="gpu"
+    )
+    with pytest.raises(UserError, match="data.decode=gpu: albumentations.Downscale .* use data.decode=cpu"):
+        dm.setup("fit")
+    with pytest.raises(UserError, match="data.decode='disk' is not one of auto, cpu, gpu"):
+        RailwayDataModule.from_settings(root=tiny_dataset, decode="disk")
+
+
+def first_epoch(root: Path, **settings) -> EncodedBatch:
+    dm = RailwayDataModule.from_settings(
+        augmentation("light"), root=root, image_size=32, cache_size=40, batch_size=64, num_workers=0, **settings
+    )
+    dm.setup("fit")
+    (batch,) = list(dm.train_dataloader())
+    return batch
+
+
+@pytest.mark.parametrize("storage", ["memory", "stream"])
+def test_an_epoch_repeats_exactly_and_the_model_gets_one_batch_tensor(
+    tiny_dataset: Path, tmp_path: Path, storage: str
+) -> None:
+    settings = {"decode": "gpu", "storage": storage, "stream_dir": tmp_path / "stream"}
+    batch, again = first_epoch(tiny_dataset, **settings), first_epoch(tiny_dataset, **settings)
+    assert isinstance(batch, EncodedBatch) and len(batch.data) == 12
+    assert torch.equal(batch.params, again.params) and torch.equal(batch.targets, again.targets)
+    assert all(torch.equal(a, b) for a, b in zip(batch.data, again.data, strict=True))
+    dm = RailwayDataModule.from_settings(root=tiny_dataset, image_size=32, cache_size=40, decode="gpu")
+    dm.setup("fit")
+    images, targets = dm.transfer_batch_to_device(batch, CPU, 0)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.equal(targets, batch.targets)
+    assert dm.report["decode"] == "gpu"
+
+
+def test_a_checkpoint_trained_on_the_device_path_scores_like_the_cpu_path(
+    compose_train, tiny_dataset: Path
+) -> None:
+    cfg = compose_train(*FAST, f"data.root={tiny_dataset}", "data.decode=gpu")
+    run_training(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["data"]["decode"] == "gpu"
+    model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
+    cpu_path = RailwayDataModule.from_settings(
+        root=tiny_dataset, image_size=64, cache_size=72, batch_size=4, num_workers=0, decode="cpu"
+    )
+    (validated,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
+        model, cpu_path
+    )
+    assert validated["val/loss"] == pytest.approx(metrics["val"]["val/loss"], abs=0.02)
+
+
+def test_auto_stays_on_the_cpu_path_outside_cuda(tiny_dataset: Path) -> None:
+    dm = RailwayDataModule.from_settings(root=tiny_dataset, image_size=32, cache_size=40)
+    dm.setup("fit")
+    assert dm.decode_used == "cpu" and device.AUTO_MIN_IMAGES > 1_000
+    x, _ = next(iter(dm.val_dataloader()))
+    assert isinstance(x, torch.Tensor)
