@@ -5,6 +5,7 @@ the images of the CPU path to a stated tolerance, draws the same random paramete
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 
 from railway_defect.data import device
 from railway_defect.data.datamodule import RailwayDataModule
@@ -22,18 +24,23 @@ from railway_defect.data.device import (
     DeviceItems,
     DevicePlan,
     EncodedBatch,
+    EncodedImage,
     UnsupportedOnDevice,
     collate_encoded,
     decode_on,
     encode_image,
     render,
     resolve_decode,
+    resolve_scoring_decode,
 )
 from railway_defect.data.transforms import build_transform
+from railway_defect.inference.inputs import InputItem
+from railway_defect.inference.model import load_predictor
+from railway_defect.inference.predicting import run_prediction, score
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training.run import run_training
 from railway_defect.utils.errors import UserError
-from tests.helpers import CONF_DIR, FAST
+from tests.helpers import CONF_DIR, FAST, make_split_dataset, train_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPU = torch.device("cpu")
@@ -66,7 +73,9 @@ def device_eval(images: list[np.ndarray], size: int = 160, stored: bool = True) 
 
 def augmentation(name: str, size: int = 160) -> list:
     """The transforms of conf/augmentation/<name>.yaml at image size `size`."""
-    config = OmegaConf.merge({"data": {"image_size": size}}, OmegaConf.load(CONF_DIR / "augmentation" / f"{name}.yaml"))
+    config = OmegaConf.merge(
+        {"data": {"image_size": size}}, OmegaConf.load(CONF_DIR / "augmentation" / f"{name}.yaml")
+    )
     return list(instantiate(config.transforms))
 
 
@@ -152,7 +161,13 @@ def test_gpu_with_an_augmentation_it_cannot_run_is_a_one_line_error(tiny_dataset
 
 def first_epoch(root: Path, **settings) -> EncodedBatch:
     dm = RailwayDataModule.from_settings(
-        augmentation("light"), root=root, image_size=32, cache_size=40, batch_size=64, num_workers=0, **settings
+        augmentation("light"),
+        root=root,
+        image_size=32,
+        cache_size=40,
+        batch_size=64,
+        num_workers=0,
+        **settings,
     )
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
@@ -200,3 +215,83 @@ def test_auto_stays_on_the_cpu_path_outside_cuda(tiny_dataset: Path) -> None:
     assert dm.decode_used == "cpu" and device.AUTO_MIN_IMAGES > 1_000
     x, _ = next(iter(dm.val_dataloader()))
     assert isinstance(x, torch.Tensor)
+
+
+# ---- predict and serve -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained on generated photos (the CPU path)."""
+    root = make_split_dataset(tmp_path_factory.mktemp("data"), {"Train": 6, "Validation": 3})
+    cfg = train_config(tmp_path_factory.mktemp("run"), *FAST, f"data.root={root}", "logger=csv")
+    run_training(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+
+
+def write_photos(folder: Path, count: int = 6) -> list[Path]:
+    """640x480 camera-like JPEGs, a PNG and a JPEG whose EXIF says it is rotated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"photo_{i}.jpg")
+        Image.fromarray(photo(480, 640, seed=i)).save(paths[-1], quality=90)
+    Image.fromarray(photo(300, 400, seed=9)).save(folder / "scan.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    Image.fromarray(photo(240, 320, seed=10)).save(folder / "rotated.jpg", exif=exif)
+    return paths
+
+
+def test_predict_decodes_jpegs_on_the_device_and_scores_like_the_cpu_path(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    write_photos(tmp_path / "in")
+    for decode in ("cpu", "gpu"):
+        run_prediction(
+            str(checkpoint), str(tmp_path / "in"), tmp_path / f"{decode}.csv", progress=False, decode=decode
+        )
+    cpu, gpu = (list(csv.DictReader((tmp_path / f"{d}.csv").open())) for d in ("cpu", "gpu"))
+    assert [r["path"] for r in cpu] == [r["path"] for r in gpu] and len(gpu) == 8
+    for a, b in zip(cpu, gpu, strict=True):
+        assert not a["error"] and not b["error"]
+        assert float(b["p_Defective"]) == pytest.approx(float(a["p_Defective"]), abs=0.01)
+
+
+def test_only_plain_jpegs_are_kept_as_bytes_for_the_device(checkpoint: Path, tmp_path: Path) -> None:
+    write_photos(tmp_path)
+    predictor = load_predictor(checkpoint, "cpu", decode="gpu")
+    assert predictor.decode_on_device
+    kept = {p.name: predictor.decode(p.read_bytes()) for p in sorted(tmp_path.iterdir())}
+    assert isinstance(kept["photo_0.jpg"], EncodedImage) and kept["photo_0.jpg"].height == 480
+    assert isinstance(kept["scan.png"], np.ndarray) and isinstance(kept["rotated.jpg"], np.ndarray)
+    assert kept["rotated.jpg"].shape[0] > kept["rotated.jpg"].shape[1]  # turned upright by the CPU
+    assert not load_predictor(checkpoint, "cpu", decode="auto").decode_on_device  # auto: CUDA only
+
+
+def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_cpu(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_photos(tmp_path, count=3)
+    real = device.decode_on
+
+    def fails_on_the_second(data: list[torch.Tensor], on: torch.device) -> list[torch.Tensor]:
+        if any(torch.equal(d, torch.from_numpy(np.fromfile(paths[1], np.uint8))) for d in data):
+            raise RuntimeError("nvjpeg: bad bitstream")
+        return real(data, on)
+
+    monkeypatch.setattr(device, "decode_on", fails_on_the_second)
+    predictor = load_predictor(checkpoint, "cpu", decode="gpu")
+    items = [InputItem(str(p), image=predictor.decode(p.read_bytes())) for p in paths]
+    probs = score(predictor, items)
+    assert all(p is not None for p in probs)
+    assert isinstance(items[1].image, np.ndarray) and isinstance(items[0].image, EncodedImage)
+    on_cpu = load_predictor(checkpoint, "cpu", decode="cpu")
+    expected = score(on_cpu, [InputItem(str(p), image=on_cpu.decode(p.read_bytes())) for p in paths])
+    for got, want in zip(probs, expected, strict=True):
+        assert got == pytest.approx(want, abs=0.01)
+
+
+def test_gpu_decode_of_a_thumbnail_model_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    assert resolve_scoring_decode("auto", "cuda", "thumbnail") is False
+    with pytest.raises(UnsupportedOnDevice, match="data.harmonize=thumbnail.*use decode=cpu"):
+        resolve_scoring_decode("gpu", "cuda", "thumbnail")
+    assert resolve_scoring_decode("auto", "cuda", "none") is True

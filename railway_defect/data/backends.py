@@ -115,7 +115,14 @@ class StreamBackend:
         items = zip((d.decode() for d in readable.digests), map(int, targets), strict=True)
         key = split_key(items, classes, c.cache_size, c.harmonize, c.max_pixels, self.encoded)
         location, meta = build_split(
-            self.stream_dir, readable.paths, targets, key, c.cache_size, c.max_pixels, c.harmonize, self.encoded
+            self.stream_dir,
+            readable.paths,
+            targets,
+            key,
+            c.cache_size,
+            c.max_pixels,
+            c.harmonize,
+            self.encoded,
         )
         kept = np.ones(len(readable), dtype=bool)
         for position, reason in meta["failures"].items():

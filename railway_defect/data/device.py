@@ -12,6 +12,7 @@ images the model sees match the CPU path's to a small tolerance (tests/test_devi
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Sequence
@@ -94,7 +95,9 @@ class DevicePlan:
                 fields["crop"] = (tuple(t.scale), tuple(t.ratio))
             elif isinstance(t, A.HorizontalFlip | A.VerticalFlip):
                 fields["hflip" if isinstance(t, A.HorizontalFlip) else "vflip"] = float(t.p)
-            elif isinstance(t, A.RandomBrightnessContrast) and t.brightness_by_max and not t.ensure_safe_range:
+            elif (
+                isinstance(t, A.RandomBrightnessContrast) and t.brightness_by_max and not t.ensure_safe_range
+            ):
                 fields["colour"] = (float(t.p), tuple(t.brightness_limit), tuple(t.contrast_limit))
             else:
                 raise UnsupportedOnDevice(
@@ -200,7 +203,9 @@ def render(
 
     device = images[0].device
     params = params.to(device, torch.float32)
-    boxes = torch.cat([torch.arange(len(images), device=device, dtype=torch.float32)[:, None], params[:, :4]], 1)
+    boxes = torch.cat(
+        [torch.arange(len(images), device=device, dtype=torch.float32)[:, None], params[:, :4]], 1
+    )
     x = roi_align(_canvas(images), boxes, output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     x = torch.where(params[:, 4, None, None, None] > 0.5, x.flip(-1), x)
     x = torch.where(params[:, 5, None, None, None] > 0.5, x.flip(-2), x)
@@ -227,7 +232,9 @@ def resolve_decode(mode: str, device_type: str, train_images: int, plan_error: s
         if plan_error is not None:
             raise UnsupportedOnDevice(f"data.decode=gpu: {plan_error}; use data.decode=cpu")
         if device_type != "cuda":
-            log.warning("data.decode=gpu on a %s trainer: the batch path runs there (no speed-up).", device_type)
+            log.warning(
+                "data.decode=gpu on a %s trainer: the batch path runs there (no speed-up).", device_type
+            )
         return "gpu"
     if mode == "cpu":
         return "cpu"
@@ -239,3 +246,101 @@ def resolve_decode(mode: str, device_type: str, train_images: int, plan_error: s
     choice = "cpu" if reasons else "gpu"
     log.info("data.decode=auto -> %s%s.", choice, f" ({'; '.join(reasons)})" if reasons else "")
     return choice
+
+
+# ---- scoring (predict, serve) ----------------------------------------------------------------
+class UndecodableOnDevice(Exception):
+    """Images of a batch that the device could not decode (by position): the CPU decodes them."""
+
+    def __init__(self, positions: list[int]):
+        super().__init__(f"{len(positions)} images could not be decoded on the device")
+        self.positions = positions
+
+
+def jpeg_for_device(data: bytes, max_pixels: int) -> EncodedImage | None:
+    """A file's bytes to decode on the device, when it is a plain JPEG (RGB, upright, within the
+    pixel guard); None: the CPU decodes it (and names what is wrong with it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            plain = image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(0x0112, 1) == 1
+            width, height = image.size
+    except Exception:
+        return None
+    if not plain or width * height > max_pixels:
+        return None
+    return EncodedImage(np.frombuffer(data, dtype=np.uint8).copy(), height, width)
+
+
+def _decode_each(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """decode_on for the batch; after a failure, image by image, naming the ones that fail."""
+    try:
+        return decode_on(data, device)
+    except RuntimeError:
+        decoded, failed = [], []
+        for position, item in enumerate(data):
+            try:
+                decoded.extend(decode_on([item], device))
+            except RuntimeError:
+                failed.append(position)
+        if failed:
+            raise UndecodableOnDevice(failed) from None
+        return decoded
+
+
+def shrink_on(image: torch.Tensor, min_side: int) -> torch.Tensor:
+    """A (3, H, W) image with its shorter side at most `min_side`: bilinear with antialiasing and
+    rounded to whole values, as the CPU path's PIL shrink and uint8 store."""
+    height, width = image.shape[1:]
+    if min(height, width) <= min_side:
+        return image
+    scale = min_side / min(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = torch.nn.functional.interpolate(
+        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized[0].round_().clamp_(0, 255)
+
+
+def scoring_batch(
+    images: Sequence[np.ndarray | EncodedImage],
+    device: torch.device,
+    min_side: int,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """The normalised batch on `device` for images decoded on the CPU (arrays) or still JPEG bytes
+    (decoded there in one call, then shrunk to `min_side` as training stored them); raises
+    UndecodableOnDevice for bytes the device cannot decode."""
+    encoded = [k for k, image in enumerate(images) if isinstance(image, EncodedImage)]
+    tensors: list[torch.Tensor] = [
+        torch.from_numpy(image).permute(2, 0, 1).to(device) if isinstance(image, np.ndarray) else image
+        for image in images
+    ]
+    data = [torch.from_numpy(images[k].data) for k in encoded]  # type: ignore[union-attr]
+    try:
+        decoded = _decode_each(data, device)
+    except UndecodableOnDevice as e:
+        raise UndecodableOnDevice([encoded[p] for p in e.positions]) from None
+    for k, image in zip(encoded, decoded, strict=True):
+        tensors[k] = shrink_on(image, min_side)
+    whole = [DevicePlan(size).sample(np.random.default_rng(0), t.shape[1], t.shape[2]) for t in tensors]
+    return render(tensors, torch.from_numpy(np.stack(whole)), size, mean, std)
+
+
+def resolve_scoring_decode(mode: str, device_type: str, harmonize: str) -> bool:
+    """Whether predict / serve decode JPEGs on the model's device: `auto` on CUDA for models of
+    data.harmonize=none (a thumbnail's re-encode runs on the CPU); `gpu` anywhere (on a CPU the
+    same torch ops run there: the stand-in the tests use)."""
+    if check_decode(mode) == "cpu":
+        return False
+    if harmonize != "none":
+        if mode == "gpu":
+            raise UnsupportedOnDevice(
+                f"decode=gpu: this model was trained with data.harmonize={harmonize}, whose re-encode "
+                "runs on the CPU; use decode=cpu"
+            )
+        return False
+    return mode == "gpu" or device_type == "cuda"

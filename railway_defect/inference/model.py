@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from railway_defect.data.images import decode_image
+from railway_defect.data.device import EncodedImage, jpeg_for_device, resolve_scoring_decode, scoring_batch
+from railway_defect.data.images import DEFAULT_MAX_PIXELS, decode_image
 from railway_defect.data.transforms import build_transform
 from railway_defect.models.contract import ModelContract
 from railway_defect.utils.decision import Costs, DecisionRule
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # key of the JSON that travels inside exported files (ONNX metadata, TorchScript extra file)
 METADATA_KEY = "railway_defect"
 MODEL_ID_LENGTH = 16
+# normalised images (B, 3, H, W): a host array, or a tensor already on the model's device
+Batch = np.ndarray | torch.Tensor
 
 
 def file_sha256(path: str | Path) -> str:
@@ -125,6 +128,13 @@ class Predictor:
         self.path, self.sha256, self.calibration, self.kind = path, sha256, calibration, kind
         self.contract = contract
         self.transform = build_transform([], contract.input_size, contract.mean, contract.std)
+        # JPEGs kept as bytes by `decode` and decoded on input_device in batches (decode=gpu|auto)
+        self.decode_on_device = False
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the network takes its input (the CPU for ONNX Runtime)."""
+        return getattr(self, "device", torch.device("cpu"))
 
     @property
     def rule(self) -> DecisionRule:
@@ -135,25 +145,33 @@ class Predictor:
         """The `model` column: a short hash of the model file's content."""
         return self.sha256[:MODEL_ID_LENGTH]
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32 normalised images -> (B, num_classes) logits."""
+    def logits(self, batch: Batch) -> np.ndarray:
+        """(B, 3, H, W) float32 normalised images (an array, or a tensor on input_device) ->
+        (B, num_classes) logits."""
         raise NotImplementedError
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Image file bytes -> the RGB array training would have cached (raises DecodeError)."""
+    def decode(self, data: bytes) -> np.ndarray | EncodedImage:
+        """Image file bytes -> the RGB array training would have cached (raises DecodeError), or
+        with decode_on_device, a plain JPEG's bytes that `preprocess` decodes on the device."""
+        if self.decode_on_device and (jpeg := jpeg_for_device(data, DEFAULT_MAX_PIXELS)) is not None:
+            return jpeg
         return decode_image(data, self.contract.decode_size, mode=self.contract.harmonize)
 
-    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
-        """Decoded RGB arrays -> one normalised batch, exactly as training's evaluation path."""
+    def preprocess(self, images: list[np.ndarray | EncodedImage]) -> Batch:
+        """Decoded RGB arrays -> one normalised batch, exactly as training's evaluation path; with
+        JPEG bytes among them, the batch is made on input_device (data.device.scoring_batch)."""
+        if any(isinstance(image, EncodedImage) for image in images):
+            c = self.contract
+            return scoring_batch(images, self.input_device, c.decode_size, c.input_size, c.mean, c.std)
         return torch.stack([self.transform(image=image)["image"] for image in images]).numpy()
 
     def probabilities(
-        self, batch: np.ndarray, temperature: float | None = None, flips: tuple[int, ...] = ()
+        self, batch: Batch, temperature: float | None = None, flips: tuple[int, ...] = ()
     ) -> np.ndarray:
         """Softmax of logits / temperature, averaged over the batch and its flips along `flips`
         (axes of the image: -1 horizontal, -2 vertical)."""
         temperature = self.calibration.temperature if temperature is None else temperature
-        views = [batch, *(np.ascontiguousarray(np.flip(batch, axis=axis)) for axis in flips)]
+        views = [batch, *(_flipped(batch, axis) for axis in flips)]
         probs = [torch.softmax(torch.from_numpy(self.logits(v)) / temperature, dim=1) for v in views]
         return torch.stack(probs).mean(dim=0).numpy()
 
@@ -192,13 +210,13 @@ class CheckpointPredictor(Predictor):
 
         return load_classifier(self.path, self.device)
 
-    def _images(self, batch: np.ndarray) -> torch.Tensor:
-        images = torch.from_numpy(batch).to(self.device)
+    def _images(self, batch: Batch) -> torch.Tensor:
+        images = _tensor(batch).to(self.device)
         # as the module trained: a no-op when the batch already is
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: Batch) -> np.ndarray:
         return self._network(self._images(batch)).float().cpu().numpy()
 
     def network(self) -> nn.Module:
@@ -206,7 +224,7 @@ class CheckpointPredictor(Predictor):
         return self._network
 
     @torch.inference_mode()
-    def features(self, batch: np.ndarray) -> np.ndarray:
+    def features(self, batch: Batch) -> np.ndarray:
         """The backbone's pooled features (what the head sees): where photos look alike to the model."""
         from railway_defect.models.network import pooled_features
 
@@ -258,7 +276,7 @@ class EnsemblePredictor(Predictor):
         contract = members[0].contract.with_rule(rule_of(members[0].contract, calibration))
         super().__init__(path, sha256, contract, calibration, "ensemble")
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: Batch) -> np.ndarray:
         probs = np.mean(
             [torch.softmax(torch.from_numpy(m.logits(batch)), 1).numpy() for m in self.members], 0
         )
@@ -266,6 +284,10 @@ class EnsemblePredictor(Predictor):
 
     def network(self) -> nn.Module:
         return AveragedProbabilities([m.network() for m in self.members]).eval()
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.members[0].device
 
 
 class OnnxPredictor(Predictor):
@@ -284,7 +306,9 @@ class OnnxPredictor(Predictor):
             path, sha256, ModelContract.from_dict(metadata), _embedded_calibration(metadata), "onnx"
         )
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
+    def logits(self, batch: Batch) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.cpu().numpy()
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
 
 
@@ -300,8 +324,18 @@ class TorchScriptPredictor(Predictor):
         )
 
     @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+    def logits(self, batch: Batch) -> np.ndarray:
+        return self.module(_tensor(batch).to(self.device)).float().cpu().numpy()
+
+
+def _tensor(batch: Batch) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+
+
+def _flipped(batch: Batch, axis: int) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.flip(axis)
+    return np.ascontiguousarray(np.flip(batch, axis=axis))
 
 
 def _torch_device(device: str) -> torch.device:
@@ -363,6 +397,17 @@ def _final_weights(job: JobRow) -> Path:
     return Path(last) if last and Path(last).is_file() else Path(str(job.checkpoint))
 
 
+def _set_decode(predictor: Predictor, decode: str) -> None:
+    """decode (auto | cpu | gpu): whether JPEGs are decoded on the model's device."""
+    try:
+        on_device = resolve_scoring_decode(decode, predictor.input_device.type, predictor.contract.harmonize)
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    predictor.decode_on_device = on_device
+    if on_device:
+        log.info("Decoding JPEGs on %s in batches (decode=%s).", predictor.input_device, decode)
+
+
 def _open_model(path: Path, members: list[Path], device: str) -> Predictor:
     """The predictor for a model file by its kind, or the ensemble of `members` (a sweep's checkpoints)."""
     if members:
@@ -376,7 +421,7 @@ def _open_model(path: Path, members: list[Path], device: str) -> Predictor:
 
 
 def load_predictor(
-    path: str | Path | None, device: str = "auto", threshold: float | None = None
+    path: str | Path | None, device: str = "auto", threshold: float | None = None, decode: str = "cpu"
 ) -> Predictor:
     """A checkpoint (.ckpt), ONNX (.onnx) or TorchScript file exported by this project, a run
     directory (its best.ckpt) or a cross-validation sweep directory (the ensemble of its fold
@@ -400,6 +445,7 @@ def load_predictor(
         if predictor.calibration.costs is not None:
             log.warning("threshold=%s replaces the stored cost matrix as the decision rule.", threshold)
     predictor.calibration = calibration
+    _set_decode(predictor, decode)
     log.info(
         "Model %s (%s, %s): threshold %.4g, temperature %.4g.",
         path,

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from railway_defect.data.device import EncodedImage, UndecodableOnDevice
+from railway_defect.data.images import DecodeError, decode_image
 from railway_defect.inference.inputs import (
     InputItem,
     batched,
@@ -153,14 +155,32 @@ def prediction_row(
 def score(
     predictor: Predictor, items: list[InputItem], flips: tuple[int, ...] = ()
 ) -> list[np.ndarray | None]:
-    """Class probabilities for each decoded item (None for items with an error), one forward pass."""
+    """Class probabilities for each decoded item (None for items with an error), one forward pass.
+    JPEG bytes the device cannot decode are decoded on the CPU instead (or get its error)."""
     decoded = [i for i, item in enumerate(items) if item.image is not None]
     result: list[np.ndarray | None] = [None] * len(items)
     if decoded:
-        batch = predictor.preprocess([items[i].image for i in decoded])
+        try:
+            batch = predictor.preprocess([items[i].image for i in decoded])
+        except UndecodableOnDevice as e:
+            for position in e.positions:
+                items[decoded[position]] = decoded_on_cpu(predictor, items[decoded[position]])
+            return score(predictor, items, flips)
         for i, probs in zip(decoded, predictor.probabilities(batch, flips=flips), strict=True):
             result[i] = probs
     return result
+
+
+def decoded_on_cpu(predictor: Predictor, item: InputItem) -> InputItem:
+    """An item of JPEG bytes decoded by the CPU path, or with its decoding error."""
+    assert isinstance(item.image, EncodedImage)
+    try:
+        image = decode_image(
+            item.image.data.tobytes(), predictor.contract.decode_size, mode=predictor.contract.harmonize
+        )
+        return replace(item, image=image)
+    except DecodeError as e:
+        return replace(item, image=None, error=str(e))
 
 
 def flip_axes(tta: bool, flips: Sequence[str]) -> tuple[int, ...]:
@@ -302,14 +322,16 @@ def run_prediction(
     workers: int | None = None,
     progress: bool = True,
     top_k: int | None = None,
+    decode: str = "auto",
 ) -> PredictionSummary:
-    """Score every input of `input` and write one CSV row per image or video frame."""
+    """Score every input of `input` and write one CSV row per image or video frame; `decode`:
+    where JPEGs are decoded (auto: on the model's CUDA device; Grad-CAM overlays need the CPU's)."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
     output = Path(output)
     check_output_file(output)
     sources = list_sources(input)
-    predictor = load_predictor(model_path, device, threshold)
+    predictor = load_predictor(model_path, device, threshold, "cpu" if gradcam_dir else decode)
     if gradcam_dir and not isinstance(predictor, CheckpointPredictor):
         raise UserError("gradcam_dir needs the training checkpoint (ckpt_path=...), not an exported model.")
     decision = Decision.for_model(predictor, review_margin, review_band, top_k)

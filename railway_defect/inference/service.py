@@ -96,6 +96,13 @@ class UploadScorer:
             )
         with self.model_lock:
             probs = score(self.predictor, items, self.flips)
+        # JPEG bytes the device could not decode, which the CPU could not either (decode=gpu)
+        if undecodable := [item for item in items if item.error]:
+            return _error(
+                415,
+                f"{len(undecodable)} of {len(uploads)} uploads refused: {undecodable[0].error}",
+                [{"file": item.path, "error": item.error} for item in undecodable],
+            )
         return [
             prediction_row(item, p, self.predictor, self.decision)
             for item, p in zip(items, probs, strict=True)
@@ -189,12 +196,13 @@ def build_service(
     max_files: int = 32,
     request_timeout_s: float = 60,
     top_k: int | None = None,
+    decode: str = "auto",
 ) -> FastAPI:
     """The service for a model file or run/sweep directory, with the decision and test-time flips
     configured as predict's (conf/inference). In every process that serves (each of workers=N),
     before its request threads exist: fewer malloc arenas, so memory settles after a warm-up."""
     limit_malloc_arenas()
-    predictor = load_predictor(model_path, device, threshold)
+    predictor = load_predictor(model_path, device, threshold, decode)
     decision = Decision.for_model(predictor, review_margin, review_band, top_k)
     flips = flip_axes(tta, list(tta_flips))
     return create_app(predictor, decision, flips, max_upload_mb, max_files, request_timeout_s)

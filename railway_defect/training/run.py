@@ -26,8 +26,8 @@ from railway_defect.callbacks.history import EpochHistory
 from railway_defect.callbacks.review_images import ReviewImages
 from railway_defect.callbacks.selection import monitored_metric, selecting_checkpoint
 from railway_defect.data.audit import audit_markdown
-from railway_defect.data.device import accelerator_device_type
 from railway_defect.data.datamodule import RailwayDataModule
+from railway_defect.data.device import accelerator_device_type
 from railway_defect.models.backbones import get_spec
 from railway_defect.models.contract import ModelContract
 from railway_defect.models.module import DEFAULT_MONITOR, DefectClassifier
