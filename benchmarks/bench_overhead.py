@@ -11,7 +11,8 @@ write, which Lightning runs after the epoch, is excluded; validation is switched
 
 On a GPU both sides train in 16-mixed precision (the trainer's `precision: auto`), channels_last.
 `--synthetic N` trains on N generated photos per class instead of the 79 sample photos, enough
-batches for a throughput at batch 128.
+batches for a throughput at batch 128. `--decode gpu` makes each batch on the device (data.decode:
+JPEG bytes decoded and augmented there); both sides then read batches that way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def compose(
     epochs: int,
     accelerator: str = "cpu",
     num_workers: int | None = None,
+    decode: str = "auto",
 ):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -51,6 +53,7 @@ def compose(
         f"trainer.max_epochs={epochs}",
         f"trainer.accelerator={accelerator}",
         f"data.num_workers={'null' if num_workers is None else num_workers}",
+        f"data.decode={decode}",
         "++trainer.limit_val_batches=0",
         "++trainer.num_sanity_val_steps=0",
         "++trainer.enable_progress_bar=false",
@@ -76,6 +79,9 @@ def main() -> None:
     p.add_argument("--accelerator", default="cpu", help="cpu | gpu (both sides on that device)")
     p.add_argument("--synthetic", type=int, default=0, help="generated training photos per class")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: the data default)")
+    p.add_argument(
+        "--decode", default="auto", help="data.decode: auto | cpu | gpu (batches made on the device)"
+    )
     args = p.parse_args()
     if args.quick:
         args.backbone, args.image_size, args.batch_size, args.epochs = "resnet18", 32, 4, 2
@@ -86,6 +92,7 @@ def main() -> None:
     import torch
     from torch.nn import functional as F
 
+    from railway_defect.data.device import accelerator_device_type
     from railway_defect.training.run import _instantiate, _instantiate_all, build_datamodule, build_model
 
     print(machine_info())
@@ -103,8 +110,10 @@ def main() -> None:
             args.epochs,
             args.accelerator,
             args.num_workers,
+            args.decode,
         )
         datamodule = build_datamodule(cfg)
+        datamodule.device_type = accelerator_device_type(args.accelerator)
         datamodule.setup("fit")  # decodes once: both sides then read the same in-memory images
 
         def new_model():
@@ -147,9 +156,10 @@ def main() -> None:
             seconds, images = 0.0, 0
             for epoch in range(args.epochs):
                 start, count = time.perf_counter(), 0
-                for x, y in datamodule.train_dataloader():
-                    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    y = y.to(device, non_blocking=True)
+                for batch in datamodule.train_dataloader():
+                    # as Lightning moves a batch: made on the device with data.decode=gpu
+                    x, y = datamodule.transfer_batch_to_device(batch, device, 0)
+                    x = x.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                         loss = F.cross_entropy(model(x), y)
                     optimizer.zero_grad(set_to_none=True)
@@ -167,7 +177,8 @@ def main() -> None:
         print(
             f"config: backbone={args.backbone} image_size={args.image_size} batch={args.batch_size} "
             f"train_images={len(datamodule.splits['train'])} epochs={args.epochs} (1 warm-up) "
-            f"repeats={repeats} accelerator={args.accelerator} precision={cfg.trainer.precision}"
+            f"repeats={repeats} accelerator={args.accelerator} precision={cfg.trainer.precision} "
+            f"decode={datamodule.decode_used}"
         )
         fw, hand = alternate(framework, hand_written, repeats)
         report("overhead", "framework", fw, "hand-written", hand, "img/s")

@@ -10,6 +10,11 @@ without it the model has random weights.
 
     python benchmarks/bench_predict.py [--quick] [--repeats 3] [--data PATH] [--backbone resnet50]
         [--ckpt PATH/checkpoints/best.ckpt] [--device cuda]
+    python benchmarks/bench_predict.py --generate 20000 --device cuda --decode gpu,cpu --batch-size 256 \
+        --no-formats       # issue 32's goal: >= 2,000 img/s end to end on 640x480 JPEGs
+
+`--decode` (predict's decode: auto | cpu | gpu, comma-separated to compare) says where JPEGs are
+decoded; each mode gets its own `files -> CSV decode=<mode>` line and ratio.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import SAMPLE_DATA, alternate, machine_info, make_synthetic_dataset, offline, parser, report
+from _common import (
+    SAMPLE_DATA,
+    alternate,
+    machine_info,
+    make_photos,
+    make_synthetic_dataset,
+    offline,
+    parser,
+    report,
+)
 
 from railway_defect.utils.layout import run_dir_of
 
@@ -32,6 +46,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint (default: random weights)")
     p.add_argument("--device", default="cpu", help="where predict and the raw forward run (cpu, cuda)")
+    p.add_argument("--decode", default="auto", help="predict's decode modes, comma-separated (auto,cpu,gpu)")
+    p.add_argument(
+        "--generate", type=int, default=0, help="score N generated photo-like JPEGs instead of --data"
+    )
+    p.add_argument("--photo-size", default="640x480", help="WxH of the generated JPEGs")
+    p.add_argument("--no-formats", action="store_true", help="leave out the ONNX / int8 comparison")
     args = p.parse_args()
     if args.quick:
         args.backbone, args.batch_size = "resnet18", 4
@@ -48,6 +68,11 @@ def main() -> None:
     print(machine_info())
     with tempfile.TemporaryDirectory() as tmp:
         data = make_synthetic_dataset(Path(tmp) / "data", 4, (800, 600)) if args.quick else args.data
+        if args.generate:
+            width, height = (int(v) for v in args.photo_size.split("x"))
+            start = time.perf_counter()
+            data = make_photos(Path(tmp) / "photos", args.generate, (width, height))
+            print(f"generated {args.generate} {width}x{height} JPEGs in {time.perf_counter() - start:.1f} s")
         size = 64 if args.quick else 224
         torch.manual_seed(0)
         if args.ckpt:
@@ -68,25 +93,31 @@ def main() -> None:
             )
         model.eval().to(args.device)
 
-        def predict() -> float:
-            start = time.perf_counter()
-            summary = run_prediction(
-                str(checkpoint),
-                str(data),
-                Path(tmp) / "out.csv",
-                batch_size=args.batch_size,
-                device=args.device,
-                progress=False,
-            )
-            if summary.failed:
-                raise SystemExit(f"{summary.failed} files could not be scored")
-            predict.rows = summary.rows
-            return summary.rows / (time.perf_counter() - start)
+        def predict_with(decode: str) -> Callable[[], float]:
+            def predict() -> float:
+                start = time.perf_counter()
+                summary = run_prediction(
+                    str(checkpoint),
+                    str(data),
+                    Path(tmp) / "out.csv",
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    progress=False,
+                    decode=decode,
+                )
+                if summary.failed:
+                    raise SystemExit(f"{summary.failed} files could not be scored")
+                rows[0] = summary.rows
+                return summary.rows / (time.perf_counter() - start)
 
-        predict()  # warm-up, and counts the files
+            return predict
+
+        rows = [0]
+        modes = args.decode.split(",")
+        predict_with(modes[0])()  # warm-up, and counts the files
         batches = [
-            torch.randn(min(args.batch_size, predict.rows - i), 3, size, size, device=args.device)
-            for i in range(0, predict.rows, args.batch_size)
+            torch.randn(min(args.batch_size, rows[0] - i), 3, size, size, device=args.device)
+            for i in range(0, rows[0], args.batch_size)
         ]
 
         @torch.inference_mode()
@@ -94,18 +125,22 @@ def main() -> None:
             start = time.perf_counter()
             for x in batches:
                 model(x).softmax(dim=1).cpu()  # as the predictor returns them (and waits for a GPU)
-            return predict.rows / (time.perf_counter() - start)
+            return rows[0] / (time.perf_counter() - start)
 
         backbone = model.hparams["backbone"]
         print(
-            f"config: backbone={backbone} size={size} batch={args.batch_size} files={predict.rows} "
+            f"config: backbone={backbone} size={size} batch={args.batch_size} files={rows[0]} "
             f"device={args.device}"
         )
-        files, raw = alternate(predict, forward, repeats)
-        report("predict", "files -> CSV", files, "raw forward", raw, "img/s")
+        for i, decode in enumerate(modes):
+            files, raw = alternate(predict_with(decode), forward, repeats)
+            label = "files -> CSV" if i == 0 and len(modes) == 1 else f"files -> CSV decode={decode}"
+            report(
+                "predict" if i == 0 else f"predict decode={decode}", label, files, "raw forward", raw, "img/s"
+            )
         print("goal: ratio >= 0.85")
-
-        compare_formats(checkpoint, data, Path(tmp), args.batch_size, repeats, args.quick)
+        if not args.no_formats:
+            compare_formats(checkpoint, data, Path(tmp), args.batch_size, repeats, args.quick)
 
 
 def round_robin(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:

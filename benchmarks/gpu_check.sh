@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU path in one script (issue 13), about 9 minutes on one H100; prints one table at the end.
-#   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger; then
-#      the recommended offline recipe (experiment=offline_best: a frozen backbone, its feature cache)
-#   2. the framework / plain-loop ratio and ResNet-50 training images/s at batch 128 (16-mixed,
-#      channels_last) through both
-#   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last)
-#   4. predict images/s (files -> CSV) against the raw forward, on the GPU
+# The GPU path in one script (issues 13 and 32), about 8 minutes on one H100; prints one table.
+#   1. a 16-mixed training run (trainer=gpu) to the end, with the default callbacks and logger, on
+#      each input path (data.decode=cpu, data.decode=gpu); then the recommended offline recipe
+#      (experiment=offline_best: a frozen backbone, its feature cache)
+#   2. ResNet-50 training images/s at batch 128 (16-mixed, channels_last) through the framework and
+#      a plain loop, batches made on the device (data.decode=gpu), then on 8 CPU workers
+#   3. raw ResNet-50 training and inference images/s at batch 128 (16-mixed, channels_last): the
+#      table's `framework / raw step` row divides step 2's framework figure by this one
+#   4. predict images/s (files -> CSV) against the raw forward, on the GPU; then 20,000 generated
+#      640x480 JPEGs end to end, decoded on the GPU and on the CPU
 #   5. ONNX export of the run's model, its parity check, and ONNX Runtime's providers
 #
 #   bash benchmarks/gpu_check.sh                # on a CUDA machine
@@ -29,6 +32,7 @@ if [ -n "${QUICK:-}" ]; then
   OVERHEAD=(--quick --accelerator "$ACCEL")
   BACKBONES=(--quick)
   PREDICT=(--quick --device "$DEVICE")
+  MANY=(--quick --generate 64 --device "$DEVICE" --decode gpu,cpu --no-formats)
 else
   TRAIN=(model=efficientnet_lite0 trainer.max_epochs=3)
   OFFLINE=(experiment=offline_best)
@@ -36,6 +40,7 @@ else
             --repeats 2 --num-workers 8)
   BACKBONES=(--backbones resnet50 --batch-size 128 --steps 10 --repeats 2)
   PREDICT=(--repeats 2 --batch-size 64 --device "$DEVICE")
+  MANY=(--generate 20000 --batch-size 256 --repeats 1 --device "$DEVICE" --decode gpu,cpu --no-formats)
 fi
 
 step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note failures
@@ -47,11 +52,15 @@ step() {  # step NAME COMMAND...: run it, keep its output in $OUT/NAME.log, note
   fi
 }
 
-step train $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" "hydra.run.dir=$OUT/train"
+step train $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" data.decode=cpu "hydra.run.dir=$OUT/train"
+step train_device $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" data.decode=gpu \
+  "hydra.run.dir=$OUT/train_device"
 step offline_best $PY -m railway_defect.train trainer=$TRAINER "${OFFLINE[@]}" "hydra.run.dir=$OUT/offline_best"
-step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}"
+step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}" --decode gpu
+step overhead_cpu $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}" --decode cpu
 step backbones $PY benchmarks/bench_backbones.py "${BACKBONES[@]}"
 step predict $PY benchmarks/bench_predict.py "${PREDICT[@]}"
+step predict_many $PY benchmarks/bench_predict.py "${MANY[@]}"
 step export $PY -m railway_defect.export "ckpt_path=$OUT/train" format=onnx "output=$OUT/model.onnx"
 $PY -c "import onnxruntime as ort; print('providers:', ort.get_available_providers())" >> "$OUT/export.log" 2>&1
 $PY benchmarks/gpu_check_table.py "$OUT" | tee "$OUT/gpu_check.md"

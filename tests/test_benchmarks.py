@@ -115,6 +115,14 @@ def test_gpu_check_script_runs_its_steps_and_prints_one_table(tmp_path) -> None:
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| training run (default callbacks) | finished" in table
     assert "| experiment=offline_best (frozen Lite2, feature cache) | finished" in table
-    for label in ("framework / plain loop (training)", "predict / raw forward", "ONNX export parity"):
+    assert "| training run, data.decode=gpu (default callbacks) | finished" in table
+    labels = (
+        "framework / plain loop (training",
+        "framework / raw step",
+        "predict / raw forward",
+        "predict 640x480 JPEGs files -> CSV img/s, decode=gpu",
+        "ONNX export parity",
+    )
+    for label in labels:
         (row,) = [line for line in table.splitlines() if label in line]
         assert "n/a" not in row, row

@@ -324,12 +324,11 @@ def run_prediction(
     top_k: int | None = None,
     decode: str = "auto",
 ) -> PredictionSummary:
-    """Score every input of `input` and write one CSV row per image or video frame; `decode`:
-    where JPEGs are decoded (auto: on the model's CUDA device; Grad-CAM overlays need the CPU's)."""
+    """Score every input of `input` into one CSV row per image or video frame (`decode`: where
+    JPEGs are decoded, conf/predict.yaml; Grad-CAM overlays need the CPU's)."""
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
-    output = Path(output)
-    check_output_file(output)
+    check_output_file(output := Path(output))
     sources = list_sources(input)
     predictor = load_predictor(model_path, device, threshold, "cpu" if gradcam_dir else decode)
     if gradcam_dir and not isinstance(predictor, CheckpointPredictor):
@@ -337,7 +336,6 @@ def run_prediction(
     decision = Decision.for_model(predictor, review_margin, review_band, top_k)
     flips = flip_axes(tta, tta_flips)
     summary = PredictionSummary(0, 0, 0, 0, output)
-
     with (
         _progress(progress) as bar,
         CsvRowWriter(output, _columns(predictor, decision)) as writer,
