@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -36,7 +37,8 @@ from railway_defect.data.device import (
 from railway_defect.data.transforms import build_transform
 from railway_defect.inference.inputs import InputItem
 from railway_defect.inference.model import load_predictor
-from railway_defect.inference.predicting import run_prediction, score
+from railway_defect.inference.predicting import Decision, run_prediction, score
+from railway_defect.inference.service import create_app
 from railway_defect.models.module import DefectClassifier
 from railway_defect.training.run import run_training
 from railway_defect.utils.errors import UserError
@@ -295,3 +297,48 @@ def test_gpu_decode_of_a_thumbnail_model_is_refused(tmp_path: Path, checkpoint: 
     with pytest.raises(UnsupportedOnDevice, match="data.harmonize=thumbnail.*use decode=cpu"):
         resolve_scoring_decode("gpu", "cuda", "thumbnail")
     assert resolve_scoring_decode("auto", "cuda", "none") is True
+
+
+def test_serve_decodes_uploads_on_the_device_and_refuses_a_truncated_jpeg(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    (path,) = write_photos(tmp_path, count=1)
+    truncated = path.read_bytes()[: path.stat().st_size // 2]
+    on_cpu = load_predictor(checkpoint, "cpu", decode="cpu")
+    (expected,) = score(on_cpu, [InputItem(path.name, image=on_cpu.decode(path.read_bytes()))])
+    client = TestClient(
+        create_app(load_predictor(checkpoint, "cpu", decode="gpu"), Decision.from_config(0.5, 1.0, None))
+    )
+    response = client.post("/predict", files=[("files", (path.name, path.read_bytes(), "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    (row,) = response.json()["predictions"]
+    assert row["p_Defective"] == pytest.approx(float(expected[0]), abs=0.01)
+    refused = client.post("/predict", files=[("files", ("cut.jpg", truncated, "image/jpeg"))])
+    assert refused.status_code == 415 and "truncated" in refused.text
+    # predict: the same file is a row with its error, the others are scored
+    (tmp_path / "cut.jpg").write_bytes(truncated)
+    summary = run_prediction(str(checkpoint), str(tmp_path), tmp_path / "p.csv", progress=False, decode="gpu")
+    assert summary.rows == 4 and summary.failed == 1
+
+
+def test_the_device_path_streams_jpeg_bytes_from_a_folder_of_its_own(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    modules = {
+        decode: RailwayDataModule.from_settings(
+            root=tiny_dataset,
+            image_size=32,
+            cache_size=40,
+            storage="stream",
+            stream_dir=tmp_path,
+            decode=decode,
+        )
+        for decode in ("cpu", "gpu")
+    }
+    for dm in modules.values():
+        dm.setup("fit")
+    arrays, jpegs = (modules[d].backend.images("val", modules[d].splits["val"]) for d in ("cpu", "gpu"))
+    assert modules["cpu"].streams["val"][0] != modules["gpu"].streams["val"][0]
+    for array, jpeg in zip(arrays, jpegs, strict=True):
+        assert isinstance(jpeg, EncodedImage) and (jpeg.height, jpeg.width) == array.shape[:2]
+        assert np.array_equal(jpeg.data, encode_image(array).data)  # the encoding of the same pixels
