@@ -183,6 +183,8 @@ def decode_on(data: list[torch.Tensor], device: torch.device) -> list[torch.Tens
 def _canvas(images: list[torch.Tensor]) -> torch.Tensor:
     """The images in one (B, 3, H, W) float tensor of the largest size, each padded by repeating
     its last row and column (a crop resampled at its edge never mixes in another value)."""
+    if len({(tuple(i.shape), i.dtype) for i in images}) == 1:  # one size (video, one camera): one copy
+        return torch.stack(images).float()
     height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
     canvas = torch.empty((len(images), 3, height, width), dtype=torch.float32, device=images[0].device)
     for k, image in enumerate(images):
@@ -289,18 +291,26 @@ def _decode_each(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return decoded
 
 
-def shrink_on(image: torch.Tensor, min_side: int) -> torch.Tensor:
-    """A (3, H, W) image with its shorter side at most `min_side`: bilinear with antialiasing and
-    rounded to whole values, as the CPU path's PIL shrink and uint8 store."""
-    height, width = image.shape[1:]
-    if min(height, width) <= min_side:
-        return image
-    scale = min_side / min(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    resized = torch.nn.functional.interpolate(
-        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized[0].round_().clamp_(0, 255)
+def shrink_on(images: list[torch.Tensor], min_side: int) -> list[torch.Tensor]:
+    """(3, H, W) images with their shorter side at most `min_side`: bilinear with antialiasing and
+    rounded to whole values, as the CPU path's PIL shrink and uint8 store; images of one size are
+    resized in one call."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(position)
+    shrunk = list(images)
+    for (_, height, width), positions in by_shape.items():
+        if min(height, width) <= min_side:
+            continue
+        scale = min_side / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        batch = torch.stack([images[p] for p in positions]).float()
+        resized = torch.nn.functional.interpolate(
+            batch, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+        for p, image in zip(positions, resized.round_().clamp_(0, 255), strict=True):
+            shrunk[p] = image
+    return shrunk
 
 
 def scoring_batch(
@@ -324,8 +334,8 @@ def scoring_batch(
         decoded = _decode_each(data, device)
     except UndecodableOnDevice as e:
         raise UndecodableOnDevice([encoded[p] for p in e.positions]) from None
-    for k, image in zip(encoded, decoded, strict=True):
-        tensors[k] = shrink_on(image, min_side)
+    for k, image in zip(encoded, shrink_on(decoded, min_side), strict=True):
+        tensors[k] = image
     whole = [DevicePlan(size).sample(np.random.default_rng(0), t.shape[1], t.shape[2]) for t in tensors]
     return render(tensors, torch.from_numpy(np.stack(whole)), size, mean, std)
 
