@@ -27,6 +27,8 @@ from railway_defect.data.device import (
     EncodedBatch,
     EncodedImage,
     UnsupportedOnDevice,
+    _downscaled,
+    _recompressed,
     collate_encoded,
     decode_on,
     encode_image,
@@ -96,7 +98,7 @@ def test_evaluation_images_match_the_cpu_path_to_the_stated_tolerance() -> None:
 
 def test_a_crop_flip_and_colour_change_match_albumentations() -> None:
     image = photo(200, 260)
-    params = torch.tensor([[40.0, 30.0, 240.0, 190.0, 1.0, 0.0, 1.1, 12.0]])
+    params = torch.tensor([[40.0, 30.0, 240.0, 190.0, 1.0, 0.0, 1.1, 12.0, 0.0, 0.0]])
     raw = [torch.from_numpy(image).permute(2, 0, 1).contiguous()]
     got = pixels(render(raw, params, 128, MEAN, STD)[0])
     cropped = A.Compose([A.Crop(40, 30, 240, 190), A.Resize(128, 128), A.HorizontalFlip(p=1)])(image=image)
@@ -126,12 +128,33 @@ def test_parameters_repeat_for_the_same_seed_and_stay_within_the_ranges() -> Non
     assert 0.3 < rows[:, 4].mean() < 0.7 and set(rows[:, 5]) == {0.0}
     changed = rows[:, 6] != 1
     assert 0.3 < changed.mean() < 0.7 and (np.abs(rows[changed, 7]) <= 0.15 * 255).all()
+    assert (rows[:, 8:] == 0).all()  # no down-scaling or re-compression in augmentation=light
 
 
-def test_a_transform_without_a_device_form_is_named() -> None:
-    with pytest.raises(UnsupportedOnDevice, match="albumentations.Downscale"):
-        DevicePlan.from_transforms(augmentation("nuisance"), 160)
+def test_the_nuisance_augmentation_runs_on_the_device_and_a_transform_without_a_form_is_named() -> None:
+    plan = DevicePlan.from_transforms(augmentation("nuisance"), 160)
+    assert plan.downscale == (0.5, (0.35, 0.9)) and plan.compression == (0.7, (30, 95)) and plan.vflip == 0.5
+    with pytest.raises(UnsupportedOnDevice, match="albumentations.Affine"):
+        DevicePlan.from_transforms(augmentation("strong"), 160)
+    with pytest.raises(UnsupportedOnDevice, match="in that order"):  # compression before a flip
+        DevicePlan.from_transforms([A.ImageCompression(), A.HorizontalFlip()], 160)
     assert DevicePlan.from_transforms(augmentation("none"), 160) == DevicePlan(160)
+
+
+def test_down_up_scaling_and_jpeg_recompression_match_albumentations() -> None:
+    image = photo(160, 160)
+    batch = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+    for scale in (0.35, 0.5, 0.77):
+        got = _downscaled(batch, [scale])[0].permute(1, 2, 0).numpy()
+        want = A.Downscale(scale_range=(scale, scale), p=1).apply(image, scale=scale)
+        assert np.abs(got - want).mean() < 1.0  # the same pixels but for rounding of a few positions
+    for quality in (30, 95):
+        got = _recompressed(batch, [quality])[0].permute(1, 2, 0).numpy()
+        want = A.ImageCompression(p=1).apply(image, quality=quality, image_type=".jpg")
+        # another encoder (libjpeg-turbo through torchvision, nvJPEG on a GPU): the same strength
+        strength, expected = np.abs(got - image).mean(), np.abs(want.astype(np.float32) - image).mean()
+        assert expected > 1.0 and strength == pytest.approx(expected, rel=0.05)
+    assert torch.equal(_recompressed(batch, [0.0]), batch) and torch.equal(_downscaled(batch, [0.0]), batch)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +163,7 @@ def test_a_transform_without_a_device_form_is_named() -> None:
         ("auto", "cuda", 5_000, None, "gpu"),
         ("auto", "cpu", 5_000, None, "cpu"),
         ("auto", "cuda", 500, None, "cpu"),
-        ("auto", "cuda", 5_000, "albumentations.Downscale has no device form", "cpu"),
+        ("auto", "cuda", 5_000, "albumentations.Affine has no device form", "cpu"),
         ("cpu", "cuda", 5_000, None, "cpu"),
         ("gpu", "cpu", 10, None, "gpu"),
     ],
@@ -153,9 +176,9 @@ def test_auto_decodes_on_the_device_only_where_it_pays(
 
 def test_gpu_with_an_augmentation_it_cannot_run_is_a_one_line_error(tiny_dataset: Path) -> None:
     dm = RailwayDataModule.from_settings(
-        augmentation("nuisance"), root=tiny_dataset, image_size=32, cache_size=40, decode="gpu"
+        augmentation("strong"), root=tiny_dataset, image_size=32, cache_size=40, decode="gpu"
     )
-    with pytest.raises(UserError, match="data.decode=gpu: albumentations.Downscale .* use data.decode=cpu"):
+    with pytest.raises(UserError, match="data.decode=gpu: albumentations.Affine .* use data.decode=cpu"):
         dm.setup("fit")
     with pytest.raises(UserError, match="data.decode='disk' is not one of auto, cpu, gpu"):
         RailwayDataModule.from_settings(root=tiny_dataset, decode="disk")

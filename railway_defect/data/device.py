@@ -1,8 +1,8 @@
 """`data.decode=gpu`: images are kept as JPEG bytes, and every batch is decoded (nvJPEG, through
-torchvision.io.decode_jpeg), cropped, resized, flipped, colour-adjusted and normalised on the
-trainer's device, so that CPU loader workers no longer limit a GPU. The workers only hand over each
-image's bytes with its random parameters (`DevicePlan.sample`), drawn from a generator seeded by
-(seed, epoch, image) as on the CPU path, so a run is repeatable.
+torchvision.io.decode_jpeg), cropped, resized, flipped, colour-adjusted, down-scaled, re-compressed
+and normalised on the trainer's device, so that CPU loader workers no longer limit a GPU. The
+workers only hand over each image's bytes with its random parameters (`DevicePlan.sample`), drawn
+from a generator seeded by (seed, epoch, image) as on the CPU path, so a run is repeatable.
 
 The parameters come from the configured albumentations list (one place says what augmentation a
 recipe uses); a transform this path cannot run on the device is named in a one-line error
@@ -30,8 +30,9 @@ DECODE_MODES = ("auto", "cpu", "gpu")
 AUTO_MIN_IMAGES = 2_000
 # the stored form of each decoded image on the device path (a re-encode; about 1/255 mean error)
 STORED_QUALITY = 95
-# a parameter row: crop box (x0, y0, x1, y1) in pixels, horizontal / vertical flip, contrast, brightness
-PARAMS = ("x0", "y0", "x1", "y1", "hflip", "vflip", "alpha", "beta")
+# a parameter row: crop box (x0, y0, x1, y1) in pixels, horizontal / vertical flip, contrast,
+# brightness, down-and-up scale (0: none) and JPEG quality (0: none)
+PARAMS = ("x0", "y0", "x1", "y1", "hflip", "vflip", "alpha", "beta", "scale", "quality")
 
 
 class UnsupportedOnDevice(ValueError):
@@ -72,39 +73,47 @@ def check_decode(mode: str) -> str:
     return mode
 
 
+# the device's order of steps; a configured list must follow it (crop first, compression last)
+DEVICE_STEPS = (
+    "RandomResizedCrop",
+    "HorizontalFlip",
+    "VerticalFlip",
+    "RandomBrightnessContrast",
+    "Downscale",
+    "ImageCompression",
+)
+Range = tuple[float, float]
+
+
 @dataclass(frozen=True)
 class DevicePlan:
-    """What the device does to each image: a random resized crop (its scale and ratio ranges),
-    flips and a brightness/contrast change with their probabilities, then the resize to `size`."""
+    """What the device does to each image, in DEVICE_STEPS order: a random resized crop (its scale
+    and ratio ranges) to `size`, flips, a brightness/contrast change, a down-and-up scaling and a
+    JPEG re-compression, each with its probability (the nuisance augmentation included)."""
 
     size: int
-    crop: tuple[tuple[float, float], tuple[float, float]] | None = None  # (scale, ratio)
+    crop: tuple[Range, Range] | None = None  # (scale, ratio)
     hflip: float = 0.0
     vflip: float = 0.0
-    colour: tuple[float, tuple[float, float], tuple[float, float]] | None = None  # p, brightness, contrast
+    colour: tuple[float, Range, Range] | None = None  # p, brightness, contrast
+    downscale: tuple[float, Range] | None = None  # p, scale
+    compression: tuple[float, Range] | None = None  # p, quality
 
     @classmethod
     def from_transforms(cls, transforms: Sequence[Any], size: int) -> DevicePlan:
         """The plan of an albumentations list; UnsupportedOnDevice names a transform it cannot run."""
-        import albumentations as A
-
         fields: dict[str, Any] = {}
+        step = -1
         for position, t in enumerate(transforms):
-            name = type(t).__name__
-            if isinstance(t, A.RandomResizedCrop) and position == 0 and t.p == 1:
-                fields["crop"] = (tuple(t.scale), tuple(t.ratio))
-            elif isinstance(t, A.HorizontalFlip | A.VerticalFlip):
-                fields["hflip" if isinstance(t, A.HorizontalFlip) else "vflip"] = float(t.p)
-            elif (
-                isinstance(t, A.RandomBrightnessContrast) and t.brightness_by_max and not t.ensure_safe_range
-            ):
-                fields["colour"] = (float(t.p), tuple(t.brightness_limit), tuple(t.contrast_limit))
-            else:
+            name, form = type(t).__name__, _device_form(t)
+            if form is None or DEVICE_STEPS.index(name) <= step:
                 raise UnsupportedOnDevice(
                     f"albumentations.{name} (position {position}) has no device form; the device path "
-                    "runs a first RandomResizedCrop, HorizontalFlip, VerticalFlip and "
-                    "RandomBrightnessContrast (brightness_by_max)"
+                    f"runs {', '.join(DEVICE_STEPS)} in that order (RandomResizedCrop with p=1, "
+                    "brightness by max, nearest-neighbour Downscale, JPEG compression)"
                 )
+            step = DEVICE_STEPS.index(name)
+            fields.update(form)
         return cls(size, **fields)
 
     def sample(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -117,7 +126,12 @@ class DevicePlan:
         if self.colour is not None and rng.random() < self.colour[0]:
             _, brightness, contrast = self.colour
             alpha, beta = 1.0 + rng.uniform(*contrast), rng.uniform(*brightness) * 255.0
-        return np.array([*box, hflip, vflip, alpha, beta], dtype=np.float32)
+        scale = quality = 0.0
+        if self.downscale is not None and rng.random() < self.downscale[0]:
+            scale = rng.uniform(*self.downscale[1])
+        if self.compression is not None and rng.random() < self.compression[0]:
+            quality = float(rng.integers(int(self.compression[1][0]), int(self.compression[1][1]) + 1))
+        return np.array([*box, hflip, vflip, alpha, beta, scale, quality], dtype=np.float32)
 
     def _crop_box(self, rng: np.random.Generator, height: int, width: int) -> tuple[float, ...]:
         """The Inception-style crop (as albumentations and torchvision draw it): an area share and a
@@ -140,6 +154,24 @@ class DevicePlan:
             w = round(height * ratio_high)
         x, y = (width - w) // 2, (height - h) // 2
         return float(x), float(y), float(x + w), float(y + h)
+
+
+def _device_form(t: Any) -> dict[str, Any] | None:
+    """The DevicePlan fields of one albumentations transform, or None when the device cannot run it."""
+    import albumentations as A
+
+    if isinstance(t, A.RandomResizedCrop) and t.p == 1:
+        return {"crop": (tuple(t.scale), tuple(t.ratio))}
+    if isinstance(t, A.HorizontalFlip | A.VerticalFlip):
+        return {"hflip" if isinstance(t, A.HorizontalFlip) else "vflip": float(t.p)}
+    if isinstance(t, A.RandomBrightnessContrast) and t.brightness_by_max and not t.ensure_safe_range:
+        return {"colour": (float(t.p), tuple(t.brightness_limit), tuple(t.contrast_limit))}
+    nearest = {"downscale": 0, "upscale": 0}  # cv2.INTER_NEAREST both ways, albumentations' default
+    if isinstance(t, A.Downscale) and dict(t.interpolation_pair) == nearest:
+        return {"downscale": (float(t.p), tuple(t.scale_range))}
+    if isinstance(t, A.ImageCompression) and t.compression_type == "jpeg":
+        return {"compression": (float(t.p), tuple(t.quality_range))}
+    return None
 
 
 class DeviceItems:
@@ -200,7 +232,8 @@ def render(
 ) -> torch.Tensor:
     """Decoded uint8 images and their parameter rows -> the normalised (B, 3, size, size) batch:
     crop + resize in one roi_align (bilinear at each output pixel's centre, as cv2's resize), then
-    flips, contrast and brightness (clipped to 0..255) and normalisation."""
+    flips, contrast and brightness (clipped to 0..255), down-and-up scaling, JPEG re-compression and
+    normalisation."""
     from torchvision.ops import roi_align
 
     device = images[0].device
@@ -212,9 +245,46 @@ def render(
     x = torch.where(params[:, 4, None, None, None] > 0.5, x.flip(-1), x)
     x = torch.where(params[:, 5, None, None, None] > 0.5, x.flip(-2), x)
     x = (x * params[:, 6, None, None, None] + params[:, 7, None, None, None]).clamp_(0, 255)
+    x = _recompressed(_downscaled(x, params[:, 8].tolist()), params[:, 9].tolist())
     mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (x - mean_t) / std_t
+
+
+def _downscaled(x: torch.Tensor, scales: list[float]) -> torch.Tensor:
+    """Images with a scale s > 0 taken down to round(side * s) and back, nearest neighbour both ways
+    (albumentations.Downscale's default)."""
+    chosen = [k for k, scale in enumerate(scales) if scale > 0]
+    if not chosen:
+        return x
+    x = x.clone()
+    for k in chosen:
+        height, width = x.shape[2:]
+        small = (max(1, round(height * scales[k])), max(1, round(width * scales[k])))
+        down = torch.nn.functional.interpolate(x[k : k + 1], size=small, mode="nearest")
+        x[k] = torch.nn.functional.interpolate(down, size=(height, width), mode="nearest")[0]
+    return x
+
+
+def _recompressed(x: torch.Tensor, qualities: list[float]) -> torch.Tensor:
+    """Images with a quality q > 0 encoded as JPEG at q and decoded again, on their device (one
+    call per quality); pixels are rounded to whole values first, as a uint8 image."""
+    from torchvision.io import encode_jpeg
+
+    by_quality: dict[int, list[int]] = {}
+    for k, quality in enumerate(qualities):
+        if quality > 0:
+            by_quality.setdefault(int(quality), []).append(k)
+    if not by_quality:
+        return x
+    x = x.clone()
+    for quality, chosen in by_quality.items():
+        images = [x[k].round().to(torch.uint8) for k in chosen]
+        encoded = encode_jpeg(images, quality=quality)
+        data = [e.cpu() for e in encoded]  # nvJPEG decodes from host memory
+        for k, image in zip(chosen, decode_on(data, x.device), strict=True):
+            x[k] = image.float()
+    return x
 
 
 def accelerator_device_type(accelerator: str) -> str:
