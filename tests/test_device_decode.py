@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from railway_defect.data import device
+from railway_defect.data import device, storage
 from railway_defect.data.datamodule import RailwayDataModule
 from railway_defect.data.device import (
     DeviceItems,
@@ -232,6 +232,16 @@ def test_a_checkpoint_trained_on_the_device_path_scores_like_the_cpu_path(
         model, cpu_path
     )
     assert validated["val/loss"] == pytest.approx(metrics["val"]["val/loss"], abs=0.02)
+
+
+def test_auto_storage_counts_the_device_paths_jpeg_bytes(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [p for p in tiny_dataset.rglob("*") if p.is_file()]
+    pixels_bytes = storage.estimate_decoded_bytes(paths, 40, "none")
+    monkeypatch.setattr(storage, "available_memory", lambda: pixels_bytes)  # twice MEMORY_SHARE's room
+    assert storage.choose_storage("auto", paths, 40, "none") == "stream"
+    assert storage.choose_storage("auto", paths, 40, "none", encoded=True) == "memory"
 
 
 def test_auto_stays_on_the_cpu_path_outside_cuda(tiny_dataset: Path) -> None:

@@ -6,6 +6,7 @@ that reads the chunks in order."""
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,10 @@ Splits = dict[str, Sequence[Sample]]
 Recorded = tuple[Path, dict[Path, str]] | None
 
 
+# data.decode=gpu in memory: images decoded this many at a time, then kept as JPEG bytes
+ENCODE_CHUNK = 1024
+
+
 class MemoryBackend:
     """Every image decoded into RAM: the fastest form while it fits."""
 
@@ -40,19 +45,37 @@ class MemoryBackend:
 
     def load(self, index: DatasetIndex, recorded: Recorded) -> tuple[Splits, DecodedImages]:
         """The readable samples of each split, and what decoding found (images, digests, failures)."""
-        c = self.settings
-        cache_dir = Path(c.cache_dir) if c.cache_dir else None
         paths = [s.path for samples in index.splits.values() for s in samples]
-        self.decoded = decode_files(paths, c.cache_size, cache_dir, max_pixels=c.max_pixels, mode=c.harmonize)
+        self.decoded = self._decode(paths)
         if recorded is not None:
             check_unchanged(recorded[0], recorded[1], self.decoded.digests)
-        if self.encoded:  # bytes only: about a tenth of the arrays' memory
-            self.jpegs, self.decoded.images = encode_all(self.decoded.images), {}
         kept = {
             split: [s for s in samples if s.path in self.decoded.digests]
             for split, samples in index.splits.items()
         }
         return kept, self.decoded
+
+    def _decode(self, paths: list[Path]) -> DecodedImages:
+        """Every file decoded; `encoded`: kept as JPEG bytes (about a fifth of the pixels' memory),
+        ENCODE_CHUNK arrays at a time."""
+        c = self.settings
+        cache_dir = Path(c.cache_dir) if c.cache_dir else None
+        decode = functools.partial(
+            decode_files,
+            min_side=c.cache_size,
+            cache_dir=cache_dir,
+            max_pixels=c.max_pixels,
+            mode=c.harmonize,
+        )
+        if not self.encoded:
+            return decode(paths)
+        decoded = DecodedImages()
+        for start in range(0, len(paths), ENCODE_CHUNK):
+            chunk = decode(paths[start : start + ENCODE_CHUNK])
+            self.jpegs.update(encode_all(chunk.images))
+            decoded.failures.update(chunk.failures)
+            decoded.digests.update(chunk.digests)
+        return decoded
 
     def images(self, split: str, samples: Sequence[Sample]) -> Sequence[np.ndarray | EncodedImage]:
         if self.encoded:

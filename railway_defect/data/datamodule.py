@@ -244,11 +244,10 @@ class RailwayDataModule(LightningDataModule):
 
     def _backend(self, index: DatasetIndex) -> MemoryBackend | StreamBackend:
         """data.storage, with `auto` resolved from the image headers and the available memory."""
-        storage = self.storage
+        storage, encoded = self.storage, self.decode_used == "gpu"
         if storage == "auto":
             paths = [s.path for samples in index.splits.values() for s in samples]
-            storage = choose_storage(storage, paths, self.cache_size, self.harmonize)
-        encoded = self.decode_used == "gpu"
+            storage = choose_storage(storage, paths, self.cache_size, self.harmonize, encoded)
         return (
             StreamBackend(self.settings, self.stream_dir, encoded)
             if storage == "stream"

@@ -237,6 +237,7 @@ def render(
     from torchvision.ops import roi_align
 
     device = images[0].device
+    scales, qualities = params[:, 8].tolist(), params[:, 9].tolist()  # from the host: no device sync
     params = params.to(device, torch.float32)
     boxes = torch.cat(
         [torch.arange(len(images), device=device, dtype=torch.float32)[:, None], params[:, :4]], 1
@@ -245,7 +246,7 @@ def render(
     x = torch.where(params[:, 4, None, None, None] > 0.5, x.flip(-1), x)
     x = torch.where(params[:, 5, None, None, None] > 0.5, x.flip(-2), x)
     x = (x * params[:, 6, None, None, None] + params[:, 7, None, None, None]).clamp_(0, 255)
-    x = _recompressed(_downscaled(x, params[:, 8].tolist()), params[:, 9].tolist())
+    x = _recompressed(_downscaled(x, scales), qualities)
     mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
     return (x - mean_t) / std_t
