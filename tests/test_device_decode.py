@@ -169,9 +169,27 @@ def test_down_up_scaling_and_jpeg_recompression_match_albumentations() -> None:
     ],
 )
 def test_auto_decodes_on_the_device_only_where_it_pays(
-    mode: str, device_type: str, images: int, error: str | None, expected: str
+    mode: str,
+    device_type: str,
+    images: int,
+    error: str | None,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(device, "decoder_error", lambda device_type: None)  # as on a CUDA machine
     assert resolve_decode(mode, device_type, images, error) == expected
+
+
+def test_a_device_torchvision_cannot_decode_on_is_named_or_left_to_the_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine decodes on CUDA")
+    assert device.decoder_error("cpu") is None
+    reason = device.decoder_error("cuda")
+    assert reason is not None and reason.startswith("torchvision cannot decode JPEGs on cuda")
+    assert resolve_decode("auto", "cuda", 5_000, None) == "cpu"
+    with pytest.raises(UnsupportedOnDevice, match="data.decode=gpu: torchvision cannot decode JPEGs on cuda"):
+        resolve_decode("gpu", "cuda", 5_000, None)
+    assert resolve_scoring_decode("auto", "cuda", "none") is False
 
 
 def test_gpu_with_an_augmentation_it_cannot_run_is_a_one_line_error(tiny_dataset: Path) -> None:
@@ -325,7 +343,8 @@ def test_a_jpeg_the_device_cannot_decode_is_decoded_on_the_cpu(
         assert got == pytest.approx(want, abs=0.01)
 
 
-def test_gpu_decode_of_a_thumbnail_model_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+def test_gpu_decode_of_a_thumbnail_model_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device, "decoder_error", lambda device_type: None)  # as on a CUDA machine
     assert resolve_scoring_decode("auto", "cuda", "thumbnail") is False
     with pytest.raises(UnsupportedOnDevice, match="data.harmonize=thumbnail.*use decode=cpu"):
         resolve_scoring_decode("gpu", "cuda", "thumbnail")

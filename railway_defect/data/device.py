@@ -12,6 +12,7 @@ images the model sees match the CPU path's to a small tolerance (tests/test_devi
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -297,11 +298,28 @@ def accelerator_device_type(accelerator: str) -> str:
     return str(accelerator)
 
 
+@functools.cache
+def decoder_error(device_type: str) -> str | None:
+    """Why torchvision cannot decode a JPEG on `device_type` (a CUDA build without nvJPEG, no
+    device), or None when it can: tried once per process on a tiny image."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "torchvision cannot decode JPEGs on cuda (no CUDA device here)"
+    try:
+        tiny = encode_image(np.zeros((8, 8, 3), dtype=np.uint8))
+        decode_on([torch.from_numpy(tiny.data)], torch.device(device_type))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        return (
+            f"torchvision cannot decode JPEGs on {device_type} ({str(e).splitlines()[0] if str(e) else e!r})"
+        )
+    return None
+
+
 def resolve_decode(mode: str, device_type: str, train_images: int, plan_error: str | None) -> str:
     """`cpu` or `gpu` for data.decode: `auto` is gpu when training on CUDA with at least
     AUTO_MIN_IMAGES training images and augmentations the device can run; an explicit `gpu` with
-    augmentations it cannot run is a one-line error."""
+    augmentations it cannot run, or on a device torchvision cannot decode on, is a one-line error."""
     if check_decode(mode) == "gpu":
+        plan_error = plan_error or decoder_error(device_type)
         if plan_error is not None:
             raise UnsupportedOnDevice(f"data.decode=gpu: {plan_error}; use data.decode=cpu")
         if device_type != "cuda":
@@ -316,6 +334,8 @@ def resolve_decode(mode: str, device_type: str, train_images: int, plan_error: s
         *([] if train_images >= AUTO_MIN_IMAGES else [f"{train_images} < {AUTO_MIN_IMAGES} training images"]),
         *([] if plan_error is None else [plan_error]),
     ]
+    if not reasons and (error := decoder_error(device_type)) is not None:
+        reasons.append(error)
     choice = "cpu" if reasons else "gpu"
     log.info("data.decode=auto -> %s%s.", choice, f" ({'; '.join(reasons)})" if reasons else "")
     return choice
@@ -423,5 +443,9 @@ def resolve_scoring_decode(mode: str, device_type: str, harmonize: str) -> bool:
                 f"decode=gpu: this model was trained with data.harmonize={harmonize}, whose re-encode "
                 "runs on the CPU; use decode=cpu"
             )
+        return False
+    if (error := decoder_error(device_type)) is not None:
+        if mode == "gpu":
+            raise UnsupportedOnDevice(f"decode=gpu: {error}; use decode=cpu")
         return False
     return mode == "gpu" or device_type == "cuda"
