@@ -2,7 +2,8 @@
 `MemoryBackend` decodes every image into RAM; `StreamBackend` decodes each split once into LitData
 chunks on disk (or object storage) and keeps only compact columns in memory. The data module asks
 a back-end for its splits, a split's images by position, and (streaming only) a training loader
-that reads the chunks in order."""
+that reads the chunks in order. For the device path (data.decode=gpu) both keep each decoded image
+as JPEG bytes (data.device.EncodedImage) instead of its pixels."""
 
 from __future__ import annotations
 

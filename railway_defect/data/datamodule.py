@@ -1,6 +1,7 @@
 """RailwayDataModule: discovers the data, decodes every image once (into memory, or for data that
 outgrow memory into LitData chunks on disk: data.storage), reports what it skipped, and serves
-augmented training batches and deterministic evaluation batches."""
+augmented training batches and deterministic evaluation batches, made by CPU workers or, from JPEG
+bytes, on the trainer's device (data.decode: data.device)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DecodedImageDataset(Dataset):
-    """Already-decoded images + integer targets; only the transform runs per item.
+    """Already-decoded images (arrays, or the device path's JPEG bytes) + integer targets; only the
+    transform runs per item (the device path's: its bytes and random parameters, data.device).
 
     Training keys are `(index, epoch)` (from EpochSampler): the augmentation of a sample is then
     seeded by (seed, epoch, index) alone, the same in any worker and after any resume."""
