@@ -117,9 +117,15 @@ def test_ddp_trainers_bound_the_wait_in_a_collective(trainer: str) -> None:
 
 @pytest.mark.slow
 @needs_data
-def test_ddp_cpu_metrics_equal_a_single_process_validation_of_the_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["auto", "gpu"])  # auto: the CPU path on a CPU trainer
+def test_ddp_cpu_metrics_equal_a_single_process_validation_of_the_checkpoint(
+    tmp_path: Path, decode: str
+) -> None:
+    """Also with data.decode=gpu: each rank makes its own shard's batches on its device (here the
+    CPU), and one process validating the checkpoint the same way gets the same metrics."""
     result = run_bounded(
         *TINY_DDP,
+        f"data.decode={decode}",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
         f"hydra.run.dir={tmp_path}",
@@ -128,6 +134,7 @@ def test_ddp_cpu_metrics_equal_a_single_process_validation_of_the_checkpoint(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["world_size"] == 2
+    assert metrics["data"]["decode"] == {"auto": "cpu", "gpu": "gpu"}[decode]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) >= 1
     assert not list(tmp_path.glob("**/version_*"))  # no second logger directory from rank 1
@@ -135,36 +142,11 @@ def test_ddp_cpu_metrics_equal_a_single_process_validation_of_the_checkpoint(tmp
     # each process validated 14 of the 28 images; the logged values cover all 28
     model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
     dm = RailwayDataModule.from_settings(
-        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0
+        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0, decode=decode
     )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     (validated,) = trainer.validate(model, dm, verbose=False)
     assert metrics["data"]["counts"]["val"] == {"Defective": 19, "Non defective": 9}
-    for name in VAL_METRICS:
-        assert metrics["val"][name] == pytest.approx(validated[name], abs=1e-5), name
-
-
-@needs_data
-def test_ddp_cpu_with_batches_made_on_the_device_matches_one_process(tmp_path: Path) -> None:
-    """data.decode=gpu under DDP: each rank makes its own shard's batches on its device (here the
-    CPU); the metrics over both shards equal one process validating the checkpoint the same way."""
-    result = run_bounded(
-        *TINY_DDP,
-        "data.decode=gpu",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
-        f"hydra.run.dir={tmp_path}",
-        log_dir=tmp_path / "logs",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["data"]["decode"] == "gpu"
-    model = DefectClassifier.load_from_checkpoint(metrics["checkpoints"]["best"], pretrained=False)
-    dm = RailwayDataModule.from_settings(
-        root=REAL_DATA, image_size=32, cache_size=40, batch_size=8, num_workers=0, decode="gpu"
-    )
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    (validated,) = trainer.validate(model, dm, verbose=False)
     for name in VAL_METRICS:
         assert metrics["val"][name] == pytest.approx(validated[name], abs=1e-5), name
 
