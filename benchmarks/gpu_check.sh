@@ -57,7 +57,7 @@ step train_device $PY -m railway_defect.train trainer=$TRAINER "${TRAIN[@]}" dat
   "hydra.run.dir=$OUT/train_device"
 step offline_best $PY -m railway_defect.train trainer=$TRAINER "${OFFLINE[@]}" "hydra.run.dir=$OUT/offline_best"
 step overhead $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}" --decode gpu
-step overhead_cpu $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}" --decode cpu
+step overhead_cpu $PY benchmarks/bench_overhead.py "${OVERHEAD[@]}" --decode cpu --repeats 1
 step backbones $PY benchmarks/bench_backbones.py "${BACKBONES[@]}"
 step predict $PY benchmarks/bench_predict.py "${PREDICT[@]}"
 step predict_many $PY benchmarks/bench_predict.py "${MANY[@]}"
