@@ -229,9 +229,10 @@ class RailwayDataModule(LightningDataModule):
                 self.test_holdouts,
                 labels,
             )
-        self.decode_used = self._resolve_decode(len(index.splits.get("train", [])))
-        if self.decode_used == "gpu":
-            self.train_transform = DeviceItems(self._device_plan(), seed=self.seed)
+        plan = self._device_path(len(index.splits.get("train", [])))
+        self.decode_used = "cpu" if plan is None else "gpu"
+        if plan is not None:
+            self.train_transform = DeviceItems(plan, seed=self.seed)
             self.eval_transform = DeviceItems(DevicePlan(self.image_size))
         self.backend = self._backend(index)
         recorded = (self.splits_from, expected) if self.splits_from is not None else None
@@ -256,21 +257,18 @@ class RailwayDataModule(LightningDataModule):
             else MemoryBackend(self.settings, encoded)
         )
 
-    def _device_plan(self) -> DevicePlan:
-        return DevicePlan.from_transforms(self.augmentations, self.image_size)
-
-    def _resolve_decode(self, train_images: int) -> str:
-        """data.decode with `auto` resolved for the trainer's device, the training set's size and
-        the augmentation list."""
+    def _device_path(self, train_images: int) -> DevicePlan | None:
+        """The device's plan of the augmentations when data.decode resolves to gpu (`auto`: for the
+        trainer's device, the training set's size and the augmentation list), else None."""
         try:
-            self._device_plan()
-            plan_error = None
+            plan, plan_error = DevicePlan.from_transforms(self.augmentations, self.image_size), None
         except UnsupportedOnDevice as e:
-            plan_error = str(e)
+            plan, plan_error = None, str(e)
         try:
-            return resolve_decode(self.settings.decode, self._device_type(), train_images, plan_error)
+            decode = resolve_decode(self.settings.decode, self._device_type(), train_images, plan_error)
         except UnsupportedOnDevice as e:
             raise UserError(f"{e}.") from None
+        return plan if decode == "gpu" else None
 
     def _device_type(self) -> str:
         """The trainer's device type, else `device_type`."""
@@ -479,7 +477,7 @@ class RailwayDataModule(LightningDataModule):
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 pin_memory=self._pin_memory(),
-                **({"collate_fn": self._collate()} if self._collate() else {}),
+                collate_fn=self._collate(),
             )
             if loader is not None:
                 return loader

@@ -155,6 +155,10 @@ class Predictor:
         with decode_on_device, a plain JPEG's bytes that `preprocess` decodes on the device."""
         if self.decode_on_device and (jpeg := jpeg_for_device(data, DEFAULT_MAX_PIXELS)) is not None:
             return jpeg
+        return self.decode_on_cpu(data)
+
+    def decode_on_cpu(self, data: bytes) -> np.ndarray:
+        """Image file bytes -> the RGB array training would have cached (raises DecodeError)."""
         return decode_image(data, self.contract.decode_size, mode=self.contract.harmonize)
 
     def preprocess(self, images: list[np.ndarray | EncodedImage]) -> Batch:

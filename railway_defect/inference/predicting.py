@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from railway_defect.data.device import EncodedImage, UndecodableOnDevice
-from railway_defect.data.images import DecodeError, decode_image
+from railway_defect.data.images import DecodeError
 from railway_defect.inference.inputs import (
     InputItem,
     batched,
@@ -175,10 +175,7 @@ def decoded_on_cpu(predictor: Predictor, item: InputItem) -> InputItem:
     """An item of JPEG bytes decoded by the CPU path, or with its decoding error."""
     assert isinstance(item.image, EncodedImage)
     try:
-        image = decode_image(
-            item.image.data.tobytes(), predictor.contract.decode_size, mode=predictor.contract.harmonize
-        )
-        return replace(item, image=image)
+        return replace(item, image=predictor.decode_on_cpu(item.image.data.tobytes()))
     except DecodeError as e:
         return replace(item, image=None, error=str(e))
 
