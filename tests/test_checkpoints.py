@@ -178,6 +178,20 @@ def test_evaluate_scores_the_runs_recorded_split_not_a_new_one(compose_train, tm
     )
     assert report["data"]["splits"] == "resplit"
 
+    # reviewed labels (here every photo the other class): a re-split scores the reviewed ones
+    manifest = tmp_path / "reviewed.csv"
+    swapped = {"Defective": "Non defective", "Non defective": "Defective"}
+    lines = [f"{p.relative_to(data)},{swapped[p.parent.name]}\n" for p in sorted(data.rglob("*.png"))]
+    manifest.write_text("path,label\n" + "".join(lines))
+    with pytest.raises(UserError, match="data.labels=.* is read with splits=resplit only"):
+        run_evaluation(str(ckpt), str(data), labels=str(manifest), output_dir=str(tmp_path / "eval5"))
+    out = tmp_path / "eval6"
+    run_evaluation(
+        str(ckpt), str(data), splits="resplit", labels=str(manifest), bootstrap=20, output_dir=str(out)
+    )
+    rows = _read(out / "predictions_validation.csv")
+    assert rows and all(r["label"] == swapped[Path(r["path"]).parent.name] for r in rows)
+
 
 def test_a_cv_sweep_directory_is_an_ensemble_in_every_command(tmp_path: Path) -> None:
     """ckpt_path=<sweep dir>: the fold models' mean probability, its threshold chosen by evaluate on

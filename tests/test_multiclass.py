@@ -93,6 +93,18 @@ def test_chosen_class_weights_reach_the_worst_class_recall_before_macro_recall()
     assert (lenient[targets == 1] == 1).all() and (lenient[targets == 2] == 2).sum() == 5
 
 
+def test_class_weights_without_a_photo_of_the_worst_class_fall_back_to_the_argmax_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No Poor frame among the predictions: Poor recall cannot be checked, so no weights are chosen
+    for it (the search would otherwise compare undefined recalls)."""
+    good, fair = np.tile([0.9, 0.08, 0.02], (10, 1)), np.tile([0.55, 0.40, 0.05], (10, 1))
+    probs, targets = np.vstack([good, fair]), np.repeat([0, 1], 10)
+    rule = choose_class_weights(targets, probs, positive_index=2, target_recall=0.95)
+    assert rule.class_weights() == [1.0, 1.0, 1.0]
+    assert "No photo of the positive class (index 2)" in caplog.text
+
+
 def test_bad_costs_say_the_shape_and_order_expected() -> None:
     with pytest.raises(UserError, match=r"3x3 matrix .* order Good, Fair, Poor\), got 2x3"):
         check_costs([[0, 1, 2], [1, 0, 2]], SLEEPERS)

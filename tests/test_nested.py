@@ -315,6 +315,38 @@ def test_the_label_audit_ranks_the_photos_whose_label_the_predictions_doubt(tmp_
     assert list(rows[0]) == ["rank", "path", "label", "p_Defective", "label_quality"]
 
 
+def test_the_label_audit_of_k_classes_ranks_each_class_not_one_against_the_rest(tmp_path: Path) -> None:
+    """A Fair frame labelled Good, with predictions sure it is Fair, is doubtful only when the
+    audit sees all three classes: positive-vs-rest (Poor against the rest) calls both 'not Poor'."""
+    classes = ["Good", "Fair", "Poor"]
+    rng = np.random.default_rng(1)
+    truth = [i % 3 for i in range(60)]
+    probs = np.array([np.roll([rng.uniform(0.8, 0.95), 0.03, 0.02], k) for k in truth])
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = [classes[k] for k in truth]
+    flipped = [7, 31]  # Fair frames labelled Good
+    for i in flipped:
+        labels[i], probs[i] = "Good", [0.02, 0.96, 0.02]
+    paths = [f"f{i}.jpg" for i in range(60)]
+    audit = label_issues.audit_classes(
+        "out-of-fold", paths, labels, probs, classes, probs.argmax(axis=1), "Poor"
+    )
+    assert audit is not None
+    assert sorted(int(row["path"][1:-4]) for row in audit.flagged) == flipped
+    assert audit.sensitivity["without the flagged"]["balanced_accuracy"] == 1.0
+    good_recall = 20 / 22  # 2 of the 22 frames labelled Good are predicted Fair
+    assert audit.sensitivity["all photos"]["balanced_accuracy"] == pytest.approx((good_recall + 1 + 1) / 3)
+    assert audit.sensitivity["all photos"]["recall"] == 1.0  # of Poor, the positive class
+    label_issues.write(tmp_path, audit)
+    with (tmp_path / "label_issues.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["rank", "path", "label", "p_Good", "p_Fair", "p_Poor", "label_quality"]
+    assert (
+        "| photos | n | AUROC (one-vs-rest, macro) | macro recall | Poor recall |"
+        in label_issues.markdown(audit)
+    )
+
+
 def test_the_label_audit_skips_with_one_line_when_it_cannot_run(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -131,3 +131,33 @@ def test_a_configuration_missing_folds_has_no_out_of_fold_estimate(tmp_path: Pat
     image = write_image(tmp_path / "a.png")
     _job(sweep, "0", ["data.fold=0"], [(image, "Defective", 0.7)], fold=0)
     assert summarize_and_write(sweep, show=False).out_of_fold == []
+
+
+def test_an_ensembles_class_weights_are_chosen_on_the_mean_probabilities_it_scores_with() -> None:
+    """Seed 2's model scores Good and Fair frames alike, seed 1's tells them apart; averaged, the
+    ensemble tells them apart. Weights chosen for one model (every seed's rows together) call the
+    ensemble's Good frames Fair; weights chosen on the means (what evaluate stores beside an
+    ensemble) decide every frame right."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from railway_defect.sweeps import oof
+
+    classes = ["Good", "Fair", "Poor"]
+    seeds = {
+        "Good": [[0.30, 0.69, 0.01], [0.30, 0.69, 0.01]],
+        "Fair": [[0.05, 0.94, 0.01], [0.30, 0.69, 0.01]],
+        "Poor": [[0.05, 0.05, 0.90], [0.05, 0.05, 0.90]],
+    }
+    images = [
+        oof.ImagePrediction(f"{c}{i}.jpg", c, scores=[p[2] for p in seeds[c]], class_probs=seeds[c])
+        for c in classes
+        for i in range(6)
+    ]
+    strata = {i.path: "all" for i in images}
+    result = oof.score(oof.OutOfFold(["x"], 2, "Poor", images, strata, {}, classes=classes), resamples=10)
+    targets = np.array([classes.index(i.label) for i in images])
+    means = np.array([np.mean(i.class_probs, axis=0) for i in images])
+    one_model, ensemble = result.one_model_rule, oof.ensemble_rule(result)
+    assert one_model is not None and ensemble is not None
+    assert balanced_accuracy_score(targets, one_model.labels(means)) == pytest.approx(2 / 3)
+    assert balanced_accuracy_score(targets, ensemble.labels(means)) == 1.0

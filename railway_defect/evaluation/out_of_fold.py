@@ -22,6 +22,7 @@ from railway_defect.models.contract import ModelContract
 from railway_defect.sweeps import oof
 from railway_defect.sweeps.summary import pooled_out_of_fold, read_job
 from railway_defect.training.checks import checkpoint_hparams
+from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import job_dirs, run_dir_of
 from railway_defect.utils.outputs import write_json_atomic, write_text_atomic
@@ -72,7 +73,8 @@ def evaluate_out_of_fold(
         _check_same_recipe(predictor, sweep)
     pooled = _pooled(sweep, target_recall, bootstrap)
     threshold = pooled.threshold if is_ensemble else pooled.one_model_threshold
-    costs = pooled.one_model_rule.costs if pooled.one_model_rule else None  # K classes: class weights
+    rule = oof.ensemble_rule(pooled) if is_ensemble else pooled.one_model_rule  # K classes: class weights
+    costs = rule.costs if rule else None
     details = {
         "fitted_on": f"out-of-fold predictions of {len(pooled.images)} images in {sweep}",
         "target_recall": target_recall,
@@ -90,7 +92,9 @@ def evaluate_out_of_fold(
         "calibration_file": str(sidecar) if sidecar else None,
         "output_dir": str(out),
     }
-    lines = _markdown(predictor, sweep, pooled, target_recall, is_ensemble)
+    lines = _markdown(predictor, sweep, pooled, target_recall, is_ensemble) + _rule_markdown(
+        pooled, rule, target_recall, is_ensemble
+    )
     write_json_atomic(out / "evaluation.json", report)
     write_text_atomic(out / "evaluation.md", "\n".join(lines))
     console = rich.get_console()
@@ -126,13 +130,23 @@ def _markdown(
             "metrics at it are optimistic). The final model saw every image these fold models were "
             "scored on; it is estimated by one model's rows below, not by the mean over seeds."
         )
-    lines = [title, "", chosen, "", *oof.markdown_table([pooled]), "", *oof.one_model_table([pooled]), ""]
-    if pooled.one_model_rule is not None:
-        lines += [
-            f"The classes are decided by {pooled.one_model_rule.describe(pooled.classes)}: the best macro "
-            f"recall whose {pooled.positive_class} recall reaches {target_recall} on every seed's "
-            "out-of-fold predictions together (chosen on them: optimistic; the nested CV of the "
-            "recipe, experiment=nested_cv, estimates this choice).",
-            "",
-        ]
-    return lines
+    return [title, "", chosen, "", *oof.markdown_table([pooled]), "", *oof.one_model_table([pooled]), ""]
+
+
+def _rule_markdown(
+    pooled: oof.OutOfFold, rule: DecisionRule | None, target_recall: float, is_ensemble: bool
+) -> list[str]:
+    """K classes: which class weights were stored, and on which predictions they were chosen."""
+    if rule is None:
+        return []
+    on = (
+        "the images' mean probabilities over seeds, as the ensemble scores"
+        if is_ensemble
+        else "every seed's out-of-fold predictions together, as one model scores"
+    )
+    return [
+        f"The classes are decided by {rule.describe(pooled.classes)}: the best macro recall whose "
+        f"{pooled.positive_class} recall reaches {target_recall} on {on} (chosen on them: optimistic; "
+        "the nested CV of the recipe, experiment=nested_cv, estimates this choice).",
+        "",
+    ]

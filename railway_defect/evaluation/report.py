@@ -18,6 +18,7 @@ from rich.table import Table
 
 from railway_defect.data.audit import audit_and_warn, audit_summary
 from railway_defect.data.discovery import SPLIT_ALIASES, DatasetIndex, Sample, discover
+from railway_defect.data.labels import read_labels
 from railway_defect.data.splits import SPLITS_FILE, read_split_record
 from railway_defect.evaluation.calibration import (
     expected_calibration_error,
@@ -64,24 +65,36 @@ def _split_key(split: str | None, available: dict[str, list[Sample]]) -> str:
 
 
 def evaluation_splits(
-    splits: str, model_path: Path, root: Path, val_fraction: float, seed: int
+    splits: str, model_path: Path, root: Path, val_fraction: float, seed: int, labels: str | None = None
 ) -> tuple[DatasetIndex, dict[Path, str], Path | None]:
     """The images to score per split, their recorded digests and the record they came from.
 
     `run` (default): the splits.csv of the run the model came from, so a model is scored on its own
     validation images (its fold, its seed); `resplit`: split `root` again with `seed` and
-    `val_fraction` (on purpose: the result may include training images); else a splits.csv path."""
+    `val_fraction` (on purpose: the result may include training images), with the reviewed `labels`
+    (data.labels) laid over the root's; else a splits.csv path."""
     if splits == "resplit":
         log.warning(
             "splits=resplit: splitting %s again with seed %s; images the model trained on may be scored.",
             root,
             seed,
         )
-        return discover(root, val_fraction, seed), {}, None
+        overlay = read_labels(labels, root) if labels else None
+        return discover(root, val_fraction, seed, labels=overlay), {}, None
     record = run_dir_of(model_path) / SPLITS_FILE if splits == "run" else Path(splits).expanduser()
     recorded, digests = read_split_record(record, root)
     log.info("Scoring the splits the run recorded in %s.", record)
     return DatasetIndex(layout=f"recorded in {record}", splits=recorded), digests, record
+
+
+def _check_arguments(target_recall: float, splits: str, labels: str | None) -> None:
+    if not 0.0 < target_recall <= 1.0:
+        raise UserError(f"target_recall={target_recall} must be in (0, 1].")
+    if labels and splits != "resplit":
+        raise UserError(
+            f"data.labels={labels} is read with splits=resplit only: splits={splits} scores the labels the "
+            "run recorded. Add splits=resplit to split data.root again with the reviewed labels."
+        )
 
 
 def run_evaluation(
@@ -102,6 +115,7 @@ def run_evaluation(
     device: str = "auto",
     oof: str | None = None,
     costs: Sequence[Sequence[float]] | None = None,
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """Score a model on a split of its run's data (metrics with intervals; threshold for
     `target_recall` and temperature fitted on Validation, stored beside the model) into
@@ -110,9 +124,8 @@ def run_evaluation(
     `resplit` (`val_fraction`, `seed`) or a splits.csv; `oof`: the CV sweep of the recipe, to
     choose the threshold of a final model trained on every labelled photo; `costs`: a K x K cost
     matrix (true x predicted) whose least expected cost decides instead (binary: the threshold it
-    implies). conf/evaluate.yaml."""
-    if not 0.0 < target_recall <= 1.0:
-        raise UserError(f"target_recall={target_recall} must be in (0, 1].")
+    implies); `labels`: reviewed labels (data.labels) for `resplit`. conf/evaluate.yaml."""
+    _check_arguments(target_recall, splits, labels)
     predictor = load_predictor(ckpt_path, device)
     checked_costs = None if costs is None else check_costs(costs, predictor.contract.class_names)
     if oof or isinstance(predictor, EnsemblePredictor):
@@ -125,7 +138,7 @@ def run_evaluation(
         return evaluate_locked_test(
             predictor, root, record, locked, out, scoring, confidence, bootstrap, seed
         )
-    scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size)
+    scored = score_splits(predictor, root, split, splits, val_fraction, seed, cache_dir, batch_size, labels)
     fitted = fit_calibration(scored, predictor.contract.positive_index, target_recall, checked_costs)
     out = _output_dir(predictor, output_dir, scored.split_key)
     written = write_outputs(predictor, root, scored, fitted, target_recall, ece_bins, out, store_calibration)
@@ -207,9 +220,10 @@ def score_splits(
     seed: int,
     cache_dir: str | None,
     batch_size: int,
+    labels: str | None = None,
 ) -> Scored:
     """Score the Validation split (to fit on) and the split under test (to report)."""
-    index, digests, record = evaluation_splits(splits, predictor.path, root, val_fraction, seed)
+    index, digests, record = evaluation_splits(splits, predictor.path, root, val_fraction, seed, labels)
     split_key = _split_key(split, index.splits)
     if not index.splits.get("val") and record is not None:
         raise UserError(

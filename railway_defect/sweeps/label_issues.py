@@ -34,6 +34,8 @@ class LabelAudit:
     scored: int
     flagged: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the classes in probability-column order; a binary audit lists p of the positive class only
+    classes: list[str] = field(default_factory=list)
 
 
 def audit(
@@ -44,16 +46,28 @@ def audit(
     thresholds: np.ndarray,
     positive_class: str,
 ) -> LabelAudit | None:
-    """Rank the label issues of photos scored `scores` (p of `positive_class`) out of fold; None,
-    with one warning line, when cleanlab is missing or a class has too few photos."""
-    is_pos = np.array([label == positive_class for label in labels])
-    fewest = min(int(is_pos.sum()), int((~is_pos).sum()))
-    if fewest < MIN_PER_CLASS:
-        log.warning(
-            "Label audit skipped: %d out-of-fold photos of the rarer class, cleanlab needs %d.",
-            fewest,
-            MIN_PER_CLASS,
-        )
+    """Binary: the label issues of photos scored `scores` (p of `positive_class`), each decided at
+    its own threshold; None, with one warning line, when the audit cannot run."""
+    negative = next((label for label in labels if label != positive_class), f"not {positive_class}")
+    probs = np.column_stack([1.0 - scores, scores])
+    predicted = (scores >= thresholds).astype(int)
+    return audit_classes(source, paths, labels, probs, [negative, positive_class], predicted, positive_class)
+
+
+def audit_classes(
+    source: str,
+    paths: list[str],
+    labels: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    predicted: np.ndarray,
+    positive_class: str,
+) -> LabelAudit | None:
+    """Rank the label issues of photos with out-of-fold `probs` (one column per class of
+    `classes`) and the rule's `predicted` class indices; None, with one warning line, when
+    cleanlab is missing or a class has too few photos."""
+    given = np.array([classes.index(label) for label in labels])
+    if not _enough_per_class(given, len(classes)):
         return None
     try:
         from cleanlab.filter import find_label_issues
@@ -61,45 +75,65 @@ def audit(
     except ImportError:
         log.warning("Label audit skipped: cleanlab is not installed (pip install cleanlab).")
         return None
-    given = is_pos.astype(int)
-    probs = np.column_stack([1.0 - scores, scores])
+    probs = probs / probs.sum(axis=1, keepdims=True)  # cleanlab wants rows that sum to 1 exactly
     ranked = find_label_issues(given, probs, return_indices_ranked_by="self_confidence")
     quality = get_label_quality_scores(given, probs)
-    result = LabelAudit(source, positive_class, len(paths))
+    shown = [positive_class] if len(classes) == 2 else classes
+    result = LabelAudit(source, positive_class, len(paths), classes=list(classes))
     result.flagged = [
         {
             "rank": rank,
             "path": paths[i],
             "label": labels[i],
-            f"p_{positive_class}": round(float(scores[i]), 6),
+            **{f"p_{c}": round(float(probs[i, classes.index(c)]), 6) for c in shown},
             "label_quality": round(float(quality[i]), 6),
         }
         for rank, i in enumerate(ranked, start=1)
     ]
     kept = np.ones(len(paths), dtype=bool)
     kept[list(ranked)] = False
+    positive = classes.index(positive_class)
     result.sensitivity = {
-        "all photos": _point(is_pos, scores, thresholds),
-        "without the flagged": _point(is_pos[kept], scores[kept], thresholds[kept]),
+        "all photos": _point(given, probs, predicted, positive),
+        "without the flagged": _point(given[kept], probs[kept], predicted[kept], positive),
     }
     return result
 
 
-def _point(is_pos: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
-    if is_pos.all() or not is_pos.any():
-        return {"n": int(is_pos.size)}
-    predicted = scores >= thresholds
+def _enough_per_class(given: np.ndarray, k: int) -> bool:
+    fewest = int(np.bincount(given, minlength=k).min())
+    if fewest < MIN_PER_CLASS:
+        rarest = "rarer" if k == 2 else "rarest"
+        log.warning(
+            "Label audit skipped: %d out-of-fold photos of the %s class, cleanlab needs %d.",
+            fewest,
+            rarest,
+            MIN_PER_CLASS,
+        )
+    return fewest >= MIN_PER_CLASS
+
+
+def _point(given: np.ndarray, probs: np.ndarray, predicted: np.ndarray, positive: int) -> dict[str, float]:
+    """AUROC (K classes: one-vs-rest, macro), balanced accuracy (K classes: macro recall) and the
+    positive class's recall; n alone when a class has no photo left."""
+    if len(np.unique(given)) < probs.shape[1]:
+        return {"n": int(given.size)}
+    if probs.shape[1] == 2:
+        auroc = roc_auc_score(given == positive, probs[:, positive])
+    else:
+        auroc = roc_auc_score(given, probs, multi_class="ovr", average="macro")
     return {
-        "n": int(is_pos.size),
-        "auroc": float(roc_auc_score(is_pos, scores)),
-        "balanced_accuracy": float(balanced_accuracy_score(is_pos, predicted)),
-        "recall": float(predicted[is_pos].mean()),
+        "n": int(given.size),
+        "auroc": float(auroc),
+        "balanced_accuracy": float(balanced_accuracy_score(given, predicted)),
+        "recall": float((predicted[given == positive] == positive).mean()),
     }
 
 
 def to_csv(result: LabelAudit) -> str:
     buffer = io.StringIO()
-    columns = ["rank", "path", "label", f"p_{result.positive_class}", "label_quality"]
+    shown = [result.positive_class] if len(result.classes) <= 2 else result.classes
+    columns = ["rank", "path", "label", *(f"p_{c}" for c in shown), "label_quality"]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.flagged)
@@ -116,13 +150,19 @@ def markdown(result: LabelAudit | None) -> list[str]:
         f"doubt ({LABEL_ISSUES_FILE}, most doubtful first): re-check them; nothing was relabelled. "
         "The metrics without them are a sensitivity figure only, never an estimate.",
         "",
-        "| photos | n | AUROC | balanced accuracy | recall |",
+        _header(result),
         "| --- | --- | --- | --- | --- |",
     ]
     for name, m in result.sensitivity.items():
         cells = [f"{m[k]:.3f}" if k in m else "n/a" for k in ("auroc", "balanced_accuracy", "recall")]
         lines.append(f"| {name} | {m['n']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _header(result: LabelAudit) -> str:
+    if len(result.classes) <= 2:
+        return "| photos | n | AUROC | balanced accuracy | recall |"
+    return f"| photos | n | AUROC (one-vs-rest, macro) | macro recall | {result.positive_class} recall |"
 
 
 def write(sweep_dir: Path, result: LabelAudit | None) -> list[Path]:

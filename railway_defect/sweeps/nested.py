@@ -124,7 +124,7 @@ def _outer_scores(
 def _seed_class_block(result: NestedEstimate, seed: str, resamples: int) -> dict[str, Any]:
     """K classes: one seed's outer-fold predictions, each photo decided by its outer fold's rule."""
     mine = [s for s in result.scores if s.seed == seed]
-    probs, predicted = np.array([s.probs for s in mine]), _decided(result, mine)
+    probs, predicted = np.array([s.probs for s in mine]), decided(result, mine)
     targets = np.array([result.classes.index(s.label) for s in mine])
     groups = np.array([s.group for s in mine]) if all(s.group for s in mine) else None
     rule = "each outer fold's class weights, chosen on its inner folds' out-of-fold predictions"
@@ -133,7 +133,7 @@ def _seed_class_block(result: NestedEstimate, seed: str, resamples: int) -> dict
     )
 
 
-def _decided(result: NestedEstimate, scores: Sequence[OuterScore]) -> np.ndarray:
+def decided(result: NestedEstimate, scores: Sequence[OuterScore]) -> np.ndarray:
     """K classes: the class index each outer-fold photo gets from its own outer fold's rule."""
     if not scores:
         return np.zeros(0, dtype=np.int64)
@@ -235,7 +235,7 @@ def to_csv(results: Sequence[NestedEstimate]) -> str:
     extra = [*(f"p_{c}" for c in classes), "predicted"] if classes else []
     writer.writerow(["configuration", "seed", "outer_fold", "path", "label", "score", "threshold", *extra])
     for r in results:
-        labels = [r.classes[i] for i in _decided(r, r.scores)] if r.classes else []
+        labels = [r.classes[i] for i in decided(r, r.scores)] if r.classes else []
         for i, s in enumerate(r.scores):
             row = [" ".join(r.configuration), s.seed, s.outer_fold, s.path, s.label]
             cells = [*(f"{p:.6f}" for p in s.probs), labels[i]] if r.classes else []

@@ -183,6 +183,17 @@ def _one_model_rule(result: OutOfFold) -> DecisionRule | None:
     return choose_class_weights(np.array(targets), np.array(probs), positive, result.target_recall)
 
 
+def ensemble_rule(result: OutOfFold) -> DecisionRule | None:
+    """K classes: the class weights chosen on the images' mean probabilities over seeds, as the
+    ensemble of the seeds' models scores (and as `threshold` is chosen for a binary ensemble)."""
+    if not result.classes:
+        return None
+    targets = np.array([result.classes.index(i.label) for i in result.images])
+    probs = np.array([np.mean(i.class_probs, axis=0) for i in result.images])
+    positive = result.classes.index(result.positive_class)
+    return choose_class_weights(targets, probs, positive, result.target_recall)
+
+
 def _class_block(result: OutOfFold, resamples: int) -> dict[str, Any] | None:
     """K classes: the report of the images' mean probabilities over seeds at the recipe's own
     threshold and at argmax; neither is chosen on them, so it is an estimate, not a selection."""

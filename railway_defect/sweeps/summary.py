@@ -34,6 +34,7 @@ from railway_defect.training.record import (
     RUNNING,
     RunRecord,
 )
+from railway_defect.utils.decision import DecisionRule
 from railway_defect.utils.errors import UserError
 from railway_defect.utils.layout import has_record, job_dirs
 from railway_defect.utils.markdown import md_table
@@ -253,30 +254,38 @@ def audit_labels(
     scored: Sequence[oof.OutOfFold], estimates: Sequence[nested.NestedEstimate]
 ) -> label_issues.LabelAudit | None:
     """The label audit of the first configuration's nested outer-fold scores (first seed), else
-    of its pooled out-of-fold scores at their threshold. Several configurations of a study each
-    doubt their own photos; the first is the one a CV or nested sweep has."""
+    of its pooled out-of-fold scores at their rule. Several configurations of a study each doubt
+    their own photos; the first is the one a CV or nested sweep has."""
     if estimates:
-        first = estimates[0]
-        mine = [s for s in first.scores if s.seed == first.seeds()[0]]
-        return label_issues.audit(
-            "nested outer-fold",
-            [s.path for s in mine],
-            [s.label for s in mine],
-            np.array([s.score for s in mine]),
-            np.array([s.threshold for s in mine]),
-            first.positive_class,
-        )
+        return _audit_nested(estimates[0])
     if not scored or len({tuple(r.configuration) for r in scored}) != len(scored) or _has_outer(scored):
         return None
     first = scored[0]
-    return label_issues.audit(
-        "out-of-fold",
-        [i.path for i in first.images],
-        [i.label for i in first.images],
-        np.array([i.score for i in first.images]),
-        np.full(len(first.images), first.threshold),
-        first.positive_class,
-    )
+    paths, labels = [i.path for i in first.images], [i.label for i in first.images]
+    if first.classes:
+        probs = np.array([np.mean(i.class_probs, axis=0) for i in first.images])
+        rule = DecisionRule(first.classes.index(first.positive_class), first.recipe_threshold)
+        return label_issues.audit_classes(
+            "out-of-fold", paths, labels, probs, first.classes, rule.labels(probs), first.positive_class
+        )
+    scores = np.array([i.score for i in first.images])
+    thresholds = np.full(len(first.images), first.threshold)
+    return label_issues.audit("out-of-fold", paths, labels, scores, thresholds, first.positive_class)
+
+
+def _audit_nested(estimate: nested.NestedEstimate) -> label_issues.LabelAudit | None:
+    """The first seed's outer-fold photos, each decided by its own outer fold's rule."""
+    mine = [s for s in estimate.scores if s.seed == estimate.seeds()[0]]
+    paths, labels = [s.path for s in mine], [s.label for s in mine]
+    if estimate.classes:
+        probs = np.array([s.probs for s in mine])
+        predicted = nested.decided(estimate, mine)
+        source = "nested outer-fold"
+        return label_issues.audit_classes(
+            source, paths, labels, probs, estimate.classes, predicted, estimate.positive_class
+        )
+    scores, thresholds = np.array([s.score for s in mine]), np.array([s.threshold for s in mine])
+    return label_issues.audit("nested outer-fold", paths, labels, scores, thresholds, estimate.positive_class)
 
 
 def _has_outer(scored: Sequence[oof.OutOfFold]) -> bool:

@@ -10,12 +10,15 @@ predict, serve, evaluate and the out-of-fold summaries share. Two rules, as eval
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from railway_defect.utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 Costs = tuple[tuple[float, ...], ...]
 
@@ -111,6 +114,13 @@ def choose_class_weights(
     targets, log_p = np.asarray(targets), np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
     k = log_p.shape[1]
     log_w = np.zeros(k)
+    if not (targets == positive_index).any():
+        log.warning(
+            "No photo of the positive class (index %d) among these predictions: its recall cannot be "
+            "checked, so the classes are decided by the likeliest class (all weights 1).",
+            positive_index,
+        )
+        return DecisionRule(positive_index, 0.5, class_weight_costs(np.ones(k)))
     for _ in range(passes):
         before = log_w.copy()
         for c in range(k):
