@@ -4,6 +4,7 @@ and shrunk to run in seconds on a CPU (the code behind them is in tests/helpers.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "beside the project (or unset CI to skip the tests that need it).",
             returncode=1,
         )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_removed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """A module's shared folders (its module-scoped fixtures' checkpoints and data) are removed when
+    its tests all passed, as pytest removes a passing test's tmp_path (tmp_path_retention_policy):
+    the suite's disk use stays near one module's, not the sum of them all."""
+    base, failed = tmp_path_factory.getbasetemp(), request.session.testsfailed
+    before = set(base.iterdir())
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            if path.name.startswith("test_"):  # a test's own tmp_path: pytest's retention decides
+                continue
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
