@@ -23,7 +23,7 @@ from railway_defect.data.discovery import discover
 from railway_defect.data.images import decode_files
 from railway_defect.data.transforms import build_transform
 from railway_defect.models.backbones import create_backbone
-from railway_defect.models.network import pooled_features
+from railway_defect.models.network import FLIP_AXES, pooled_features
 
 # name -> (backbone, storage form, decode size, input size[, flip-invariant: default true])
 VARIANTS = {
@@ -43,6 +43,32 @@ VARIANTS = {
     "lite1_thumb240": ("efficientnet_lite1", "thumbnail", 240, 240),
     "lite0_thumb224": ("efficientnet_lite0", "thumbnail", 224, 224),
 }
+# name -> (storage form, size): the maps of model=efficientnet_lite2_stages (blocks 2, 4, 6 and the
+# head) pooled several ways in one pass; each pooling writes <variant>_<pool>.npz (`_mean` is
+# lite2_stages at that size: the framework's features)
+POOLED_VARIANTS = {"lite2_pools448": ("none", 448), "lite2_pools640": ("none", 640)}
+POOLS = {"mean": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3))}
+
+
+def stage_maps(stages: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The feature maps StagePooled pools: blocks 2, 4 and 6, then the head's."""
+    m, maps = stages.model, []
+    x = m.bn1(m.conv_stem(images))
+    for index, block in enumerate(m.blocks):
+        x = block(x)
+        if index in stages.STAGES:
+            maps.append(x)
+    return [*maps, m.bn2(m.conv_head(x))]
+
+
+def flip_pooled(stages: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every pooling of the stage maps, averaged over the photo and its three flips."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in POOLS}
+    for axes in FLIP_AXES:
+        maps = stage_maps(stages, images.flip(axes) if axes else images)
+        for name, pool in POOLS.items():
+            out[name].append(torch.cat([pool(x) for x in maps], dim=1))
+    return {name: torch.stack(views).mean(0) for name, views in out.items()}
 
 
 def sources(root: Path) -> dict[str, str]:
@@ -55,8 +81,13 @@ def sources(root: Path) -> dict[str, str]:
 
 
 @torch.inference_mode()
-def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
-    name, mode, decode_size, input_size, *flips = VARIANTS[variant]
+def extract(root: Path, variant: str, batch: int = 16) -> dict[str, dict[str, np.ndarray]]:
+    """{npz name: arrays} for `variant` (one file, or one per pooling of a POOLED_VARIANTS one)."""
+    if variant in POOLED_VARIANTS:
+        name, (mode, decode_size), flips = "efficientnet_lite2_stages", POOLED_VARIANTS[variant], [True]
+        input_size = decode_size
+    else:
+        name, mode, decode_size, input_size, *flips = VARIANTS[variant]
     index = discover(root, train_on="train_and_val")
     samples = [s for split in index.splits.values() for s in split]
     decoded = decode_files([s.path for s in samples], decode_size, mode=mode)
@@ -64,20 +95,25 @@ def extract(root: Path, variant: str, batch: int = 16) -> dict[str, np.ndarray]:
     model = backbone.model.eval()
     transform = build_transform([], input_size, backbone.spec.mean, backbone.spec.std)
     kept = [s for s in samples if s.path in decoded.images]
-    features = []
+    features: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(kept), batch):
         images = torch.stack(
             [transform(image=decoded.images[s.path])["image"] for s in kept[start : start + batch]]
         )
-        features.append(pooled_features(model, images, flip_invariant=flips[0] if flips else True).numpy())
+        if variant in POOLED_VARIANTS:
+            pooled = {f"{variant}_{k}": v for k, v in flip_pooled(model, images).items()}
+        else:
+            pooled = {variant: pooled_features(model, images, flip_invariant=flips[0] if flips else True)}
+        for key, value in pooled.items():
+            features.setdefault(key, []).append(value.numpy())
     source = sources(root)
-    return {
+    columns = {
         "paths": np.array([str(s.path) for s in kept]),
         "labels": np.array([s.label for s in kept]),
         "groups": np.array([s.group for s in kept]),
         "sources": np.array([source.get(str(s.path), "") for s in kept]),
-        "features": np.concatenate(features).astype(np.float32),
     }
+    return {key: {**columns, "features": np.concatenate(v).astype(np.float32)} for key, v in features.items()}
 
 
 def main() -> None:
@@ -90,9 +126,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(","):
         start = time.perf_counter()
-        arrays = extract(args.root, variant)
-        np.savez(args.out / f"{variant}.npz", **arrays)
-        print(f"{variant}: {arrays['features'].shape} in {time.perf_counter() - start:.0f} s")
+        for key, arrays in extract(args.root, variant).items():
+            np.savez(args.out / f"{key}.npz", **arrays)
+            print(f"{key}: {arrays['features'].shape} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

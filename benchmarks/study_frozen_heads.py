@@ -118,9 +118,27 @@ HEAD: dict[str, float] = {}
 TRAIN_VIEWS: list[np.ndarray] = []
 
 
+# --prune: every fit first drops the photos of its training set whose label cleanlab doubts, found
+# on out-of-fold scores of that training set alone (group-aware 5 folds), then trains on the rest
+PRUNE: dict[str, np.ndarray] = {}
+
+
 def _train(x: np.ndarray, y: np.ndarray, idx: np.ndarray, seed: int) -> torch.nn.Module:
+    if PRUNE:
+        idx = idx[~doubted_labels(x, y, idx, seed)]
     rows = np.concatenate([x[idx], *(view[idx] for view in TRAIN_VIEWS)])
     return train_head(rows, np.tile(y[idx], 1 + len(TRAIN_VIEWS)), seed, **HEAD)
+
+
+def doubted_labels(x: np.ndarray, y: np.ndarray, idx: np.ndarray, seed: int) -> np.ndarray:
+    """A mask over `idx`: cleanlab's label issues on 5-fold group-aware out-of-fold probabilities."""
+    from cleanlab.filter import find_label_issues
+
+    groups, labels = PRUNE["groups"][idx], list(np.where(y[idx] == 1, POSITIVE, "other"))
+    probs = np.zeros(len(idx))
+    for tr, va in _group_folds(labels, list(groups), 5, seed):
+        probs[va] = scores_of(train_head(x[idx[tr]], y[idx[tr]], seed, **HEAD), x[idx[va]])
+    return find_label_issues(y[idx], np.stack([1 - probs, probs], axis=1))
 
 
 def nested_once(x, y, groups, split_seed: int, train_seed: int, outer: int = 5, inner: int = 5, strata=None):
@@ -170,6 +188,7 @@ def main() -> None:
     p.add_argument(
         "--per-stratum", action="store_true", help="a threshold for the 640 squares, one for the rest"
     )
+    p.add_argument("--prune", action="store_true", help="each fit drops the labels cleanlab doubts")
     args = p.parse_args()
     HEAD.update({k: float(v) for k, v in (kv.split("=") for kv in args.head.split(",") if kv)})
     for key in ("epochs", "heads", "batch"):
@@ -185,6 +204,9 @@ def main() -> None:
         assert all((view["paths"] == data["paths"]).all() for view in views)
         TRAIN_VIEWS[:] = [view["features"] for view in views]
         groups = groups_for(data, window)
+        PRUNE.clear()
+        if args.prune:
+            PRUNE["groups"] = groups
         strata = {
             "all": np.ones(len(y), bool),
             **{s: data["sources"] == s for s in sorted(set(data["sources"]))},
@@ -216,7 +238,7 @@ def main() -> None:
             for name, m in summary.items()
         )
         print(
-            f"{variant} +views[{args.train_views}] {args.head} window={window} "
+            f"{variant} +views[{args.train_views}] {args.head} prune={args.prune} window={window} "
             f"groups={len(set(groups))}: {cells}",
             flush=True,
         )
