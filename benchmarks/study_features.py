@@ -46,7 +46,11 @@ VARIANTS = {
 # name -> (storage form, size): the maps of model=efficientnet_lite2_stages (blocks 2, 4, 6 and the
 # head) pooled several ways in one pass; each pooling writes <variant>_<pool>.npz (`_mean` is
 # lite2_stages at that size: the framework's features)
-POOLED_VARIANTS = {"lite2_pools448": ("none", 448), "lite2_pools640": ("none", 640)}
+POOLED_VARIANTS = {
+    "lite2_pools384": ("none", 384),
+    "lite2_pools448": ("none", 448),
+    "lite2_pools640": ("none", 640),
+}
 POOLS = {"mean": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3))}
 
 

@@ -126,7 +126,7 @@ def sleeper_parser(doc: str) -> argparse.ArgumentParser:
     """The sleeper studies' options: the feature cache, its variant, split seeds, the JSON output."""
     p = parser(doc.split("\n\n")[0])
     p.add_argument("--features", type=Path, default=Path("outputs/sleeper_features"))
-    p.add_argument("--variant", default="lite2_none384")
+    p.add_argument("--variant", default="lite2_none384", help="'+' joins features side by side")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p
@@ -134,7 +134,7 @@ def sleeper_parser(doc: str) -> argparse.ArgumentParser:
 
 def load_sleepers(features: Path, variant: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, class indices (CLASSES order) and the photo groups of the cached frames."""
-    data = load(features, [variant])
+    data = load(features, variant.split("+"))
     y = np.array([CLASSES.index(str(label)) for label in data["labels"]])
     return data["features"].astype(np.float32), y, groups_for(data, 10)
 
