@@ -54,22 +54,11 @@ POOLED_VARIANTS = {
 POOLS = {"mean": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3))}
 
 
-def stage_maps(stages: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """The feature maps StagePooled pools: blocks 2, 4 and 6, then the head's."""
-    m, maps = stages.model, []
-    x = m.bn1(m.conv_stem(images))
-    for index, block in enumerate(m.blocks):
-        x = block(x)
-        if index in stages.STAGES:
-            maps.append(x)
-    return [*maps, m.bn2(m.conv_head(x))]
-
-
 def flip_pooled(stages: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every pooling of the stage maps, averaged over the photo and its three flips."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in POOLS}
     for axes in FLIP_AXES:
-        maps = stage_maps(stages, images.flip(axes) if axes else images)
+        maps = stages.maps(images.flip(axes) if axes else images)
         for name, pool in POOLS.items():
             out[name].append(torch.cat([pool(x) for x in maps], dim=1))
     return {name: torch.stack(views).mean(0) for name, views in out.items()}
@@ -88,7 +77,7 @@ def sources(root: Path) -> dict[str, str]:
 def extract(root: Path, variant: str, batch: int = 16) -> dict[str, dict[str, np.ndarray]]:
     """{npz name: arrays} for `variant` (one file, or one per pooling of a POOLED_VARIANTS one)."""
     if variant in POOLED_VARIANTS:
-        name, (mode, decode_size), flips = "efficientnet_lite2_stages", POOLED_VARIANTS[variant], [True]
+        name, (mode, decode_size) = "efficientnet_lite2_stages", POOLED_VARIANTS[variant]
         input_size = decode_size
     else:
         name, mode, decode_size, input_size, *flips = VARIANTS[variant]

@@ -136,14 +136,19 @@ class StagePooled(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        m, pooled = self.model, []
+    def maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The feature maps that are pooled: the STAGES' outputs, then the head's."""
+        m, maps = self.model, []
         x = m.bn1(m.conv_stem(images))
         for index, block in enumerate(m.blocks):
             x = block(x)
             if index in self.STAGES:
-                pooled.append(x.mean(dim=(2, 3)))
-        return torch.cat([*pooled, m.global_pool(m.bn2(m.conv_head(x)))], dim=1)
+                maps.append(x)
+        return [*maps, m.bn2(m.conv_head(x))]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        *stages, head = self.maps(images)
+        return torch.cat([*(x.mean(dim=(2, 3)) for x in stages), self.model.global_pool(head)], dim=1)
 
 
 def _strip_timm_stages(model: nn.Module) -> nn.Module:
