@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -129,6 +131,32 @@ def test_optimized_folder_is_reused_and_rebuilt_when_cache_size_changes(
     edited.setup("fit")
     assert len(builds) == 7 and edited.streams["train"] == first.streams["train"]
     assert edited.streams["val"][0] != first.streams["val"][0]
+
+
+def test_a_build_keeps_litdata_working_folders_to_itself(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LitData empties <temp>/chunks and <temp>/data before every build: two builds at once (or a
+    user's own optimize) would clear each other's. Each build works in its own folders, removed
+    after it, and the temp dir is left as it was."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for name in streaming.OPTIMIZER_FOLDERS:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    real_optimize = streaming.optimize
+
+    def optimize(**kw: object) -> None:
+        seen.append({name: os.environ[name] for name in streaming.OPTIMIZER_FOLDERS})
+        real_optimize(**kw)
+
+    monkeypatch.setattr(streaming, "optimize", optimize)
+    datamodule(tiny_dataset, storage="stream", stream_dir=tmp_path / "stream").setup("fit")
+    assert len(seen) == 3 and len({folders["DATA_OPTIMIZER_CACHE_FOLDER"] for folders in seen}) == 3
+    assert all(Path(folder).is_relative_to(temp) for folders in seen for folder in folders.values())
+    assert list(temp.iterdir()) == []
+    assert not any(name in os.environ for name in streaming.OPTIMIZER_FOLDERS)
 
 
 def test_stream_mode_trains_and_its_checkpoint_predicts_like_memory_mode(

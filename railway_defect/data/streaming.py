@@ -20,11 +20,13 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,26 @@ class _BuildLock:
         self.lock.release()
 
 
+# LitData's optimize empties two fixed folders under the temp dir (chunks/, data/) before every
+# build and merges remote uploads and indexes there: two builds at once would clear each other's
+OPTIMIZER_FOLDERS = {"DATA_OPTIMIZER_CACHE_FOLDER": "chunks", "DATA_OPTIMIZER_DATA_CACHE_FOLDER": "data"}
+
+
+@contextmanager
+def _private_optimizer_folders() -> Iterator[None]:
+    """LitData's working folders for one build, removed after it (unless the user set them)."""
+    saved = {name: os.environ.get(name) for name in OPTIMIZER_FOLDERS}
+    with tempfile.TemporaryDirectory(prefix="railway_optimize_") as folder:
+        for name, sub in OPTIMIZER_FOLDERS.items():
+            os.environ.setdefault(name, os.path.join(folder, sub))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+
+
 def _run_optimize(build: Callable[[], Any], location: str, failure_dir: Path) -> None:
     """LitData's optimize, resumable; a checkpoint left by a build on another number of CPUs cannot
     be resumed, so that (local) build starts again."""
@@ -234,7 +256,8 @@ def _build(
         start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
         verbose=True,
     )
-    _run_optimize(build, location, failure_dir)
+    with _private_optimizer_folders():
+        _run_optimize(build, location, failure_dir)
     return {int(f.stem): f.read_text() for f in failure_dir.glob("*.txt")}, failure_dir
 
 
