@@ -178,6 +178,27 @@ def test_feature_cache_computes_a_repeated_image_once_and_stops_growing_at_its_s
     assert calls[2] == 1  # the one image the cache had no room for
 
 
+def test_feature_cache_keys_an_image_by_its_values_in_any_memory_layout() -> None:
+    """The same pixels hit the cache whatever their layout (a channels_last batch, a slice); one
+    value changed by 1e-4 is another image."""
+    calls: list[int] = []
+
+    def compute(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return images.mean(dim=(2, 3))
+
+    images = torch.randn(2, 3, 16, 16)
+    cache = FrozenFeatureCache()
+    cache(images, compute)
+    cache(images.contiguous(memory_format=torch.channels_last), compute)
+    cache(torch.cat([images, images])[2:], compute)
+    assert calls == [2]
+    nudged = images.clone()
+    nudged[1, 2, 15, 15] += 1e-4
+    torch.testing.assert_close(cache(nudged, compute), nudged.mean(dim=(2, 3)))
+    assert calls == [2, 1]
+
+
 def _batch_norm_state(model: DefectClassifier) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.clone()
