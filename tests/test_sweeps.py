@@ -19,6 +19,7 @@ from hydra.utils import get_class, instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from railway_defect.sweeps.summary import DEFAULT_OPTIMIZED_METRIC, summarize
 from railway_defect.utils.resources import physical_cores
 from tests.helpers import CONF_DIR, make_split_dataset, run_cli
 
@@ -365,3 +366,19 @@ def test_a_train_and_val_sweep_on_a_training_metric_runs(tmp_path: Path, tiny_da
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["optimized_metric_name"] == "train/acc"
         assert 0.0 <= metrics["optimized_metric"] <= 1.0
+
+
+def test_a_sweep_that_monitors_nothing_is_ranked_by_the_default_metric_not_an_interpolation(
+    tmp_path: Path,
+) -> None:
+    """Jobs with callbacks.model_checkpoint.monitor=null (nested CV, final models) save the
+    unresolved `${best_of:...}` as their optimized_metric: the summary ranks and heads its column by
+    the default metric instead of printing that string."""
+    for name in ("0", "1"):
+        hydra = tmp_path / "sweep" / name / ".hydra"
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text(f"- data.fold={name}\n")
+        (hydra / "config.yaml").write_text(
+            "optimized_metric: ${best_of:${oc.select:callbacks.model_checkpoint.monitor,null}}\n"
+        )
+    assert summarize(tmp_path / "sweep").optimized_metric == DEFAULT_OPTIMIZED_METRIC

@@ -196,10 +196,12 @@ def _sweep_settings(rows: Sequence[JobRow], optimized_metric: str | None) -> tup
     first = rows[0].run_dir if rows else None
     config = _read_yaml(first / ".hydra" / "config.yaml") if first else None
     hydra = _read_yaml(first / ".hydra" / "hydra.yaml") if first else None
+    stored = str((config or {}).get("optimized_metric") or "")
     metric = (
         optimized_metric
         or next((r.optimized_metric for r in rows if r.optimized_metric), None)
-        or (config or {}).get("optimized_metric")
+        # the job's config as saved is unresolved: an interpolation there names no metric
+        or (stored if "${" not in stored else None)
         or DEFAULT_OPTIMIZED_METRIC
     )
     direction = str(((hydra or {}).get("hydra") or {}).get("sweeper", {}).get("direction", ""))
