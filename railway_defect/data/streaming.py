@@ -206,16 +206,14 @@ OPTIMIZER_FOLDERS = {"DATA_OPTIMIZER_CACHE_FOLDER": "chunks", "DATA_OPTIMIZER_DA
 @contextmanager
 def _private_optimizer_folders() -> Iterator[None]:
     """LitData's working folders for one build, removed after it (unless the user set them)."""
-    saved = {name: os.environ.get(name) for name in OPTIMIZER_FOLDERS}
+    unset = [name for name in OPTIMIZER_FOLDERS if name not in os.environ]
     with tempfile.TemporaryDirectory(prefix="railway_optimize_") as folder:
-        for name, sub in OPTIMIZER_FOLDERS.items():
-            os.environ.setdefault(name, os.path.join(folder, sub))
+        os.environ.update({name: os.path.join(folder, OPTIMIZER_FOLDERS[name]) for name in unset})
         try:
             yield
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
+            for name in unset:
+                os.environ.pop(name, None)
 
 
 def _run_optimize(build: Callable[[], Any], location: str, failure_dir: Path) -> None:
