@@ -138,6 +138,20 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.image_size=448",
         "data.cache_size=448",
     ),
+    # ... then fine-tuned (LP-FT, issue 27 on the full data): after the probe's 30 epochs the
+    # backbone (batch norm kept as pretrained) joins at a tenth of the head's decayed lr for 6 more
+    "lite2_stages_probe_then_finetune_448": _with(
+        HEADS5,
+        "model=efficientnet_lite2_stages",
+        "data.harmonize=none",
+        "data.image_size=448",
+        "data.cache_size=448",
+        "model.backbone_lr_scale=1.0",
+        "callbacks=finetune",
+        "callbacks.finetune.unfreeze_backbone_at_epoch=30",
+        "callbacks.finetune.backbone_initial_ratio_lr=0.1",
+        "trainer.max_epochs=36",
+    ),
     # linear probe, then fine-tuning (LP-FT): the probe's 30 epochs, then the backbone (batch norm
     # kept as pretrained) joins at the head's decayed lr for 6 more
     "lite2_probe_then_finetune": _with(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from railway_defect.callbacks.predictions import TEST_PREDICTIONS_FILE as TEST_PREDICTIONS
 from railway_defect.data.discovery import (
     REFIT,
     HeldOutTestFold,
@@ -375,13 +376,14 @@ def test_experiment_nested_cv_runs_inner_folds_and_refits_and_reports_the_estima
     sweep = tmp_path / "nested"
     result = _tiny_nested_cv(root, sweep, "data.group_window_s=300")
     assert result.returncode == 0, result.stderr[-3000:]
-    folds = [
-        yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["data"]
-        for d in sorted(sweep.glob("[0-9]*"))
-    ]
+    jobs = sorted(sweep.glob("[0-9]*"))
+    folds = [yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["data"] for d in jobs]
     assert sorted((f["outer_fold"], str(f["fold"])) for f in folds) == [
         (o, f) for o in (0, 1) for f in ("0", "1", REFIT)
     ]
+    # only the refits score the outer fold; the inner jobs that choose never see it
+    tested = {str(f["fold"]) for d, f in zip(jobs, folds, strict=True) if (d / TEST_PREDICTIONS).exists()}
+    assert tested == {REFIT}
     (estimate,) = json.loads((sweep / "nested.json").read_text())
     assert estimate["images"] == 24 and len(estimate["thresholds"]) == 2
     with (sweep / "nested_predictions.csv").open() as f:

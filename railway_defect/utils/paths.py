@@ -77,6 +77,8 @@ def register_resolvers() -> None:
         "default_data_root": default_data_root,
         # nested CV's inner jobs: the folds 0 .. K-1 and the refit on all of them
         "folds_and_refit": lambda k: ",".join([*map(str, range(int(k))), "refit"]),
+        # ... and only the refit scores the outer fold: an inner job's number on it could only mislead
+        "is_refit": lambda fold: str(fold) == "refit",
         # optimized_metric's default: the checkpoint monitor's best-so-far value
         "best_of": lambda monitor: f"{monitor}_best" if monitor else None,
     }.items():
