@@ -30,6 +30,8 @@ VARIANTS = {
     # the backbone of model=efficientnet_lite2_stages: blocks 2, 4, 6 pooled beside the final features
     "lite2_stages448": ("efficientnet_lite2_stages", "none", 448, 448),
     "lite2_stages384": ("efficientnet_lite2_stages", "none", 384, 384),
+    # ... at 512 px: the sleepers' Fair frames differ from Good by hairline cracks (issue 29)
+    "lite2_stages512": ("efficientnet_lite2_stages", "none", 512, 512),
     "lite2_thumb448": ("efficientnet_lite2", "thumbnail", 448, 448),
     "lite2_none448_noflip": ("efficientnet_lite2", "none", 448, 448, False),
     "lite2_none640_noflip": ("efficientnet_lite2", "none", 640, 640, False),
