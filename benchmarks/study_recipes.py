@@ -73,6 +73,17 @@ HEADS5 = _with(
     "model.num_heads=5",
 )
 
+# the shipped probe's features (experiment=offline_best) in batches of 16, gradients accumulated over 2
+STAGES448_B16X2 = _with(
+    HEADS5,
+    "model=efficientnet_lite2_stages",
+    "data.harmonize=none",
+    "data.image_size=448",
+    "data.cache_size=448",
+    "data.batch_size=16",
+    "+trainer.accumulate_grad_batches=2",
+)
+
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
     "tuned": TUNED,
@@ -140,25 +151,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     ),
     # ... in batches of 16 with gradients accumulated over 2 (the same 6 steps an epoch): the
     # baseline of the fine-tune below, which needs more than 24 GB at 32 photos x 4 flips at 448 px
-    "lite2_stages_probe_448_b16x2": _with(
-        HEADS5,
-        "model=efficientnet_lite2_stages",
-        "data.harmonize=none",
-        "data.image_size=448",
-        "data.cache_size=448",
-        "data.batch_size=16",
-        "+trainer.accumulate_grad_batches=2",
-    ),
+    "lite2_stages_probe_448_b16x2": STAGES448_B16X2,
     # ... then fine-tuned (LP-FT, issue 27 on the full data): after the probe's 30 epochs the
     # backbone (batch norm kept as pretrained) joins at a tenth of the head's decayed lr for 6 more
     "lite2_stages_probe_then_finetune_448": _with(
-        HEADS5,
-        "model=efficientnet_lite2_stages",
-        "data.harmonize=none",
-        "data.image_size=448",
-        "data.cache_size=448",
-        "data.batch_size=16",
-        "+trainer.accumulate_grad_batches=2",
+        STAGES448_B16X2,
         "model.backbone_lr_scale=1.0",
         "callbacks=finetune",
         "callbacks.finetune.unfreeze_backbone_at_epoch=30",
