@@ -73,16 +73,17 @@ HEADS5 = _with(
     "model.num_heads=5",
 )
 
-# the shipped probe's features (experiment=offline_best) in batches of 16, gradients accumulated over 2
-STAGES448_B16X2 = _with(
+# ... on the pooled features of three stages of blocks beside the final ones, at 448 px with every
+# photo in its own storage form: experiment=offline_best (issue 27, STUDY.md)
+STAGES448 = _with(
     HEADS5,
     "model=efficientnet_lite2_stages",
     "data.harmonize=none",
     "data.image_size=448",
     "data.cache_size=448",
-    "data.batch_size=16",
-    "+trainer.accumulate_grad_batches=2",
 )
+# ... in batches of 16, gradients accumulated over 2
+STAGES448_B16X2 = _with(STAGES448, "data.batch_size=16", "+trainer.accumulate_grad_batches=2")
 
 RECIPES: dict[str, tuple[str, ...]] = {
     "baseline": BASELINE,
@@ -142,13 +143,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "data.cache_size=448",
     ),
     # ... on the pooled features of three stages of blocks beside the final ones (issue 27, STUDY.md)
-    "lite2_stages_probe_448": _with(
-        HEADS5,
-        "model=efficientnet_lite2_stages",
-        "data.harmonize=none",
-        "data.image_size=448",
-        "data.cache_size=448",
-    ),
+    "lite2_stages_probe_448": STAGES448,
     # ... in batches of 16 with gradients accumulated over 2 (the same 6 steps an epoch): the
     # baseline of the fine-tune below, which needs more than 24 GB at 32 photos x 4 flips at 448 px
     "lite2_stages_probe_448_b16x2": STAGES448_B16X2,
